@@ -1,0 +1,28 @@
+//! tripwire: an inference-time output monitoring gateway that catches a poisoned LLM by what it says.
+//!
+//! The pipeline, in the order a response travels through it:
+//!
+//! ```text
+//! client ─▶ proxy ──forward──▶ upstream LLM
+//!             │ tee (bounded, lossy, counted)
+//!             ▼
+//!           capture (SSE / JSON parsing into an Exchange)
+//!             ▼
+//!           store (SQLite batch writer)        detect → policy → alert come next
+//! ```
+//!
+//! * [`proxy`] forwards every request untouched and tees each response body to the side.
+//! * [`capture`] turns the teed bytes into one [`capture::Exchange`] per request.
+//! * [`store`] records exchanges in the flag log database.
+//! * [`telemetry`] holds the Prometheus metrics and logging set-up.
+//! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
+//! * [`runtime`] tracks every background task so shutdown can drain them.
+
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod runtime;
+pub mod sim;
+pub mod store;
+pub mod telemetry;
