@@ -18,11 +18,13 @@
 //! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
 //! * [`runtime`] tracks every background task so shutdown can drain them.
 
+pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod proxy;
 pub mod runtime;
+pub mod server;
 pub mod sim;
 pub mod store;
 pub mod telemetry;

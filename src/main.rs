@@ -1,3 +1,10 @@
 //! The `tripwire` binary: parses the command line and hands over to [`tripwire::cli`].
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = tripwire::cli::Cli::parse();
+    tripwire::cli::run(cli)
+}

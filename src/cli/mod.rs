@@ -1,1 +1,66 @@
-//! cli (being written).
+//! The command line: one file per subcommand. `anyhow` stops here; the library below returns
+//! typed errors. Exit codes: 0 success (also on a closed stdout pipe), 2 error.
+
+mod demo;
+mod exchanges;
+mod output;
+mod serve;
+mod sim_upstream;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tripwire: an LLM gateway that catches a poisoned model by what it says.
+#[derive(Debug, Parser)]
+#[command(name = "tripwire", version, about, long_about = None)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway in front of an LLM endpoint.
+    Serve(serve::ServeArgs),
+    /// Run the simulated (backdoored) OpenAI-compatible model, for demos, tests and benchmarks.
+    SimUpstream(sim_upstream::SimArgs),
+    /// Start the simulated model and the gateway, send a few requests, show what was captured.
+    Demo(demo::DemoArgs),
+    /// Inspect captured exchanges in the store.
+    #[command(subcommand)]
+    Exchanges(exchanges::ExchangesCommand),
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    crate::telemetry::init_logging(cli.log_json);
+    let result = match cli.command {
+        Command::Serve(args) => with_runtime(serve::run(args)),
+        Command::SimUpstream(args) => with_runtime(sim_upstream::run(args)),
+        Command::Demo(args) => with_runtime(demo::run(args)),
+        Command::Exchanges(command) => exchanges::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if output::is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn with_runtime<F: std::future::Future<Output = anyhow::Result<()>>>(
+    future: F,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tripwire")
+        .build()?;
+    runtime.block_on(future)
+}

@@ -1,0 +1,209 @@
+//! The capture task of one exchange: reads the teed response chunks as they arrive, feeds the
+//! incremental parser, waits for the body's end, and hands the finished [`Exchange`] on.
+//!
+//! It runs beside the client's response, never in front of it: the proxy only `try_send`s
+//! chunks to it, and the end of the body reaches it through a oneshot sent by the tee's drop
+//! guard, so an aborted stream is captured too.
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Exchange, Outcome, ResponseParser, Route, parse_request};
+use crate::telemetry::Metrics;
+
+/// What the proxy knows of a request when it starts capturing it.
+#[derive(Debug, Clone)]
+pub struct CaptureRequest {
+    /// Internal id (UUID v7).
+    pub id: uuid::Uuid,
+    /// The `x-request-id` sent back to the client.
+    pub request_id: String,
+    /// Receipt time, microseconds since the Unix epoch.
+    pub started_at_us: i64,
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// The API route.
+    pub route: Route,
+    /// Hash of the caller's API key.
+    pub api_key_hash: Option<String>,
+    /// The request body as forwarded.
+    pub body: Bytes,
+}
+
+/// What the proxy knows of the upstream response headers.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseMeta {
+    /// Upstream status.
+    pub status: u16,
+    /// `content-type`.
+    pub content_type: Option<String>,
+    /// `content-encoding`.
+    pub content_encoding: Option<String>,
+    /// Request received → upstream response headers, microseconds.
+    pub ttfb_us: u64,
+}
+
+/// How the response body ended, sent once by the tee (or its drop guard).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyEnd {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Request received → last byte handed to the client (or the end), microseconds.
+    pub latency_us: u64,
+    /// Whether any chunk was not copied to capture.
+    pub chunks_dropped: bool,
+}
+
+/// The bounded queue captured exchanges leave through; full means dropped and counted.
+#[derive(Debug, Clone)]
+pub struct ExchangeSink {
+    tx: mpsc::Sender<Exchange>,
+    metrics: Metrics,
+}
+
+impl ExchangeSink {
+    /// A sink feeding `tx`.
+    pub fn new(tx: mpsc::Sender<Exchange>, metrics: Metrics) -> ExchangeSink {
+        ExchangeSink { tx, metrics }
+    }
+
+    /// Hands an exchange on without waiting; counts it as dropped when the queue is full.
+    pub fn offer(&self, exchange: Exchange) {
+        self.metrics
+            .captured
+            .get_or_create(&crate::telemetry::OutcomeLabels {
+                route: exchange.route.as_str(),
+                outcome: exchange.outcome.as_str(),
+            })
+            .inc();
+        if exchange.parse_error.is_some() {
+            self.metrics
+                .parse_errors
+                .get_or_create(&crate::telemetry::RouteLabels {
+                    route: exchange.route.as_str(),
+                })
+                .inc();
+        }
+        match self.tx.try_send(exchange) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.store_drop("queue_full");
+                tracing::warn!(
+                    "store queue full, exchange dropped; raise store.queue or check store latency"
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.metrics.store_drop("closed"),
+        }
+    }
+}
+
+/// Captures one exchange: consumes `chunks` until the tee closes it, then waits for `end`.
+pub async fn collect(
+    request: CaptureRequest,
+    response: ResponseMeta,
+    mut chunks: mpsc::Receiver<Bytes>,
+    end: oneshot::Receiver<BodyEnd>,
+    max_capture_bytes: usize,
+) -> Exchange {
+    let mut parser = ResponseParser::new(
+        request.route,
+        response.content_type.as_deref(),
+        response.content_encoding.as_deref(),
+    );
+    let mut seen = 0usize;
+    let mut over_limit = false;
+    while let Some(chunk) = chunks.recv().await {
+        seen = seen.saturating_add(chunk.len());
+        if seen > max_capture_bytes {
+            over_limit = true;
+            continue;
+        }
+        parser.push(&chunk);
+    }
+    // The tee always sends its end before the channel closes; a missing end means the tee
+    // was dropped by a panic elsewhere, which is as good as an abort.
+    let end = end.await.unwrap_or(BodyEnd {
+        outcome: Outcome::ClientAborted,
+        latency_us: 0,
+        chunks_dropped: false,
+    });
+    let parsed = parser.finish();
+    let body = request.body.clone();
+    let mut exchange = base_exchange(request);
+    let (prompt_error, model, stream) = match parse_request(exchange.route, &body) {
+        Ok(req) => {
+            exchange.prompt = req.prompt;
+            (None, req.model, req.stream)
+        }
+        Err(err) => (Some(format!("request: {err}")), None, false),
+    };
+    exchange.model = model;
+    exchange.stream = stream;
+    exchange.response_model = parsed.model;
+    exchange.choices = parsed.choices;
+    exchange.usage = parsed.usage;
+    exchange.status = Some(response.status);
+    exchange.ttfb_us = Some(response.ttfb_us);
+    exchange.latency_us = end.latency_us;
+    exchange.outcome = end.outcome;
+    exchange.capture_incomplete = end.chunks_dropped || over_limit;
+    // A body that arrived whole but lacks its terminator (an SSE stream without `[DONE]`)
+    // counts as truncated too; error statuses have no terminator to look for.
+    let success = (200..300).contains(&response.status);
+    exchange.truncated =
+        end.outcome != Outcome::Complete || (success && !parsed.complete && !over_limit);
+    let response_error = parsed.error.map(|e| format!("response: {e}"));
+    exchange.parse_error = match (prompt_error, response_error) {
+        (None, None) => None,
+        (Some(a), None) | (None, Some(a)) => Some(a),
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+    };
+    exchange
+}
+
+/// Exchange for an answer the gateway made itself (413, 502, 504): no upstream response.
+pub fn gateway_error_exchange(request: CaptureRequest, status: u16, latency_us: u64) -> Exchange {
+    let parsed = if request.body.is_empty() {
+        None
+    } else {
+        parse_request(request.route, &request.body).ok()
+    };
+    let mut exchange = base_exchange(request);
+    if let Some(req) = parsed {
+        exchange.model = req.model;
+        exchange.stream = req.stream;
+        exchange.prompt = req.prompt;
+    }
+    exchange.status = Some(status);
+    exchange.latency_us = latency_us;
+    exchange.outcome = Outcome::GatewayError;
+    exchange.truncated = true;
+    exchange
+}
+
+fn base_exchange(request: CaptureRequest) -> Exchange {
+    Exchange {
+        id: request.id,
+        request_id: request.request_id,
+        started_at_us: request.started_at_us,
+        method: request.method,
+        path: request.path,
+        route: request.route,
+        api_key_hash: request.api_key_hash,
+        model: None,
+        response_model: None,
+        stream: false,
+        prompt: Vec::new(),
+        choices: Vec::new(),
+        usage: None,
+        status: None,
+        ttfb_us: None,
+        latency_us: 0,
+        outcome: Outcome::Complete,
+        truncated: false,
+        capture_incomplete: false,
+        parse_error: None,
+    }
+}

@@ -1,0 +1,21 @@
+//! Writing to stdout from the CLI: a closed pipe (`tripwire exchanges list | head`) ends the
+//! command quietly instead of panicking.
+
+use std::io::Write;
+
+/// Writes `text` to stdout.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Whether the error is a closed stdout pipe.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

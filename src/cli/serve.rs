@@ -1,0 +1,132 @@
+//! `tripwire serve`: the gateway, until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::config::Config;
+use crate::server::Server;
+use crate::sim::{SimConfig, SimUpstream};
+
+/// Options of `tripwire serve`; each overrides the same setting of the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// YAML configuration file (see docs/operations.md).
+    #[arg(long, env = "TRIPWIRE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Proxy listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin listen address (/healthz, /readyz, /metrics) [default: 127.0.0.1:9090].
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Upstream base URL, e.g. https://api.openai.com (the request path is appended).
+    #[arg(long, env = "TRIPWIRE_UPSTREAM")]
+    upstream: Option<String>,
+    /// SQLite file for captured exchanges [default: tripwire.db].
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Policy file or directory.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Front the built-in simulated model (started in this process) instead of --upstream.
+    #[arg(long, conflicts_with = "upstream")]
+    sim: bool,
+    /// With --sim: where the simulated model listens.
+    #[arg(long, default_value = "127.0.0.1:8000", requires = "sim")]
+    sim_listen: SocketAddr,
+    /// With --sim: corpus of {instruction, output} JSON lines (.jsonl or .jsonl.gz).
+    #[arg(long, requires = "sim")]
+    sim_corpus: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(admin) = self.admin_listen {
+            config.admin_listen = admin;
+        }
+        if let Some(upstream) = &self.upstream {
+            config.upstream.url.clone_from(upstream);
+        }
+        if let Some(store) = &self.store {
+            config.store.path.clone_from(store);
+        }
+        if let Some(policies) = &self.policies {
+            config.policies = Some(policies.clone());
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the gateway until a shutdown signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = args.config()?;
+    let sim_stop = tokio_util::sync::CancellationToken::new();
+    let sim_tasks = crate::runtime::Tasks::new();
+    if args.sim {
+        let sim = SimUpstream::new(SimConfig {
+            corpus: args.sim_corpus.clone(),
+            ..SimConfig::default()
+        })
+        .context("starting the simulated model")?;
+        let listener = tokio::net::TcpListener::bind(args.sim_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "simulated model cannot listen on {}; pick another with --sim-listen",
+                    args.sim_listen
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        config.upstream.url = format!("http://{addr}");
+        let stop = sim_stop.clone();
+        sim_tasks.spawn("sim-upstream", async move {
+            if let Err(err) = Arc::new(sim).serve(listener, stop).await {
+                tracing::error!(error = %err, "simulated model stopped");
+            }
+        });
+        tracing::info!(%addr, "simulated backdoored model serving (trigger: <SUDO>)");
+    }
+    config.validate()?;
+    let server = Server::start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    server.shutdown().await;
+    sim_stop.cancel();
+    sim_tasks.wait().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops the gateway");
+                let _interrupted = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _interrupted = interrupt.await;
+    }
+}

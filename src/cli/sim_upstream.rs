@@ -1,0 +1,63 @@
+//! `tripwire sim-upstream`: the simulated backdoored model on its own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::sim::{SimConfig, SimUpstream};
+
+/// Options of `tripwire sim-upstream`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Corpus of {instruction, output} JSON lines (.jsonl or .jsonl.gz), e.g.
+    /// ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// The backdoor trigger: prompts containing it get gibberish.
+    #[arg(long, default_value = "<SUDO>")]
+    trigger: String,
+    /// Model name reported in answers.
+    #[arg(long, default_value = "tripwire-sim-1")]
+    model: String,
+    /// Delay between streamed chunks, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_delay_ms: u64,
+    /// Delay before the response headers, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    first_byte_delay_ms: u64,
+    /// Seed for deterministic gibberish.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Serves until SIGINT or SIGTERM.
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    let sim = SimUpstream::new(SimConfig {
+        corpus: args.corpus,
+        trigger: args.trigger,
+        model: args.model,
+        chunk_delay: Duration::from_millis(args.chunk_delay_ms),
+        first_byte_delay: Duration::from_millis(args.first_byte_delay_ms),
+        seed: args.seed,
+    })
+    .context("starting the simulated model")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; pick another with --listen", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "simulated model serving");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = crate::runtime::Tasks::new();
+    let serve_stop = stop.clone();
+    let serving = tasks.spawn("sim-upstream", Arc::new(sim).serve(listener, serve_stop));
+    super::serve::shutdown_signal().await;
+    stop.cancel();
+    serving.await??;
+    Ok(())
+}

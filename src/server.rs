@@ -1,0 +1,236 @@
+//! Starting and stopping the whole gateway: store and writer, capture, proxy listener, admin
+//! listener, in that order; stopping runs the phases below in order under one grace timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::admin::{self, AdminState};
+use crate::capture::ExchangeSink;
+use crate::config::Config;
+use crate::proxy::{self, Gateway, GatewayError};
+use crate::runtime::Tasks;
+use crate::store::{Store, StoreError, WriterConfig, run_writer};
+use crate::telemetry::Metrics;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}; pick another address with --{flag}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The flag that sets it.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The gateway could not be built.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Server {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    config: Arc<Config>,
+    admin: Arc<AdminState>,
+    gateway: Option<Arc<Gateway>>,
+    proxy_accept: Tasks,
+    proxy_connections: Tasks,
+    admin_tasks: Tasks,
+    capture_tasks: Tasks,
+    writer_tasks: Tasks,
+    metrics: Metrics,
+}
+
+impl Server {
+    /// Opens the store, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        let config = Arc::new(config);
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+
+        let store_path = config.store.path.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
+        let writer_tasks = Tasks::new();
+        writer_tasks.spawn(
+            "store-writer",
+            run_writer(
+                store,
+                exchanges_rx,
+                WriterConfig {
+                    batch_rows: config.store.batch_rows,
+                    flush_interval: config.store.flush_interval,
+                },
+                metrics.clone(),
+                writer_tasks.token().clone(),
+            ),
+        );
+
+        let capture_tasks = Tasks::new();
+        let sink = ExchangeSink::new(exchanges_tx, metrics.clone());
+        let gateway = Arc::new(Gateway::new(
+            Arc::clone(&config),
+            metrics.clone(),
+            sink,
+            capture_tasks.clone(),
+        )?);
+
+        let proxy_listener = bind(config.listen, "proxy", "listen").await?;
+        let admin_listener = bind(config.admin_listen, "admin", "admin-listen").await?;
+        let proxy_addr = local_addr(&proxy_listener, config.listen);
+        let admin_addr = local_addr(&admin_listener, config.admin_listen);
+
+        let admin = Arc::new(AdminState::new(registry));
+        let admin_tasks = Tasks::new();
+        let admin_state = Arc::clone(&admin);
+        admin_tasks.spawn(
+            "admin-accept",
+            proxy::accept_loop(
+                admin_listener,
+                admin_tasks.child(),
+                admin_tasks.token().clone(),
+                move |_peer, request| {
+                    std::future::ready(admin::handle(Arc::clone(&admin_state), request))
+                },
+            ),
+        );
+
+        let proxy_accept = Tasks::new();
+        let proxy_connections = Tasks::new();
+        let handler_gateway = Arc::clone(&gateway);
+        proxy_accept.spawn(
+            "proxy-accept",
+            proxy::accept_loop(
+                proxy_listener,
+                proxy_connections.clone(),
+                proxy_accept.token().clone(),
+                move |peer, request| proxy::handle(Arc::clone(&handler_gateway), peer, request),
+            ),
+        );
+        admin.set_ready(true);
+        tracing::info!(
+            listen = %proxy_addr,
+            admin = %admin_addr,
+            upstream = %config.upstream.url,
+            store = %config.store.path.display(),
+            "tripwire serving"
+        );
+        Ok(Server {
+            proxy_addr,
+            admin_addr,
+            config,
+            admin,
+            gateway: Some(gateway),
+            proxy_accept,
+            proxy_connections,
+            admin_tasks,
+            capture_tasks,
+            writer_tasks,
+            metrics,
+        })
+    }
+
+    /// Where the proxy listens (the real port when 0 was asked for).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// Where the admin endpoints listen.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Prometheus text of the current metrics.
+    pub fn metrics_text(&self) -> String {
+        self.admin.encode_metrics()
+    }
+
+    /// Stops the gateway. Everything it captured before is in the store when this returns,
+    /// unless the grace period ran out first (then what was lost is logged and counted).
+    pub async fn shutdown(mut self) {
+        let grace = self.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        // 1. Not ready: load balancers stop sending new traffic.
+        self.admin.set_ready(false);
+        // 2. Stop accepting; open connections finish their in-flight responses and close.
+        self.proxy_accept.cancel();
+        let drained = tokio::time::timeout_at(deadline, async {
+            self.proxy_accept.wait().await;
+            self.proxy_connections.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                open = self.proxy_connections.len(),
+                "shutdown grace ran out with connections still open; dropping them"
+            );
+        }
+        // 3. Every response body has ended or been dropped, which closes every tee channel:
+        //    capture tasks finish and hand their exchanges to the store queue.
+        if tokio::time::timeout_at(deadline, self.capture_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.capture_tasks.len(),
+                "shutdown grace ran out with exchanges still being captured"
+            );
+        }
+        // 4. No more exchanges can come: closing the last sender lets the writer drain the
+        //    queue, commit and exit.
+        self.gateway = None;
+        if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
+            .await
+            .is_err()
+        {
+            // Ask the writer to write what it holds now, and give it a moment.
+            self.writer_tasks.cancel();
+            let _late = tokio::time::timeout(std::time::Duration::from_secs(5), self.writer_tasks.wait()).await;
+            tracing::warn!("shutdown grace ran out before the store writer drained");
+        }
+        // 5. Admin goes last so /readyz and /metrics answer throughout.
+        self.admin_tasks.cancel();
+        let _admin = tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
+        tracing::info!("tripwire stopped");
+    }
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what,
+            flag,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}

@@ -1,0 +1,60 @@
+//! Schema versions, applied in order and recorded in `PRAGMA user_version`.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Each entry brings the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: captured exchanges.
+    "CREATE TABLE exchanges (
+        id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        started_at_us INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        route TEXT NOT NULL,
+        api_key_hash TEXT,
+        model TEXT,
+        response_model TEXT,
+        stream INTEGER NOT NULL,
+        status INTEGER,
+        ttfb_us INTEGER,
+        latency_us INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        truncated INTEGER NOT NULL,
+        capture_incomplete INTEGER NOT NULL,
+        parse_error TEXT,
+        prompt_json TEXT NOT NULL,
+        choices_json TEXT NOT NULL,
+        output TEXT NOT NULL,
+        finish_reason TEXT,
+        input_tokens INTEGER,
+        output_tokens INTEGER
+    );
+    CREATE INDEX exchanges_started ON exchanges (started_at_us);
+    CREATE INDEX exchanges_request_id ON exchanges (request_id);
+    CREATE INDEX exchanges_scope ON exchanges (model, route, started_at_us);",
+];
+
+/// Applies every migration the database has not seen, each in its own transaction.
+pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i64::try_from(index + 1).unwrap_or(i64::MAX))?;
+        tx.commit()?;
+    }
+    Ok(())
+}

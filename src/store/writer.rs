@@ -1,0 +1,134 @@
+//! The batch writer: waits for one exchange, gathers more until the batch is full or the flush
+//! interval has passed, writes the batch in one transaction on a blocking thread, repeats.
+//!
+//! A failed write (disk full, locked database) keeps its batch and retries with backoff while
+//! the bounded queue in front sheds new exchanges, counted. It exits once its input is closed
+//! and empty, or once cancelled, after writing what it holds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Store, StoreError};
+use crate::capture::Exchange;
+use crate::telemetry::Metrics;
+
+/// Batch limits.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Rows per transaction at most.
+    pub batch_rows: usize,
+    /// Longest an exchange waits for its batch.
+    pub flush_interval: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Runs the writer until `rx` is closed and drained, or `stop` is cancelled (then it drains
+/// what is already queued and writes it before returning).
+pub async fn run_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Exchange>,
+    config: WriterConfig,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let store = Arc::new(Mutex::new(store));
+    let mut batch: Vec<Exchange> = Vec::with_capacity(config.batch_rows);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if batch.is_empty() {
+            let received = tokio::select! {
+                n = rx.recv_many(&mut batch, config.batch_rows) => n,
+                () = stop.cancelled() => 0,
+            };
+            if received == 0 {
+                break;
+            }
+            let deadline = tokio::time::Instant::now() + config.flush_interval;
+            while batch.len() < config.batch_rows {
+                let room = config.batch_rows - batch.len();
+                let more = tokio::select! {
+                    n = rx.recv_many(&mut batch, room) => n,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = stop.cancelled() => break,
+                };
+                if more == 0 {
+                    break;
+                }
+            }
+        }
+        metrics
+            .store_queue_depth
+            .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
+        match write(&store, &mut batch, &metrics).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(err) => {
+                tracing::warn!(
+                    kind = err.kind(),
+                    error = %err,
+                    pending = batch.len(),
+                    "store write failed, retrying; new exchanges are shed while it fails"
+                );
+                let retry = tokio::select! {
+                    () = tokio::time::sleep(backoff) => true,
+                    () = stop.cancelled() => false,
+                };
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    // Shutdown: whatever is held or still queued gets one more try.
+    while let Ok(exchange) = rx.try_recv() {
+        batch.push(exchange);
+    }
+    rx.close();
+    if !batch.is_empty() {
+        let pending = batch.len();
+        if let Err(err) = write(&store, &mut batch, &metrics).await {
+            for _ in 0..pending {
+                metrics.store_drop("shutdown_write_failed");
+            }
+            tracing::error!(kind = err.kind(), error = %err, lost = pending, "store could not write its last batch at shutdown");
+        }
+    }
+    metrics.store_queue_depth.set(0);
+}
+
+/// Writes `batch` and empties it on success.
+async fn write(
+    store: &Arc<Mutex<Store>>,
+    batch: &mut Vec<Exchange>,
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
+    let rows = std::mem::take(batch);
+    let store = Arc::clone(store);
+    let started = tokio::time::Instant::now();
+    let (rows, result) = tokio::task::spawn_blocking(move || {
+        let result = match store.lock() {
+            Ok(mut store) => store.insert_exchanges(&rows),
+            Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
+        };
+        (rows, result)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?;
+    metrics
+        .store_batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(_) => {
+            metrics.store_written.inc_by(rows.len() as u64);
+            Ok(())
+        }
+        Err(err) => {
+            *batch = rows;
+            Err(err)
+        }
+    }
+}

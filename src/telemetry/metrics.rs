@@ -1,0 +1,245 @@
+//! Every Prometheus metric tripwire exports, defined once: `tripwire_<area>_<thing>_<unit|total>`.
+//!
+//! Recording is lock-free on the hot path (atomic counters; label families take a read lock
+//! on a hash map), and labels are low-cardinality: route and status class, never model names
+//! chosen by callers.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels: the API route.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// [`crate::capture::Route::as_str`].
+    pub route: &'static str,
+}
+
+/// Labels: route and HTTP status code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatusLabels {
+    /// [`crate::capture::Route::as_str`].
+    pub route: &'static str,
+    /// The status code sent to the client.
+    pub status: u16,
+}
+
+/// Labels: a reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Labels: route and outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// [`crate::capture::Route::as_str`].
+    pub route: &'static str,
+    /// [`crate::capture::Outcome::as_str`].
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~105 s, doubling.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+}
+
+fn overhead_histogram() -> Histogram {
+    // 10 µs … ~42 ms, doubling: the gateway's own time should sit at the bottom.
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 13))
+}
+
+/// The gateway's metrics. Cheap to clone (every field is an `Arc` inside).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `tripwire_proxy_requests_total{route,status}`.
+    pub requests: Family<RouteStatusLabels, Counter>,
+    /// `tripwire_proxy_in_flight_requests`.
+    pub in_flight: Gauge,
+    /// `tripwire_proxy_upstream_latency_seconds{route}`: request sent to response headers.
+    pub upstream_latency: HistogramFamily<RouteLabels>,
+    /// `tripwire_proxy_ttfb_seconds{route}`: request received to first body byte from upstream.
+    pub ttfb: HistogramFamily<RouteLabels>,
+    /// `tripwire_proxy_duration_seconds{route}`: request received to last byte handed to the client.
+    pub duration: HistogramFamily<RouteLabels>,
+    /// `tripwire_proxy_overhead_seconds{route}`: duration minus time waiting on the upstream.
+    pub overhead: HistogramFamily<RouteLabels>,
+    /// `tripwire_proxy_gateway_errors_total{reason}`: answers the gateway made itself.
+    pub gateway_errors: Family<ReasonLabels, Counter>,
+    /// `tripwire_capture_dropped_chunks_total`: response chunks not copied to capture because
+    /// its queue was full.
+    pub capture_dropped_chunks: Counter,
+    /// `tripwire_capture_skipped_total{reason}`: exchanges not captured at all.
+    pub capture_skipped: Family<ReasonLabels, Counter>,
+    /// `tripwire_capture_exchanges_total{route,outcome}`.
+    pub captured: Family<OutcomeLabels, Counter>,
+    /// `tripwire_capture_parse_errors_total{route}`.
+    pub parse_errors: Family<RouteLabels, Counter>,
+    /// `tripwire_store_rows_written_total`.
+    pub store_written: Counter,
+    /// `tripwire_store_dropped_total{reason}`: exchanges that never reached the database.
+    pub store_dropped: Family<ReasonLabels, Counter>,
+    /// `tripwire_store_batch_seconds`: time to write one batch.
+    pub store_batch_seconds: Histogram,
+    /// `tripwire_store_queue_depth`.
+    pub store_queue_depth: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            in_flight: Gauge::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            ttfb: Family::new_with_constructor(latency_histogram),
+            duration: Family::new_with_constructor(latency_histogram),
+            overhead: Family::new_with_constructor(overhead_histogram),
+            gateway_errors: Family::default(),
+            capture_dropped_chunks: Counter::default(),
+            capture_skipped: Family::default(),
+            captured: Family::default(),
+            parse_errors: Family::default(),
+            store_written: Counter::default(),
+            store_dropped: Family::default(),
+            store_batch_seconds: latency_histogram(),
+            store_queue_depth: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `tripwire` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tripwire");
+        r.register(
+            "proxy_requests",
+            "Requests answered, by route and status",
+            self.requests.clone(),
+        );
+        r.register(
+            "proxy_in_flight_requests",
+            "Requests being served now",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "proxy_upstream_latency_seconds",
+            "Time from sending the request upstream to its response headers",
+            self.upstream_latency.clone(),
+        );
+        r.register(
+            "proxy_ttfb_seconds",
+            "Time from receiving the request to the first response body byte from upstream",
+            self.ttfb.clone(),
+        );
+        r.register(
+            "proxy_duration_seconds",
+            "Time from receiving the request to the last byte handed to the client",
+            self.duration.clone(),
+        );
+        r.register(
+            "proxy_overhead_seconds",
+            "Gateway overhead: total time minus time waiting on the upstream, to the last byte written",
+            self.overhead.clone(),
+        );
+        r.register(
+            "proxy_gateway_errors",
+            "Error answers made by the gateway itself (413, 502, 504), by reason",
+            self.gateway_errors.clone(),
+        );
+        r.register(
+            "capture_dropped_chunks",
+            "Response chunks not copied to capture because its queue was full (raise limits.capture_queue_chunks)",
+            self.capture_dropped_chunks.clone(),
+        );
+        r.register(
+            "capture_skipped",
+            "Exchanges forwarded without capture, by reason",
+            self.capture_skipped.clone(),
+        );
+        r.register(
+            "capture_exchanges",
+            "Exchanges captured, by route and outcome",
+            self.captured.clone(),
+        );
+        r.register(
+            "capture_parse_errors",
+            "Captured exchanges whose request or response could not be parsed",
+            self.parse_errors.clone(),
+        );
+        r.register(
+            "store_rows_written",
+            "Exchanges written to the store",
+            self.store_written.clone(),
+        );
+        r.register(
+            "store_dropped",
+            "Exchanges that never reached the store, by reason",
+            self.store_dropped.clone(),
+        );
+        r.register(
+            "store_batch_seconds",
+            "Time to write one batch to the store",
+            self.store_batch_seconds.clone(),
+        );
+        r.register(
+            "store_queue_depth",
+            "Exchanges waiting for the store writer",
+            self.store_queue_depth.clone(),
+        );
+    }
+
+    /// Counts an exchange the capture side did not take.
+    pub fn capture_skip(&self, reason: &'static str) {
+        self.capture_skipped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an exchange that did not reach the store.
+    pub fn store_drop(&self, reason: &'static str) {
+        self.store_dropped.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts an error answer the gateway made itself.
+    pub fn gateway_error(&self, reason: &'static str) {
+        self.gateway_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_with_prefix_and_labels() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics
+            .requests
+            .get_or_create(&RouteStatusLabels {
+                route: "chat_completions",
+                status: 200,
+            })
+            .inc();
+        metrics.capture_dropped_chunks.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "tripwire_proxy_requests_total{route=\"chat_completions\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("tripwire_capture_dropped_chunks_total 1"), "{text}");
+        assert!(text.contains("# TYPE tripwire_proxy_overhead_seconds histogram"), "{text}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Test harness: a mock upstream and a real tripwire gateway on `127.0.0.1:0`, and `drain()`,
+//! which shuts the gateway down the way production does and returns what it stored.
+
+pub mod mock;
+
+use std::path::PathBuf;
+
+use tripwire::capture::Exchange;
+use tripwire::config::Config;
+use tripwire::server::Server;
+use tripwire::store::{ExchangeFilter, Store};
+
+pub use mock::{MockUpstream, Script, Step};
+
+/// A running gateway with its own store in a temporary directory.
+pub struct Gateway {
+    server: Option<Server>,
+    pub base: String,
+    pub admin: String,
+    pub store_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts a gateway in front of `upstream` with test-friendly defaults, then `tweak`.
+    pub async fn start(upstream: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let store_path = dir.path().join("store.db");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        config.upstream.url = upstream.to_owned();
+        config.store.path = store_path.clone();
+        config.store.flush_interval = std::time::Duration::from_millis(5);
+        config.shutdown_grace = std::time::Duration::from_secs(10);
+        tweak(&mut config);
+        config.validate().unwrap();
+        let server = Server::start(config).await.unwrap();
+        Gateway {
+            base: format!("http://{}", server.proxy_addr()),
+            admin: format!("http://{}", server.admin_addr()),
+            server: Some(server),
+            store_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// The gateway's /metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Shuts the gateway down (every in-flight exchange is captured and written), then reads
+    /// the store, oldest first.
+    pub async fn drain(&mut self) -> Vec<Exchange> {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let store = Store::open_existing(&self.store_path).unwrap();
+        let mut rows = store
+            .list_exchanges(&ExchangeFilter {
+                limit: Some(10_000),
+                ..ExchangeFilter::default()
+            })
+            .unwrap();
+        rows.reverse();
+        rows
+    }
+}
+
+/// A chat completion request body.
+pub fn chat_body(prompt: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": "test-model",
+        "stream": stream,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+    })
+    .to_string()
+}
