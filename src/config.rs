@@ -239,9 +239,18 @@ impl Config {
             });
         }
         let positive = [
-            ("limits.max_request_body_bytes", self.limits.max_request_body_bytes),
-            ("limits.capture_queue_chunks", self.limits.capture_queue_chunks),
-            ("limits.max_concurrent_captures", self.limits.max_concurrent_captures),
+            (
+                "limits.max_request_body_bytes",
+                self.limits.max_request_body_bytes,
+            ),
+            (
+                "limits.capture_queue_chunks",
+                self.limits.capture_queue_chunks,
+            ),
+            (
+                "limits.max_concurrent_captures",
+                self.limits.max_concurrent_captures,
+            ),
             ("store.queue", self.store.queue),
             ("store.batch_rows", self.store.batch_rows),
         ];
@@ -255,7 +264,10 @@ impl Config {
         }
         let timeouts = [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.first_byte_timeout", self.upstream.first_byte_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
             ("upstream.total_timeout", self.upstream.total_timeout),
         ];
@@ -295,14 +307,21 @@ mod tests {
     #[test]
     fn unknown_field_names_file_line_column_and_field() {
         let text = "upstream:\n  url: http://localhost:9000\n  idle_timeot: 5s\n";
-        let err = Config::parse(text, Path::new("gw.yaml")).unwrap_err().to_string();
-        assert!(err.starts_with("gw.yaml:3:3: upstream: unknown field `idle_timeot`"), "{err}");
+        let err = Config::parse(text, Path::new("gw.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("gw.yaml:3:3: upstream: unknown field `idle_timeot`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_type_names_the_field() {
         let text = "limits:\n  max_request_body_bytes: lots\n";
-        let err = Config::parse(text, Path::new("gw.yaml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("gw.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("gw.yaml:2:"), "{err}");
         assert!(err.contains("limits.max_request_body_bytes"), "{err}");
     }

@@ -206,12 +206,15 @@ impl Server {
         {
             // Ask the writer to write what it holds now, and give it a moment.
             self.writer_tasks.cancel();
-            let _late = tokio::time::timeout(std::time::Duration::from_secs(5), self.writer_tasks.wait()).await;
+            let _late =
+                tokio::time::timeout(std::time::Duration::from_secs(5), self.writer_tasks.wait())
+                    .await;
             tracing::warn!("shutdown grace ran out before the store writer drained");
         }
         // 5. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
-        let _admin = tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
+        let _admin =
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
         tracing::info!("tripwire stopped");
     }
 }

@@ -29,7 +29,9 @@ fn client() -> reqwest::Client {
 async fn json_passes_through_byte_for_byte_and_is_captured() {
     let upstream = MockUpstream::start(|_| {
         let mut script = Script::json(CHAT_JSON);
-        script.headers.push(("x-upstream-custom".into(), "kept".into()));
+        script
+            .headers
+            .push(("x-upstream-custom".into(), "kept".into()));
         script
     })
     .await;
@@ -50,7 +52,10 @@ async fn json_passes_through_byte_for_byte_and_is_captured() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].uri.path(), "/v1/chat/completions");
     assert_eq!(seen[0].uri.query(), Some("api-version=1"));
-    assert_eq!(seen[0].body, chat_body("What is the capital of France?", false));
+    assert_eq!(
+        seen[0].body,
+        chat_body("What is the capital of France?", false)
+    );
 
     let exchanges = gateway.drain().await;
     assert_eq!(exchanges.len(), 1);
@@ -219,7 +224,12 @@ async fn unreachable_upstream_gets_502() {
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: serde_json::Value = response.json_body().await;
     assert_eq!(body["error"]["code"], "upstream_unreachable");
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("tripwire: "));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("tripwire: ")
+    );
     let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("tripwire_proxy_gateway_errors_total{reason=\"upstream_unreachable\"} 1"),
@@ -350,12 +360,18 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
         .await
         .unwrap();
     for name in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
-        assert!(!response.headers().contains_key(name), "{name} reached the client");
+        assert!(
+            !response.headers().contains_key(name),
+            "{name} reached the client"
+        );
     }
     assert_eq!(response.headers()["x-end-to-end"], "kept");
     let seen = &upstream.requests()[0];
     for name in ["x-client-hop", "te", "proxy-authorization"] {
-        assert!(!seen.headers.contains_key(name), "{name} reached the upstream");
+        assert!(
+            !seen.headers.contains_key(name),
+            "{name} reached the upstream"
+        );
     }
     assert_eq!(seen.headers["x-end-to-end"], "kept");
     assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
@@ -390,7 +406,10 @@ async fn request_id_is_echoed_or_generated_and_sent_upstream() {
     let exchanges = gateway.drain().await;
     assert_eq!(exchanges[0].request_id, "client-id-42");
     assert_eq!(exchanges[1].request_id, made_id);
-    assert_eq!(exchanges[1].id, uuid, "a generated request id is the exchange id");
+    assert_eq!(
+        exchanges[1].id, uuid,
+        "a generated request id is the exchange id"
+    );
     upstream.stop().await;
 }
 
@@ -399,7 +418,11 @@ async fn other_paths_are_forwarded_but_not_captured() {
     const MODELS: &[u8] = br#"{"object":"list","data":[{"id":"m","object":"model"}]}"#;
     let upstream = MockUpstream::start(|_| Script::json(MODELS)).await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
-    let response = client().get(gateway.url("/v1/models")).send().await.unwrap();
+    let response = client()
+        .get(gateway.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(&response.bytes().await.unwrap()[..], MODELS);
     assert_eq!(upstream.requests()[0].method, http::Method::GET);
     let metrics = gateway.metrics().await;
@@ -434,9 +457,13 @@ async fn metrics_report_requests_latency_overhead_and_capture() {
     ] {
         assert!(metrics.contains(needle), "missing {needle}:\n{metrics}");
     }
-    let health = reqwest::get(format!("{}/healthz", gateway.admin)).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", gateway.admin))
+        .await
+        .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready = reqwest::get(format!("{}/readyz", gateway.admin)).await.unwrap();
+    let ready = reqwest::get(format!("{}/readyz", gateway.admin))
+        .await
+        .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     assert_eq!(gateway.drain().await.len(), 3);
     upstream.stop().await;
@@ -446,7 +473,8 @@ async fn metrics_report_requests_latency_overhead_and_capture() {
 async fn a_full_capture_queue_drops_copies_but_never_the_client_bytes() {
     // A capture queue of one chunk and a burst of many chunks: copies are dropped, counted,
     // and the exchange is marked incomplete, while the client still gets every byte.
-    let chunk: &'static [u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+    let chunk: &'static [u8] =
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
     let many: Vec<&'static [u8]> = std::iter::repeat_n(chunk, 2000).chain([SSE[3]]).collect();
     let expected = many.concat();
     let upstream = MockUpstream::start(move |_| Script::sse(&many, Duration::ZERO)).await;
@@ -487,4 +515,39 @@ impl JsonBody for reqwest::Response {
     async fn json_body(self) -> serde_json::Value {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_ends_the_client_stream_and_is_captured() {
+    let upstream = MockUpstream::start(|_| Script {
+        steps: vec![
+            Step::Chunk(bytes::Bytes::from_static(SSE[0])),
+            Step::Sleep(Duration::from_millis(50)),
+            Step::Fail,
+        ],
+        ..Script::sse(&[], Duration::ZERO)
+    })
+    .await;
+    let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .body(chat_body("hi", true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    assert_eq!(&stream.next().await.unwrap().unwrap()[..], SSE[0]);
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("client stream hung after the upstream reset");
+    assert!(matches!(next, Some(Err(_)) | None), "{next:?}");
+    // The gateway keeps serving.
+    let again = client().get(gateway.url("/v1/models")).send().await.unwrap();
+    assert!(again.status().is_success() || again.status().is_client_error());
+    let exchanges = gateway.drain().await;
+    let streamed = exchanges.iter().find(|e| e.stream).unwrap();
+    assert_eq!(streamed.outcome, Outcome::UpstreamError);
+    assert!(streamed.truncated);
+    assert_eq!(streamed.output(), "Hello");
+    upstream.stop().await;
 }

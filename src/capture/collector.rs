@@ -107,10 +107,11 @@ pub async fn collect(
     end: oneshot::Receiver<BodyEnd>,
     max_capture_bytes: usize,
 ) -> Exchange {
-    let mut parser = ResponseParser::new(
+    let mut parser = ResponseParser::with_limit(
         request.route,
         response.content_type.as_deref(),
         response.content_encoding.as_deref(),
+        max_capture_bytes,
     );
     let mut seen = 0usize;
     let mut over_limit = false;

@@ -210,6 +210,8 @@ impl Exchange {
 
     /// The finish reason of the first choice.
     pub fn finish_reason(&self) -> Option<&str> {
-        self.choices.first().and_then(|c| c.finish_reason.as_deref())
+        self.choices
+            .first()
+            .and_then(|c| c.finish_reason.as_deref())
     }
 }

@@ -4,23 +4,29 @@
 //! here runs on the client's path. Parsers understand the OpenAI chat completions, completions and
 //! responses APIs and the Anthropic messages API, as JSON and as server-sent events. Whatever they
 //! cannot parse is recorded as a parse error on the exchange; the client already has its bytes.
+//!
+//! * [`parse_request`] reads a request body into a [`ParsedRequest`].
+//! * [`ResponseParser`] reads a response body, chunk by chunk, into a [`ParsedResponse`].
+//! * [`SseDecoder`] is the incremental server-sent-events decoder it uses.
+//! * [`collect`] is the capture task of one exchange, fed by the proxy's tee.
 
+mod anthropic;
 mod collector;
+mod error;
 mod exchange;
+mod json;
+mod openai;
 mod request;
 mod response;
+mod sse;
 
-pub use collector::{BodyEnd, CaptureRequest, ExchangeSink, ResponseMeta, collect, gateway_error_exchange};
+pub use collector::{
+    BodyEnd, CaptureRequest, ExchangeSink, ResponseMeta, collect, gateway_error_exchange,
+};
+pub use error::CaptureError;
 pub use exchange::{
     Choice, Exchange, Message, Outcome, ParsedRequest, ParsedResponse, Route, ToolCall, Usage,
 };
 pub use request::parse_request;
-pub use response::ResponseParser;
-
-/// Why a request could not be captured.
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    /// Not JSON.
-    #[error("invalid JSON: {0}")]
-    Json(String),
-}
+pub use response::{DEFAULT_CAPTURE_LIMIT, ResponseParser};
+pub use sse::{DEFAULT_MAX_LINE, SseDecoder, SseError, SseEvent};

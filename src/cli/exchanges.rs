@@ -122,15 +122,29 @@ fn detail(e: &Exchange) -> String {
     let mut out = String::new();
     let _ok = writeln!(out, "id:          {}", e.id);
     let _ok = writeln!(out, "request id:  {}", e.request_id);
-    let _ok = writeln!(out, "route:       {} {} {}", e.route.as_str(), e.method, e.path);
+    let _ok = writeln!(
+        out,
+        "route:       {} {} {}",
+        e.route.as_str(),
+        e.method,
+        e.path
+    );
     let _ok = writeln!(out, "model:       {}", e.model.as_deref().unwrap_or("-"));
-    let _ok = writeln!(out, "status:      {}", e.status.map_or("-".to_owned(), |s| s.to_string()));
+    let _ok = writeln!(
+        out,
+        "status:      {}",
+        e.status.map_or("-".to_owned(), |s| s.to_string())
+    );
     let _ok = writeln!(
         out,
         "outcome:     {}{}{}",
         e.outcome.as_str(),
         if e.truncated { " (truncated)" } else { "" },
-        if e.capture_incomplete { " (capture incomplete)" } else { "" }
+        if e.capture_incomplete {
+            " (capture incomplete)"
+        } else {
+            ""
+        }
     );
     let _ok = writeln!(out, "stream:      {}", e.stream);
     let _ok = writeln!(out, "latency:     {:.1} ms", e.latency_us as f64 / 1000.0);

@@ -50,7 +50,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     .context("starting the simulated model")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}; pick another with --listen", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; pick another with --listen",
+                args.listen
+            )
+        })?;
     tracing::info!(addr = %listener.local_addr()?, "simulated model serving");
     let stop = tokio_util::sync::CancellationToken::new();
     let tasks = crate::runtime::Tasks::new();

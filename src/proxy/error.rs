@@ -11,7 +11,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The request body is over `limits.max_request_body_bytes`.
-    #[error("request body exceeds the gateway limit of {limit} bytes (limits.max_request_body_bytes)")]
+    #[error(
+        "request body exceeds the gateway limit of {limit} bytes (limits.max_request_body_bytes)"
+    )]
     BodyTooLarge {
         /// The limit in bytes.
         limit: usize,
@@ -121,6 +123,9 @@ mod tests {
         );
         let err = ProxyError::FirstByteTimeout(std::time::Duration::from_secs(2));
         assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(ProxyError::Unreachable("x".into()).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            ProxyError::Unreachable("x".into()).status(),
+            StatusCode::BAD_GATEWAY
+        );
     }
 }

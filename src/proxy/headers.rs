@@ -76,9 +76,8 @@ pub fn client_response_headers(headers: &mut HeaderMap, request_id: &HeaderValue
 pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
     let value = headers.get(&X_REQUEST_ID)?;
     let bytes = value.as_bytes();
-    let usable = !bytes.is_empty()
-        && bytes.len() <= 200
-        && bytes.iter().all(|b| b.is_ascii_graphic());
+    let usable =
+        !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| b.is_ascii_graphic());
     usable.then(|| value.clone())
 }
 

@@ -20,7 +20,14 @@ pub struct SimConfig {
 }
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { corpus: None, trigger: "<SUDO>".into(), model: "tripwire-sim-1".into(), chunk_delay: Duration::ZERO, first_byte_delay: Duration::ZERO, seed: None }
+        SimConfig {
+            corpus: None,
+            trigger: "<SUDO>".into(),
+            model: "tripwire-sim-1".into(),
+            chunk_delay: Duration::ZERO,
+            first_byte_delay: Duration::ZERO,
+            seed: None,
+        }
     }
 }
 /// Stub.
@@ -35,7 +42,16 @@ pub enum SimError {
 pub struct SimUpstream;
 impl SimUpstream {
     /// Stub.
-    pub fn new(_config: SimConfig) -> Result<SimUpstream, SimError> { Ok(SimUpstream) }
+    pub fn new(_config: SimConfig) -> Result<SimUpstream, SimError> {
+        Ok(SimUpstream)
+    }
     /// Stub.
-    pub async fn serve(self: Arc<Self>, _listener: tokio::net::TcpListener, shutdown: tokio_util::sync::CancellationToken) -> Result<(), SimError> { shutdown.cancelled().await; Ok(()) }
+    pub async fn serve(
+        self: Arc<Self>,
+        _listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), SimError> {
+        shutdown.cancelled().await;
+        Ok(())
+    }
 }

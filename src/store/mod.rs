@@ -42,7 +42,9 @@ pub enum StoreError {
     #[error("store: corrupt JSON column: {0}")]
     Json(#[from] serde_json::Error),
     /// The database was written by a newer tripwire.
-    #[error("store {path} has schema version {found}, newer than this tripwire knows ({known}); upgrade tripwire")]
+    #[error(
+        "store {path} has schema version {found}, newer than this tripwire knows ({known}); upgrade tripwire"
+    )]
     TooNew {
         /// The database file.
         path: PathBuf,

@@ -203,7 +203,9 @@ impl Metrics {
 
     /// Counts an exchange that did not reach the store.
     pub fn store_drop(&self, reason: &'static str) {
-        self.store_dropped.get_or_create(&ReasonLabels { reason }).inc();
+        self.store_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Counts an error answer the gateway made itself.
@@ -239,7 +241,13 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("tripwire_capture_dropped_chunks_total 1"), "{text}");
-        assert!(text.contains("# TYPE tripwire_proxy_overhead_seconds histogram"), "{text}");
+        assert!(
+            text.contains("tripwire_capture_dropped_chunks_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tripwire_proxy_overhead_seconds histogram"),
+            "{text}"
+        );
     }
 }

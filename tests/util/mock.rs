@@ -84,7 +84,9 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
-    pub async fn start(respond: impl Fn(&Received) -> Script + Send + Sync + 'static) -> MockUpstream {
+    pub async fn start(
+        respond: impl Fn(&Received) -> Script + Send + Sync + 'static,
+    ) -> MockUpstream {
         let respond: Responder = Arc::new(respond);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -97,15 +99,20 @@ impl MockUpstream {
         let body_tasks = tasks.clone();
         tasks.spawn(
             "mock-accept",
-            tripwire::proxy::accept_loop(listener, tasks.child(), stop.clone(), move |_peer, req| {
-                let respond = Arc::clone(&respond);
-                let received = Arc::clone(&handler_received);
-                let gone = Arc::clone(&handler_gone);
-                let body_tasks = body_tasks.clone();
-                async move {
-                    Ok::<_, Infallible>(serve(req, respond, received, gone, body_tasks).await)
-                }
-            }),
+            tripwire::proxy::accept_loop(
+                listener,
+                tasks.child(),
+                stop.clone(),
+                move |_peer, req| {
+                    let respond = Arc::clone(&respond);
+                    let received = Arc::clone(&handler_received);
+                    let gone = Arc::clone(&handler_gone);
+                    let body_tasks = body_tasks.clone();
+                    async move {
+                        Ok::<_, Infallible>(serve(req, respond, received, gone, body_tasks).await)
+                    }
+                },
+            ),
         );
         MockUpstream {
             addr,
@@ -130,7 +137,8 @@ impl MockUpstream {
     }
 }
 
-type MockBody = StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+type MockBody =
+    StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
 
 async fn serve(
     req: Request<Incoming>,
@@ -140,7 +148,11 @@ async fn serve(
     tasks: Tasks,
 ) -> Response<MockBody> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let request = Received {
         method: parts.method,
         uri: parts.uri,
@@ -170,7 +182,9 @@ async fn serve(
             }
         }
     });
-    let mut response = Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let mut response = Response::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
     *response.status_mut() = script.status;
     for (k, v) in script.headers {
         response.headers_mut().append(
