@@ -1,4 +1,5 @@
 //! The integration tests: one binary, real sockets, a real gateway.
 
+mod clients;
 mod proxy;
 mod util;

@@ -1,0 +1,67 @@
+# tripwire: the two commands are `make run` and `make test`; each does its own set-up.
+#
+#   make run                               gateway on 127.0.0.1:8080 in front of the built-in
+#                                          simulated (backdoored) model
+#   make run UPSTREAM=http://host:port     gateway in front of a real OpenAI/Anthropic endpoint
+#   make test                              format, lint, unit and integration tests
+#   make bench                             gateway vs direct, fixed arrival rate (docs/benchmarks.md)
+#   make demo                              simulated model + gateway + a few requests, then exit
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+# The official OpenAI Python client, used by the integration tests as a real caller.
+OPENAI_VERSION := 3.57.0
+
+UPSTREAM ?=
+LISTEN ?= 127.0.0.1:8080
+ADMIN_LISTEN ?= 127.0.0.1:9090
+STORE ?= tripwire.db
+# Real model outputs the simulated model answers from, when the shared data is present.
+SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
+
+BIN := target/release/tripwire
+
+.PHONY: all build run demo test lint check-fmt unit bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+run: build
+ifeq ($(strip $(UPSTREAM)),)
+	$(BIN) serve --sim $(if $(SIM_CORPUS),--sim-corpus $(SIM_CORPUS)) \
+		--listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE)
+else
+	$(BIN) serve --upstream $(UPSTREAM) --listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE)
+endif
+
+demo: build
+	$(BIN) demo $(if $(SIM_CORPUS),--corpus $(SIM_CORPUS))
+
+# The Python client the integration tests drive the gateway with.
+$(VENV)/.openai-$(OPENAI_VERSION):
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "openai==$(OPENAI_VERSION)"
+	touch $@
+
+check-fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit: $(VENV)/.openai-$(OPENAI_VERSION)
+	$(CARGO) test --locked
+
+test: check-fmt lint unit
+
+bench: build
+	$(CARGO) bench --locked --bench gateway
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)
