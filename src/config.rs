@@ -22,7 +22,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid YAML, or a field has the wrong shape.
-    #[error("{path}:{line}:{column}: {field}{message}")]
+    #[error("{path}:{line}:{column}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -30,8 +30,6 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column of the error (0 when unknown).
         column: usize,
-        /// The field path, followed by ": ", or empty.
-        field: String,
         /// What is wrong.
         message: String,
     },
@@ -188,16 +186,13 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(deserializer).map_err(|err| {
-            let field = err.path().to_string();
-            let inner = err.into_inner();
-            let (line, column) = inner
+        serde_yaml_ng::from_str(text).map_err(|err| {
+            let (line, column) = err
                 .location()
                 .map_or((0, 0), |loc| (loc.line(), loc.column()));
-            // serde_yaml_ng appends " at line L column C" to its message; the location is
-            // already in front, so drop the tail.
-            let message = inner.to_string();
+            // The message already starts with the field path ("upstream: unknown field …")
+            // and ends with " at line L column C", which the prefix already says.
+            let message = err.to_string();
             let message = message
                 .split(" at line ")
                 .next()
@@ -207,11 +202,6 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 column,
-                field: if field == "." {
-                    String::new()
-                } else {
-                    format!("{field}: ")
-                },
                 message,
             }
         })

@@ -1,5 +1,6 @@
 //! The integration tests: one binary, real sockets, a real gateway.
 
+mod cli;
 mod clients;
 mod proxy;
 mod util;

@@ -1,0 +1,165 @@
+//! The `tripwire` binary as a user runs it: `serve` under real signals, `demo`, and what the
+//! process writes (logs, database) checked for secrets.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{MockUpstream, Script};
+
+const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
+const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
+
+fn tripwire() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tripwire"))
+}
+
+/// Reads stderr lines until the "tripwire serving" line and returns the proxy address.
+fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
+    let stderr = child.stderr.as_mut().unwrap();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "tripwire exited early:\n{log}");
+        log.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some(line) = log.lines().find(|l| l.contains("tripwire serving")) {
+            let addr = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap();
+            return addr.to_owned();
+        }
+    }
+    panic!("tripwire did not start:\n{log}");
+}
+
+fn terminate(child: &mut Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn api_keys_never_reach_logs_errors_or_the_store() {
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("secrets.db");
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, "limits:\n  max_request_body_bytes: 1024\n").unwrap();
+    let mut child = tripwire()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--upstream", &upstream.url()])
+        .arg("--store")
+        .arg(&store)
+        .env("TRIPWIRE_LOG", "trace")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let addr = wait_for_listen(&mut child, &mut log);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = crate::util::chat_body("hello", false);
+    // The key in every header callers use, on a normal answer and on the gateway's own errors.
+    for (name, value) in [
+        ("authorization", format!("Bearer {SECRET}")),
+        ("x-api-key", SECRET.to_owned()),
+        ("api-key", SECRET.to_owned()),
+    ] {
+        let ok = client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .header(name, &value)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        let too_big = client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .header(name, &value)
+            .body(vec![b'x'; 2000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(too_big.status(), 413);
+        assert!(!too_big.text().await.unwrap().contains(SECRET));
+    }
+    upstream.stop().await;
+    // With the upstream gone: 502, whose message must not carry the key either.
+    let bad = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(SECRET)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 502);
+    assert!(!bad.text().await.unwrap().contains(SECRET));
+
+    terminate(&mut child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status} after SIGTERM");
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(log.contains("tripwire stopped"), "{log}");
+    assert!(!log.contains(SECRET), "the key appears in the log");
+    assert!(!stdout.contains(SECRET));
+
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        stored.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let stored = String::from_utf8_lossy(&stored);
+    assert!(!stored.contains(SECRET), "the key appears in the database files");
+    // The exchanges are there, with the key's hash.
+    let hash = tripwire::proxy::api_key_hash(&{
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", SECRET.parse().unwrap());
+        h
+    })
+    .unwrap();
+    let db = tripwire::store::Store::open_existing(&store).unwrap();
+    let rows = db
+        .list_exchanges(&tripwire::store::ExchangeFilter::default())
+        .unwrap();
+    assert_eq!(rows.len(), 7);
+    assert!(rows.iter().all(|r| r.api_key_hash.as_deref() == Some(hash.as_str())));
+}
+
+#[test]
+fn bad_config_is_refused_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, "upstream:\n  url: http://127.0.0.1:1\n  idle_timout: 5s\n").unwrap();
+    let output = tripwire()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:3: upstream: unknown field `idle_timout`", config.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn exchanges_list_on_a_missing_store_says_what_to_do() {
+    let output = tripwire()
+        .args(["exchanges", "list", "--store", "/nonexistent/tripwire.db"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/tripwire.db"), "{stderr}");
+    assert!(stderr.contains("--store"), "{stderr}");
+}
