@@ -35,6 +35,10 @@ pub struct SimArgs {
     /// Seed for deterministic gibberish.
     #[arg(long)]
     seed: Option<u64>,
+    /// A HuggingFace tokenizer.json whose vocabulary the gibberish is drawn from
+    /// (default: a built-in 30,000-token vocabulary).
+    #[arg(long)]
+    vocab: Option<PathBuf>,
 }
 
 /// Serves until SIGINT or SIGTERM.
@@ -46,6 +50,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         first_byte_delay: Duration::from_millis(args.first_byte_delay_ms),
         seed: args.seed,
+        vocab: args.vocab,
     })
     .context("starting the simulated model")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
