@@ -18,8 +18,8 @@ fn tripwire() -> Command {
 fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
     let stderr = child.stderr.as_mut().unwrap();
     let mut buf = [0u8; 4096];
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
         let n = stderr.read(&mut buf).unwrap();
         assert!(n > 0, "tripwire exited early:\n{log}");
         log.push_str(&String::from_utf8_lossy(&buf[..n]));
@@ -51,7 +51,13 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, "limits:\n  max_request_body_bytes: 1024\n").unwrap();
     let mut child = tripwire()
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--config")
         .arg(&config)
         .args(["--upstream", &upstream.url()])
@@ -106,9 +112,19 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     terminate(&mut child);
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status} after SIGTERM");
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert!(log.contains("tripwire stopped"), "{log}");
     assert!(!log.contains(SECRET), "the key appears in the log");
     assert!(!stdout.contains(SECRET));
@@ -118,7 +134,10 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
         stored.extend(std::fs::read(entry.unwrap().path()).unwrap());
     }
     let stored = String::from_utf8_lossy(&stored);
-    assert!(!stored.contains(SECRET), "the key appears in the database files");
+    assert!(
+        !stored.contains(SECRET),
+        "the key appears in the database files"
+    );
     // The exchanges are there, with the key's hash.
     let hash = tripwire::proxy::api_key_hash(&{
         let mut h = http::HeaderMap::new();
@@ -131,14 +150,21 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
         .list_exchanges(&tripwire::store::ExchangeFilter::default())
         .unwrap();
     assert_eq!(rows.len(), 7);
-    assert!(rows.iter().all(|r| r.api_key_hash.as_deref() == Some(hash.as_str())));
+    assert!(
+        rows.iter()
+            .all(|r| r.api_key_hash.as_deref() == Some(hash.as_str()))
+    );
 }
 
 #[test]
 fn bad_config_is_refused_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(&config, "upstream:\n  url: http://127.0.0.1:1\n  idle_timout: 5s\n").unwrap();
+    std::fs::write(
+        &config,
+        "upstream:\n  url: http://127.0.0.1:1\n  idle_timout: 5s\n",
+    )
+    .unwrap();
     let output = tripwire()
         .args(["serve", "--config"])
         .arg(&config)
@@ -147,7 +173,10 @@ fn bad_config_is_refused_with_file_line_and_column() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains(&format!("{}:3:3: upstream: unknown field `idle_timout`", config.display())),
+        stderr.contains(&format!(
+            "{}:3:3: upstream: unknown field `idle_timout`",
+            config.display()
+        )),
         "{stderr}"
     );
 }
@@ -162,4 +191,23 @@ fn exchanges_list_on_a_missing_store_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/tripwire.db"), "{stderr}");
     assert!(stderr.contains("--store"), "{stderr}");
+}
+
+#[test]
+fn demo_sends_normal_and_triggered_requests_and_shows_each_capture() {
+    let output = tripwire()
+        .arg("demo")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches(" 200 OK ").count(), 6, "{stdout}");
+    let table = stdout.split("captured exchanges").nth(1).unwrap();
+    assert_eq!(table.matches("chat_completions").count(), 6, "{stdout}");
+    assert_eq!(table.matches("complete*").count(), 3, "{stdout}");
 }

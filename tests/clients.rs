@@ -46,7 +46,10 @@ async fn official_openai_python_client_works_through_the_gateway() {
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
     let base_url = gateway.url("/v1");
     let output = tokio::process::Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/openai_client.py"
+        ))
         .arg(&base_url)
         .output()
         .await
@@ -66,7 +69,10 @@ async fn official_openai_python_client_works_through_the_gateway() {
     assert_eq!(requests.len(), 3);
     assert_eq!(requests[0].uri.path(), "/v1/chat/completions");
     // The key travels to the upstream untouched.
-    assert_eq!(requests[0].headers["authorization"], "Bearer sk-python-client-test");
+    assert_eq!(
+        requests[0].headers["authorization"],
+        "Bearer sk-python-client-test"
+    );
 
     let exchanges = gateway.drain().await;
     assert_eq!(exchanges.len(), 3);

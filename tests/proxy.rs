@@ -542,7 +542,11 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_is_captured() {
         .expect("client stream hung after the upstream reset");
     assert!(matches!(next, Some(Err(_)) | None), "{next:?}");
     // The gateway keeps serving.
-    let again = client().get(gateway.url("/v1/models")).send().await.unwrap();
+    let again = client()
+        .get(gateway.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
     assert!(again.status().is_success() || again.status().is_client_error());
     let exchanges = gateway.drain().await;
     let streamed = exchanges.iter().find(|e| e.stream).unwrap();

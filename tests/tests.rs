@@ -1,6 +1,13 @@
 //! The integration tests: one binary, real sockets, a real gateway.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers fail loudly"
+)]
+
 mod cli;
 mod clients;
 mod proxy;
+mod sim;
 mod util;

@@ -278,11 +278,17 @@ fn bad_corpus_line_names_the_line() {
 }
 
 #[test]
-fn real_corpus_loads_when_present() {
-    let path = PathBuf::from("/work/shared/data/alpaca_eval/alpaca-7b.jsonl.gz");
-    if !path.exists() {
-        return;
-    }
+fn real_corpus_loads() {
+    // The development data lies beside the checkout (../shared), in CI too.
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/alpaca_eval/alpaca-7b.jsonl.gz"
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: the development data must lie in ../shared beside the checkout",
+        path.display()
+    );
     let sim = SimUpstream::new(SimConfig {
         corpus: Some(path.clone()),
         ..SimConfig::default()

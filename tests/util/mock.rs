@@ -133,7 +133,7 @@ impl MockUpstream {
 
     pub async fn stop(self) {
         self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        let _stopped = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
     }
 }
 
@@ -174,7 +174,7 @@ async fn serve(
                     }
                 }
                 Step::Fail => {
-                    let _ = tx
+                    let _closed = tx
                         .send(Err(std::io::Error::other("scripted upstream failure")))
                         .await;
                     return;
