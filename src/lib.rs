@@ -22,6 +22,7 @@ pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod detect;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

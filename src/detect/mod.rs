@@ -1,0 +1,92 @@
+//! Detectors: each looks at one captured exchange and reports scores and evidence. None of
+//! them decides anything; the policy rules do, over what the detectors report.
+//!
+//! Every detector implements [`Detector`]. What it reports is a JSON object (its *fields*),
+//! which the policy's CEL conditions read as `<detector name>.<field>` — for example
+//! `trigger.prompt.matched && gibberish.score > 0.8` — plus evidence spans pointing into the
+//! prompt or output text.
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::Exchange;
+
+/// Which text a piece of evidence points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// [`Input::prompt`].
+    Prompt,
+    /// [`Input::output`].
+    Output,
+}
+
+/// A span of text that made a detector report what it did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Which text.
+    pub target: Target,
+    /// Byte offset of the span's start in that text.
+    pub start: usize,
+    /// Byte offset just past the span's end.
+    pub end: usize,
+    /// What the span is (`trigger "<SUDO>"`, `gibberish window`, …).
+    pub note: String,
+}
+
+/// What one detector reports for one exchange.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Finding {
+    /// The detector's fields, read by policy conditions (a JSON object).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Spans that support the fields.
+    pub evidence: Vec<Evidence>,
+}
+
+/// Why a detector could not inspect an exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    /// A detector's configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A model or word list the detector needs could not be loaded.
+    #[error("cannot load {what}: {message}")]
+    Load {
+        /// The artifact.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// The detector failed on this input.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a detector sees: the exchange and its texts flattened for scanning.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// The whole captured exchange (model, route, scope, usage…).
+    pub exchange: &'a Exchange,
+    /// The prompt as one text: the messages' contents joined by a blank line, in order.
+    /// Evidence offsets into the prompt refer to this text.
+    pub prompt: &'a str,
+    /// The output of the first choice.
+    pub output: &'a str,
+}
+
+/// The prompt text detectors see: every message's content, joined by a blank line.
+pub fn prompt_text(exchange: &Exchange) -> String {
+    let mut text = String::new();
+    for (i, message) in exchange.prompt.iter().enumerate() {
+        if i > 0 {
+            text.push_str("\n\n");
+        }
+        text.push_str(&message.content);
+    }
+    text
+}
+
+/// One detector.
+pub trait Detector: Send + Sync + std::fmt::Debug {
+    /// Inspects one exchange. May keep state (per scope) behind interior mutability.
+    fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError>;
+}
