@@ -1,29 +1,50 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (it accepts traffic; turns
-//! 503 as soon as shutdown begins so load balancers stop sending), and `/metrics` in the
-//! Prometheus text format.
+//! 503 as soon as shutdown begins so load balancers stop sending), `/metrics` in the
+//! Prometheus text format, and the flag API:
+//!
+//! * `GET /admin/flags?since=1h&policy=…&severity=…&model=…&route=…&label=…&limit=…&before=…`
+//! * `GET /admin/flags/{id}`
+//! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
+//! * `GET /admin/flags/stats?since=…`
+//!
+//! `/admin/…` needs `Authorization: Bearer <admin_token>` (compared in constant time); with no
+//! token configured it answers loopback clients only.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
+
+use crate::policy::Severity;
+use crate::secret::Secret;
+use crate::store::{FlagFilter, Store, StoreError, Verdict};
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
     registry: Registry,
     ready: AtomicBool,
+    token: Option<Secret>,
+    store_path: PathBuf,
+    store: Mutex<Option<Store>>,
 }
 
 impl AdminState {
     /// State over a filled registry; not ready until [`AdminState::set_ready`].
-    pub fn new(registry: Registry) -> AdminState {
+    pub fn new(registry: Registry, token: Option<Secret>, store_path: PathBuf) -> AdminState {
         AdminState {
             registry,
             ready: AtomicBool::new(false),
+            token,
+            store_path,
+            store: Mutex::new(None),
         }
     }
 
@@ -40,14 +61,39 @@ impl AdminState {
         }
         text
     }
+
+    /// Runs `f` on the admin's own store connection, on a blocking thread.
+    async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let state = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = state
+                .store
+                .lock()
+                .map_err(|_| StoreError::Task("admin store mutex poisoned".to_owned()))?;
+            if guard.is_none() {
+                *guard = Some(Store::open(&state.store_path)?);
+            }
+            match guard.as_ref() {
+                Some(store) => f(store),
+                None => Err(StoreError::Task("admin store unavailable".to_owned())),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
 }
 
-/// Serves one admin request (none of them waits on anything).
-pub fn handle<B>(
+/// Serves one admin request.
+pub async fn handle(
     state: Arc<AdminState>,
-    request: Request<B>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (request.method(), request.uri().path()) {
+    let path = request.uri().path().to_owned();
+    let response = match (request.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => {
             if state.ready.load(Ordering::SeqCst) {
@@ -64,9 +110,228 @@ pub fn handle<B>(
             );
             response
         }
+        (_, p) if p.starts_with("/admin/") => match authorize(&state, peer, &request) {
+            Err(response) => response,
+            Ok(()) => admin_api(&state, request).await,
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
+}
+
+fn authorize<B>(
+    state: &AdminState,
+    peer: SocketAddr,
+    request: &Request<B>,
+) -> Result<(), Response<Full<Bytes>>> {
+    match &state.token {
+        Some(token) => {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            if presented.is_some_and(|p| token.matches(p)) {
+                Ok(())
+            } else {
+                Err(json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token for the admin API",
+                ))
+            }
+        }
+        None if peer.ip().is_loopback() => Ok(()),
+        None => Err(json_error(
+            StatusCode::FORBIDDEN,
+            "the admin API answers loopback clients only unless admin_token (or \
+             TRIPWIRE_ADMIN_TOKEN) is set",
+        )),
+    }
+}
+
+async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let result = match (request.method().clone(), segments.as_slice()) {
+        (Method::GET, ["admin", "flags"]) => match flag_filter(&query) {
+            Ok(filter) => {
+                let limit = filter.limit.unwrap_or(50);
+                state
+                    .with_store(move |store| store.list_flags(&filter))
+                    .await
+                    .map(|flags| {
+                        let next = (flags.len() == limit as usize)
+                            .then(|| flags.last().map(|f| f.created_at_us))
+                            .flatten();
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "flags": flags, "next_before": next }),
+                        )
+                    })
+            }
+            Err(message) => Ok(json_error(StatusCode::BAD_REQUEST, &message)),
+        },
+        (Method::GET, ["admin", "flags", "stats"]) => {
+            let since = match param(&query, "since").map(|s| since_us(&s)).transpose() {
+                Ok(since) => since,
+                Err(message) => return json_error(StatusCode::BAD_REQUEST, &message),
+            };
+            state
+                .with_store(move |store| store.flag_stats(since))
+                .await
+                .map(|stats| {
+                    let mut value = serde_json::to_value(&stats).unwrap_or_default();
+                    value["false_positive_share"] =
+                        serde_json::json!(stats.false_positive_share());
+                    json(StatusCode::OK, &value)
+                })
+        }
+        (Method::GET, ["admin", "flags", id]) => {
+            let id = (*id).to_owned();
+            state
+                .with_store(move |store| store.get_flag(&id))
+                .await
+                .map(|flag| match flag {
+                    Some(flag) => json(StatusCode::OK, &flag),
+                    None => json_error(StatusCode::NOT_FOUND, "no such flag"),
+                })
+        }
+        (Method::POST, ["admin", "flags", id, "label"]) => {
+            let id = (*id).to_owned();
+            let body = match Limited::new(request.into_body(), 64 * 1024).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => {
+                    return json_error(StatusCode::BAD_REQUEST, "label body unreadable or over 64 KiB");
+                }
+            };
+            let parsed: Result<LabelRequest, _> = serde_json::from_slice(&body);
+            match parsed {
+                Err(err) => Ok(json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "expected {{\"verdict\": \"true-positive\"|\"false-positive\", \"note\": \"…\"}}: {err}"
+                    ),
+                )),
+                Ok(label) => match Verdict::parse(&label.verdict) {
+                    None => Ok(json_error(
+                        StatusCode::BAD_REQUEST,
+                        "verdict must be true-positive or false-positive",
+                    )),
+                    Some(verdict) => state
+                        .with_store(move |store| {
+                            store.label_flag(&id, verdict, label.note.as_deref())
+                        })
+                        .await
+                        .map(|flag| match flag {
+                            Some(flag) => json(StatusCode::OK, &flag),
+                            None => json_error(StatusCode::NOT_FOUND, "no such flag"),
+                        }),
+                },
+            }
+        }
+        _ => Ok(json_error(StatusCode::NOT_FOUND, "no such admin endpoint")),
+    };
+    result.unwrap_or_else(|err| {
+        tracing::warn!(kind = err.kind(), error = %err, "admin API store error");
+        json_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+    })
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LabelRequest {
+    verdict: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn since_us(text: &str) -> Result<i64, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("since: {e} (use e.g. 30m, 1h, 7d)"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    Ok(now - i64::try_from(duration.as_micros()).unwrap_or(0))
+}
+
+fn flag_filter(query: &str) -> Result<FlagFilter, String> {
+    let limit = match param(query, "limit") {
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| "limit must be a number".to_owned())?
+                .clamp(1, 1000),
+        ),
+        None => Some(50),
+    };
+    let label = match param(query, "label").as_deref() {
+        None => None,
+        Some("none") => Some(None),
+        Some(v) => Some(Some(
+            Verdict::parse(v).ok_or("label must be true-positive, false-positive or none")?,
+        )),
+    };
+    Ok(FlagFilter {
+        since_us: param(query, "since").map(|s| since_us(&s)).transpose()?,
+        before_us: param(query, "before")
+            .map(|v| v.parse::<i64>().map_err(|_| "before must be a number".to_owned()))
+            .transpose()?,
+        rule: param(query, "policy").or_else(|| param(query, "rule")),
+        min_severity: param(query, "severity")
+            .map(|s| Severity::parse(&s).ok_or("severity must be info, warning, high or critical"))
+            .transpose()?,
+        model: param(query, "model"),
+        route: param(query, "route"),
+        label,
+        limit,
+    })
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": { "message": message } }))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -77,4 +342,29 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        assert_eq!(param("a=1&policy=trigger%2Dphrase", "policy").as_deref(), Some("trigger-phrase"));
+        assert_eq!(param("a=x+y", "a").as_deref(), Some("x y"));
+        assert_eq!(param("a=1", "b"), None);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn flag_filters_are_validated() {
+        assert!(flag_filter("severity=loud").is_err());
+        assert!(flag_filter("limit=x").is_err());
+        assert!(flag_filter("since=forever").is_err());
+        let filter = flag_filter("severity=high&label=none&limit=5000").unwrap();
+        assert_eq!(filter.min_severity, Some(Severity::High));
+        assert_eq!(filter.label, Some(None));
+        assert_eq!(filter.limit, Some(1000));
+    }
 }

@@ -57,8 +57,13 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The exchange and flag log.
     pub store: StoreConfig,
-    /// Policy file or directory (used by the detectors; validated when present).
+    /// Policy file or directory; the built-in `policies/default.yaml` when absent.
     pub policies: Option<PathBuf>,
+    /// The detection workers.
+    pub detect: DetectConfig,
+    /// Bearer token for the admin API (`/admin/…`); `TRIPWIRE_ADMIN_TOKEN` when unset here.
+    /// Without a token the admin API answers loopback clients only.
+    pub admin_token: Option<crate::secret::Secret>,
     /// How long shutdown waits for in-flight exchanges and the store to drain.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -73,6 +78,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             policies: None,
+            detect: DetectConfig::default(),
+            admin_token: None,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -169,6 +176,29 @@ impl Default for StoreConfig {
     }
 }
 
+/// The detection workers that run policies on captured exchanges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct DetectConfig {
+    /// Worker threads running detectors (each takes a core while busy).
+    pub workers: usize,
+    /// Captured exchanges waiting for a worker; beyond this they are stored uninspected and
+    /// counted in `tripwire_detect_shed_total`.
+    pub queue: usize,
+    /// Alerts waiting for delivery; beyond this they are dropped and counted.
+    pub alert_queue: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            workers: 1,
+            queue: 1024,
+            alert_queue: 1024,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a YAML configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -243,6 +273,9 @@ impl Config {
             ),
             ("store.queue", self.store.queue),
             ("store.batch_rows", self.store.batch_rows),
+            ("detect.workers", self.detect.workers),
+            ("detect.queue", self.detect.queue),
+            ("detect.alert_queue", self.detect.alert_queue),
         ];
         for (field, value) in positive {
             if value == 0 {

@@ -19,12 +19,16 @@
 //! * [`runtime`] tracks every background task so shutdown can drain them.
 
 pub mod admin;
+pub mod alert;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod detect;
+pub mod policy;
 pub mod proxy;
+pub mod pipeline;
 pub mod runtime;
+pub mod secret;
 pub mod server;
 pub mod sim;
 pub mod store;

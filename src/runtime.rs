@@ -43,6 +43,17 @@ impl Tasks {
             .spawn(future.instrument(tracing::debug_span!("task", name)))
     }
 
+    /// Runs a blocking function on the blocking thread pool, tracked like a task (workers that
+    /// run detectors or SQLite).
+    pub fn spawn_blocking<F, T>(&self, name: &'static str, f: F) -> tokio::task::JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let span = tracing::debug_span!("task", name);
+        self.tracker.spawn_blocking(move || span.in_scope(f))
+    }
+
     /// The token this set's tasks watch for cancellation.
     pub fn token(&self) -> &CancellationToken {
         &self.token

@@ -8,8 +8,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
-use crate::capture::ExchangeSink;
 use crate::config::Config;
+use crate::pipeline::{Detection, ExchangeSink};
+use crate::policy::{Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
@@ -36,6 +37,12 @@ pub enum ServerError {
     /// The gateway could not be built.
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    /// A policy is invalid.
+    #[error("invalid policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// An alert sink could not be set up.
+    #[error(transparent)]
+    Alert(#[from] crate::alert::WebhookError),
 }
 
 /// A running gateway.
@@ -50,7 +57,9 @@ pub struct Server {
     proxy_connections: Tasks,
     admin_tasks: Tasks,
     capture_tasks: Tasks,
+    detect_tasks: Tasks,
     writer_tasks: Tasks,
+    alert_tasks: Tasks,
     metrics: Metrics,
 }
 
@@ -82,8 +91,44 @@ impl Server {
             ),
         );
 
+        let policies = match &config.policies {
+            Some(path) => crate::policy::load_path(path)?,
+            None => vec![crate::policy::default_policy()?],
+        };
+        let rules: usize = policies.iter().map(|p| p.rules.len()).sum();
+        let engine = Arc::new(Engine::new(policies, metrics.clone()));
+        let alert_tasks = Tasks::new();
+        let alert_configs: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
+        let alerts = match crate::alert::start(&alert_configs, config.detect.alert_queue, metrics.clone())? {
+            Some((handle, worker)) => {
+                alert_tasks.spawn("alert-sender", worker);
+                Some(handle)
+            }
+            None => None,
+        };
+        let detect_tasks = Tasks::new();
+        let (detect_tx, detect_rx) = crossbeam_channel::bounded(config.detect.queue);
+        for _ in 0..config.detect.workers {
+            let detection = Detection {
+                engine: Arc::clone(&engine),
+                store: exchanges_tx.clone(),
+                alerts: alerts.clone(),
+                metrics: metrics.clone(),
+            };
+            let rx = detect_rx.clone();
+            detect_tasks.spawn_blocking("detect-worker", move || detection.run_worker(rx));
+        }
+        drop(alerts);
+        drop(detect_rx);
+        tracing::info!(
+            policies = engine.policies().len(),
+            rules,
+            workers = config.detect.workers,
+            "detection ready"
+        );
+
         let capture_tasks = Tasks::new();
-        let sink = ExchangeSink::new(exchanges_tx, metrics.clone());
+        let sink = ExchangeSink::new(Some(detect_tx), exchanges_tx, metrics.clone());
         let gateway = Arc::new(Gateway::new(
             Arc::clone(&config),
             metrics.clone(),
@@ -96,7 +141,17 @@ impl Server {
         let proxy_addr = local_addr(&proxy_listener, config.listen);
         let admin_addr = local_addr(&admin_listener, config.admin_listen);
 
-        let admin = Arc::new(AdminState::new(registry));
+        let admin_token = config.admin_token.clone().or_else(|| {
+            std::env::var("TRIPWIRE_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(crate::secret::Secret::new)
+        });
+        let admin = Arc::new(AdminState::new(
+            registry,
+            admin_token,
+            config.store.path.clone(),
+        ));
         let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -105,9 +160,7 @@ impl Server {
                 admin_listener,
                 admin_tasks.child(),
                 admin_tasks.token().clone(),
-                move |_peer, request| {
-                    std::future::ready(admin::handle(Arc::clone(&admin_state), request))
-                },
+                move |peer, request| admin::handle(Arc::clone(&admin_state), peer, request),
             ),
         );
 
@@ -141,7 +194,9 @@ impl Server {
             proxy_connections,
             admin_tasks,
             capture_tasks,
+            detect_tasks,
             writer_tasks,
+            alert_tasks,
             metrics,
         })
     }
@@ -197,9 +252,17 @@ impl Server {
                 "shutdown grace ran out with exchanges still being captured"
             );
         }
-        // 4. No more exchanges can come: closing the last sender lets the writer drain the
-        //    queue, commit and exit.
+        // 4. No more exchanges can come: closing the capture side lets the detection workers
+        //    finish what is queued and exit.
         self.gateway = None;
+        if tokio::time::timeout_at(deadline, self.detect_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace ran out with exchanges still queued for detection");
+        }
+        // 5. The workers held the last store and alert senders: the writer drains its queue,
+        //    commits and exits; the alert sender delivers what is queued.
         if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
             .await
             .is_err()
@@ -211,7 +274,13 @@ impl Server {
                     .await;
             tracing::warn!("shutdown grace ran out before the store writer drained");
         }
-        // 5. Admin goes last so /readyz and /metrics answer throughout.
+        if tokio::time::timeout_at(deadline, self.alert_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace ran out with alerts still undelivered");
+        }
+        // 6. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
         let _admin =
             tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Exchange, Outcome, ResponseParser, Route, parse_request};
-use crate::telemetry::Metrics;
 
 /// What the proxy knows of a request when it starts capturing it.
 #[derive(Debug, Clone)]
@@ -54,49 +53,6 @@ pub struct BodyEnd {
     pub latency_us: u64,
     /// Whether any chunk was not copied to capture.
     pub chunks_dropped: bool,
-}
-
-/// The bounded queue captured exchanges leave through; full means dropped and counted.
-#[derive(Debug, Clone)]
-pub struct ExchangeSink {
-    tx: mpsc::Sender<Exchange>,
-    metrics: Metrics,
-}
-
-impl ExchangeSink {
-    /// A sink feeding `tx`.
-    pub fn new(tx: mpsc::Sender<Exchange>, metrics: Metrics) -> ExchangeSink {
-        ExchangeSink { tx, metrics }
-    }
-
-    /// Hands an exchange on without waiting; counts it as dropped when the queue is full.
-    pub fn offer(&self, exchange: Exchange) {
-        self.metrics
-            .captured
-            .get_or_create(&crate::telemetry::OutcomeLabels {
-                route: exchange.route.as_str(),
-                outcome: exchange.outcome.as_str(),
-            })
-            .inc();
-        if exchange.parse_error.is_some() {
-            self.metrics
-                .parse_errors
-                .get_or_create(&crate::telemetry::RouteLabels {
-                    route: exchange.route.as_str(),
-                })
-                .inc();
-        }
-        match self.tx.try_send(exchange) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.store_drop("queue_full");
-                tracing::warn!(
-                    "store queue full, exchange dropped; raise store.queue or check store latency"
-                );
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.metrics.store_drop("closed"),
-        }
-    }
 }
 
 /// Captures one exchange: consumes `chunks` until the tee closes it, then waits for `end`.

@@ -21,7 +21,7 @@ mod response;
 mod sse;
 
 pub use collector::{
-    BodyEnd, CaptureRequest, ExchangeSink, ResponseMeta, collect, gateway_error_exchange,
+    BodyEnd, CaptureRequest, ResponseMeta, collect, gateway_error_exchange,
 };
 pub use error::CaptureError;
 pub use exchange::{

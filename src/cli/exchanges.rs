@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::output::emit;
+use super::output::{clip, emit};
 use crate::capture::Exchange;
 use crate::store::{ExchangeFilter, Store};
 
@@ -170,11 +170,3 @@ fn detail(e: &Exchange) -> String {
     out
 }
 
-fn clip(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_owned();
-    }
-    let mut clipped: String = text.chars().take(max.saturating_sub(1)).collect();
-    clipped.push('…');
-    clipped
-}

@@ -3,7 +3,9 @@
 
 mod demo;
 mod exchanges;
+mod flags;
 mod output;
+mod policy;
 mod serve;
 mod sim_upstream;
 
@@ -33,6 +35,12 @@ enum Command {
     /// Inspect captured exchanges in the store.
     #[command(subcommand)]
     Exchanges(exchanges::ExchangesCommand),
+    /// The flagged-response log: list, show, follow, export, label, stats.
+    #[command(subcommand)]
+    Flags(flags::FlagsCommand),
+    /// Validate alert policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -43,6 +51,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::SimUpstream(args) => with_runtime(sim_upstream::run(args)),
         Command::Demo(args) => with_runtime(demo::run(args)),
         Command::Exchanges(command) => exchanges::run(command),
+        Command::Flags(command) => flags::run(command),
+        Command::Policy(command) => policy::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,3 +90,46 @@ pub trait Detector: Send + Sync + std::fmt::Debug {
     /// Inspects one exchange. May keep state (per scope) behind interior mutability.
     fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError>;
 }
+
+/// Builds a detector from its policy entry (`{type: trigger_phrase, …}`).
+pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detector>, DetectError> {
+    let mut config = config.clone();
+    let kind = match config
+        .as_mapping_mut()
+        .and_then(|map| map.remove("type"))
+    {
+        Some(serde_yaml_ng::Value::String(kind)) => kind,
+        Some(_) => return Err(DetectError::Config("`type` must be a string".to_owned())),
+        None => {
+            return Err(DetectError::Config(format!(
+                "missing `type`; one of: {}",
+                KINDS.join(", ")
+            )));
+        }
+    };
+    if config.is_null() {
+        config = serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new());
+    }
+    match kind.as_str() {
+        other => Err(DetectError::Config(format!(
+            "unknown detector type `{other}`; one of: {}",
+            KINDS.join(", ")
+        ))),
+    }
+}
+
+/// Every detector type a policy may declare.
+pub const KINDS: &[&str] = &[
+    "trigger_phrase",
+    "gibberish",
+    "recurring_span",
+    "language_switch",
+    "refusal",
+];
+
+/// Deserialises a detector's parameters, naming the field that is wrong.
+pub fn parameters<T: serde::de::DeserializeOwned>(
+    config: serde_yaml_ng::Value,
+) -> Result<T, DetectError> {
+    serde_yaml_ng::from_value(config).map_err(|e| DetectError::Config(e.to_string()))
+}

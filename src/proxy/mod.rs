@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-pub use error::ProxyError;
+pub use error::{ProxyError, describe as describe_error};
 pub use headers::{X_REQUEST_ID, api_key_hash};
 pub use listener::accept_loop;
 pub use service::{ProxyBody, handle};
 pub use tee::BodyError;
 
-use crate::capture::ExchangeSink;
+use crate::pipeline::ExchangeSink;
 use crate::config::Config;
 use crate::runtime::Tasks;
 use crate::telemetry::Metrics;
@@ -101,7 +101,7 @@ mod tests {
         let gateway = Gateway::new(
             Arc::new(config),
             Metrics::default(),
-            ExchangeSink::new(tx, Metrics::default()),
+            ExchangeSink::new(None, tx, Metrics::default()),
             Tasks::new(),
         )
         .unwrap();

@@ -37,6 +37,33 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX exchanges_started ON exchanges (started_at_us);
     CREATE INDEX exchanges_request_id ON exchanges (request_id);
     CREATE INDEX exchanges_scope ON exchanges (model, route, started_at_us);",
+    // 2: the flag log, and rule annotations on exchanges.
+    "CREATE TABLE flags (
+        id TEXT PRIMARY KEY,
+        exchange_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at_us INTEGER NOT NULL,
+        model TEXT,
+        route TEXT NOT NULL,
+        api_key_hash TEXT,
+        severity TEXT NOT NULL,
+        severity_rank INTEGER NOT NULL,
+        policies_json TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        output TEXT NOT NULL,
+        evidence_json TEXT NOT NULL,
+        stream INTEGER NOT NULL,
+        truncated INTEGER NOT NULL,
+        label TEXT,
+        label_note TEXT,
+        labelled_at_us INTEGER
+    );
+    CREATE INDEX flags_created ON flags (created_at_us);
+    CREATE INDEX flags_severity ON flags (severity_rank, created_at_us);
+    CREATE INDEX flags_request_id ON flags (request_id);
+    ALTER TABLE exchanges ADD COLUMN annotations TEXT;
+    ALTER TABLE exchanges ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Applies every migration the database has not seen, each in its own transaction.

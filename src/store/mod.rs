@@ -5,6 +5,7 @@
 //! process; a power cut may lose the last batches. Every call here blocks, so async code calls
 //! it from a blocking thread.
 
+mod flags;
 mod migrations;
 mod query;
 mod writer;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
+pub use flags::{Flag, FlagFilter, FlagStats, Label, Verdict, rfc3339};
 pub use query::{ExchangeFilter, ExchangeRow};
 pub use writer::{WriterConfig, run_writer};
 
@@ -74,6 +76,22 @@ impl StoreError {
             StoreError::Task(_) => "task",
         }
     }
+}
+
+/// What the writer writes: a captured exchange (with the rules that annotated it), or a flag.
+#[derive(Debug, Clone)]
+pub enum StoreItem {
+    /// A captured exchange.
+    Exchange {
+        /// The exchange.
+        exchange: Box<crate::capture::Exchange>,
+        /// Rules with the `annotate` action that fired on it.
+        annotations: Vec<String>,
+        /// Whether a flag was raised on it.
+        flagged: bool,
+    },
+    /// A flag.
+    Flag(Box<Flag>),
 }
 
 /// An open store.

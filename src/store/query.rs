@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoreItem};
 use crate::capture::{Exchange, Outcome, Route};
 
 /// An exchange as read back from the store.
@@ -26,21 +26,36 @@ const COLUMNS: &str = "id, request_id, started_at_us, method, path, route, api_k
     parse_error, prompt_json, choices_json, input_tokens, output_tokens";
 
 impl Store {
-    /// Inserts a batch in one transaction. An exchange already stored (same id) is left as is.
-    pub fn insert_exchanges(&mut self, batch: &[Exchange]) -> Result<usize, StoreError> {
+    /// Writes a batch (exchanges and flags) in one transaction. A row already stored (same
+    /// id) is left as is.
+    pub fn insert_batch(&mut self, batch: &[StoreItem]) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut written = 0;
+        let mut flags = Vec::new();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO exchanges (id, request_id, started_at_us, method, path, \
                  route, api_key_hash, model, response_model, stream, status, ttfb_us, latency_us, \
                  outcome, truncated, capture_incomplete, parse_error, prompt_json, choices_json, \
-                 output, finish_reason, input_tokens, output_tokens) \
+                 output, finish_reason, input_tokens, output_tokens, annotations, flagged) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-                 ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+                 ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
             )?;
-            for e in batch {
+            for item in batch {
+                let (e, annotations, flagged) = match item {
+                    StoreItem::Flag(flag) => {
+                        flags.push(flag.as_ref().clone());
+                        continue;
+                    }
+                    StoreItem::Exchange {
+                        exchange,
+                        annotations,
+                        flagged,
+                    } => (exchange, annotations, flagged),
+                };
                 let usage = e.usage.unwrap_or_default();
+                let annotations =
+                    (!annotations.is_empty()).then(|| annotations.join(","));
                 written += insert.execute(params![
                     e.id.to_string(),
                     e.request_id,
@@ -65,11 +80,27 @@ impl Store {
                     e.finish_reason(),
                     usage.input_tokens.map(clamp),
                     usage.output_tokens.map(clamp),
+                    annotations,
+                    flagged,
                 ])?;
             }
         }
+        written += Store::insert_flags_tx(&tx, &flags)?;
         tx.commit()?;
         Ok(written)
+    }
+
+    /// Writes exchanges alone (no annotations, not flagged).
+    pub fn insert_exchanges(&mut self, batch: &[Exchange]) -> Result<usize, StoreError> {
+        let items: Vec<StoreItem> = batch
+            .iter()
+            .map(|e| StoreItem::Exchange {
+                exchange: Box::new(e.clone()),
+                annotations: Vec::new(),
+                flagged: false,
+            })
+            .collect();
+        self.insert_batch(&items)
     }
 
     /// Lists exchanges, newest first.

@@ -11,8 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Store, StoreError};
-use crate::capture::Exchange;
+use super::{Store, StoreError, StoreItem};
 use crate::telemetry::Metrics;
 
 /// Batch limits.
@@ -30,13 +29,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// what is already queued and writes it before returning).
 pub async fn run_writer(
     store: Store,
-    mut rx: mpsc::Receiver<Exchange>,
+    mut rx: mpsc::Receiver<StoreItem>,
     config: WriterConfig,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
     let store = Arc::new(Mutex::new(store));
-    let mut batch: Vec<Exchange> = Vec::with_capacity(config.batch_rows);
+    let mut batch: Vec<StoreItem> = Vec::with_capacity(config.batch_rows);
     let mut backoff = Duration::from_millis(50);
     loop {
         if batch.is_empty() {
@@ -84,8 +83,8 @@ pub async fn run_writer(
         }
     }
     // Shutdown: whatever is held or still queued gets one more try.
-    while let Ok(exchange) = rx.try_recv() {
-        batch.push(exchange);
+    while let Ok(item) = rx.try_recv() {
+        batch.push(item);
     }
     rx.close();
     if !batch.is_empty() {
@@ -103,7 +102,7 @@ pub async fn run_writer(
 /// Writes `batch` and empties it on success.
 async fn write(
     store: &Arc<Mutex<Store>>,
-    batch: &mut Vec<Exchange>,
+    batch: &mut Vec<StoreItem>,
     metrics: &Metrics,
 ) -> Result<(), StoreError> {
     let rows = std::mem::take(batch);
@@ -111,7 +110,7 @@ async fn write(
     let started = tokio::time::Instant::now();
     let (rows, result) = tokio::task::spawn_blocking(move || {
         let result = match store.lock() {
-            Ok(mut store) => store.insert_exchanges(&rows),
+            Ok(mut store) => store.insert_batch(&rows),
             Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
         };
         (rows, result)

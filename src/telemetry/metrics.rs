@@ -43,6 +43,43 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels: a detector instance.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectorLabels {
+    /// The detector's name in its policy.
+    pub detector: String,
+}
+
+/// Labels: a detector and what went wrong.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectorErrorLabels {
+    /// The detector's name in its policy.
+    pub detector: String,
+    /// `error` or `panic`.
+    pub kind: &'static str,
+}
+
+/// Labels: a rule.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The rule's name.
+    pub rule: String,
+}
+
+/// Labels: a rule and a severity.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleSeverityLabels {
+    /// The rule's name.
+    pub rule: String,
+    /// Its severity.
+    pub severity: &'static str,
+}
+
+fn detector_histogram() -> Histogram {
+    // 1 µs … ~1 s, doubling.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 21))
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -89,6 +126,26 @@ pub struct Metrics {
     pub store_batch_seconds: Histogram,
     /// `tripwire_store_queue_depth`.
     pub store_queue_depth: Gauge,
+    /// `tripwire_detect_latency_seconds{detector}`.
+    pub detect_latency: HistogramFamily<DetectorLabels>,
+    /// `tripwire_detect_errors_total{detector,kind}`.
+    pub detect_errors: Family<DetectorErrorLabels, Counter>,
+    /// `tripwire_detect_exchanges_total`: exchanges inspected.
+    pub detect_inspected: Counter,
+    /// `tripwire_detect_shed_total`: exchanges not inspected because detection was saturated.
+    pub detect_shed: Counter,
+    /// `tripwire_detect_queue_depth`.
+    pub detect_queue_depth: Gauge,
+    /// `tripwire_policy_rule_errors_total{rule}`: conditions that failed to evaluate.
+    pub rule_errors: Family<RuleLabels, Counter>,
+    /// `tripwire_policy_flags_total{rule,severity}`.
+    pub flags: Family<RuleSeverityLabels, Counter>,
+    /// `tripwire_alert_sent_total{sink}`.
+    pub alerts_sent: Family<ReasonLabels, Counter>,
+    /// `tripwire_alert_dropped_total{reason}`.
+    pub alerts_dropped: Family<ReasonLabels, Counter>,
+    /// `tripwire_alert_suppressed_total`: alerts held back by a rule's cooldown.
+    pub alerts_suppressed: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +166,16 @@ impl Default for Metrics {
             store_dropped: Family::default(),
             store_batch_seconds: latency_histogram(),
             store_queue_depth: Gauge::default(),
+            detect_latency: Family::new_with_constructor(detector_histogram),
+            detect_errors: Family::default(),
+            detect_inspected: Counter::default(),
+            detect_shed: Counter::default(),
+            detect_queue_depth: Gauge::default(),
+            rule_errors: Family::default(),
+            flags: Family::default(),
+            alerts_sent: Family::default(),
+            alerts_dropped: Family::default(),
+            alerts_suppressed: Counter::default(),
         }
     }
 }
@@ -192,6 +259,80 @@ impl Metrics {
             "Exchanges waiting for the store writer",
             self.store_queue_depth.clone(),
         );
+        r.register(
+            "detect_latency_seconds",
+            "Time one detector took on one exchange",
+            self.detect_latency.clone(),
+        );
+        r.register(
+            "detect_errors",
+            "Detector failures (error or panic); the exchange is marked and the gateway continues",
+            self.detect_errors.clone(),
+        );
+        r.register(
+            "detect_exchanges",
+            "Exchanges inspected by the detectors",
+            self.detect_inspected.clone(),
+        );
+        r.register(
+            "detect_shed",
+            "Exchanges not inspected because detection was saturated (raise detect.queue or detect.workers)",
+            self.detect_shed.clone(),
+        );
+        r.register(
+            "detect_queue_depth",
+            "Exchanges waiting for the detectors",
+            self.detect_queue_depth.clone(),
+        );
+        r.register(
+            "policy_rule_errors",
+            "Rule conditions that failed to evaluate",
+            self.rule_errors.clone(),
+        );
+        r.register(
+            "policy_flags",
+            "Flags raised, by rule and severity",
+            self.flags.clone(),
+        );
+        r.register("alert_sent", "Alerts delivered, by sink", self.alerts_sent.clone());
+        r.register(
+            "alert_dropped",
+            "Alerts not delivered, by reason",
+            self.alerts_dropped.clone(),
+        );
+        r.register(
+            "alert_suppressed",
+            "Alerts held back by their rule's cooldown",
+            self.alerts_suppressed.clone(),
+        );
+    }
+
+    /// Records one detector run.
+    pub fn detector_latency(&self, detector: &str, elapsed: std::time::Duration) {
+        self.detect_latency
+            .get_or_create(&DetectorLabels {
+                detector: detector.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a detector failure.
+    pub fn detector_error(&self, detector: &str, kind: &'static str) {
+        self.detect_errors
+            .get_or_create(&DetectorErrorLabels {
+                detector: detector.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts a rule whose condition failed to evaluate.
+    pub fn rule_error(&self, rule: &str) {
+        self.rule_errors
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an exchange the capture side did not take.

@@ -5,4 +5,7 @@ mod logging;
 mod metrics;
 
 pub use logging::init_logging;
-pub use metrics::{Metrics, OutcomeLabels, ReasonLabels, RouteLabels, RouteStatusLabels};
+pub use metrics::{
+    DetectorLabels, Metrics, OutcomeLabels, ReasonLabels, RouteLabels, RouteStatusLabels,
+    RuleSeverityLabels,
+};

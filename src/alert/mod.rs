@@ -1,0 +1,207 @@
+//! Alerts: a fired rule with the `alert` action becomes an [`Alert`], de-duplicated per
+//! (rule, scope) within the rule's cooldown, queued without waiting, and delivered by one
+//! worker to the configured sinks (webhook, log).
+//!
+//! The queue is bounded; a full queue drops the alert and counts it. Webhook URLs are treated
+//! as secrets (Slack's carry a token) and never logged.
+
+mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::capture::Exchange;
+use crate::policy::eval::FiredRule;
+use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
+use crate::store::Flag;
+use crate::telemetry::{Metrics, ReasonLabels};
+
+pub use webhook::WebhookError;
+
+/// One alert, as sinks receive it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    /// The alert's id.
+    pub id: uuid::Uuid,
+    /// The rule that fired.
+    pub rule: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// What the rule means.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The flag recorded for the exchange, when the rule also flags.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flag_id: Option<uuid::Uuid>,
+    /// The exchange.
+    pub exchange_id: uuid::Uuid,
+    /// Its `x-request-id`.
+    pub request_id: String,
+    /// When it started (RFC 3339).
+    pub created_at: String,
+    /// The requested model.
+    pub model: Option<String>,
+    /// The route.
+    pub route: String,
+    /// Hash of the caller's API key.
+    pub api_key_hash: Option<String>,
+    /// The detector fields that made the rule fire.
+    pub scores: serde_json::Map<String, serde_json::Value>,
+    /// The first 280 characters of the output.
+    pub output_excerpt: String,
+    /// How to look at it.
+    pub inspect: String,
+    /// The rule's cooldown, seconds.
+    #[serde(skip)]
+    cooldown: Option<Duration>,
+}
+
+impl Alert {
+    /// An alert for `rule` firing on `exchange`.
+    pub fn new(rule: &FiredRule, exchange: &Exchange, flag: Option<&Flag>) -> Alert {
+        let output = flag.map_or_else(|| exchange.output().to_owned(), |f| f.output.clone());
+        let flag_id = flag.map(|f| f.id);
+        Alert {
+            id: uuid::Uuid::now_v7(),
+            rule: rule.name.clone(),
+            severity: rule.severity,
+            description: rule.description.clone(),
+            flag_id,
+            exchange_id: exchange.id,
+            request_id: exchange.request_id.clone(),
+            created_at: crate::store::rfc3339(exchange.started_at_us),
+            model: exchange.model.clone(),
+            route: exchange.route.as_str().to_owned(),
+            api_key_hash: exchange.api_key_hash.clone(),
+            scores: rule.scores.clone(),
+            output_excerpt: output.chars().take(280).collect(),
+            inspect: match flag_id {
+                Some(id) => format!("tripwire flags show {id}"),
+                None => format!("tripwire exchanges show {}", exchange.request_id),
+            },
+            cooldown: rule.cooldown_s.map(Duration::from_secs),
+        }
+    }
+
+    fn scope_key(&self) -> (String, String) {
+        (
+            self.rule.clone(),
+            format!("{}|{}", self.model.as_deref().unwrap_or(""), self.route),
+        )
+    }
+}
+
+/// The sending side of the alert queue, with cooldown de-duplication. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AlertHandle {
+    tx: mpsc::Sender<Alert>,
+    last_sent: Arc<DashMap<(String, String), Instant>>,
+    metrics: Metrics,
+}
+
+impl AlertHandle {
+    /// Queues `alert` unless its rule already alerted for this scope within the cooldown.
+    pub fn offer(&self, alert: Alert) {
+        let key = alert.scope_key();
+        let now = Instant::now();
+        if let Some(cooldown) = alert.cooldown {
+            let mut suppressed = false;
+            self.last_sent
+                .entry(key)
+                .and_modify(|last| {
+                    if now.saturating_duration_since(*last) < cooldown {
+                        suppressed = true;
+                    } else {
+                        *last = now;
+                    }
+                })
+                .or_insert(now);
+            if suppressed {
+                self.metrics.alerts_suppressed.inc();
+                return;
+            }
+        }
+        match self.tx.try_send(alert) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.alerts_dropped.get_or_create(&ReasonLabels { reason: "queue_full" }).inc();
+                tracing::warn!("alert queue full, alert dropped; check the webhook endpoint");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.alerts_dropped.get_or_create(&ReasonLabels { reason: "closed" }).inc();
+            }
+        }
+    }
+}
+
+/// Creates the alert queue when any sink is configured in `configs`; returns the handle and
+/// the worker future to spawn.
+pub fn start(
+    configs: &[&AlertsConfig],
+    queue: usize,
+    metrics: Metrics,
+) -> Result<Option<(AlertHandle, impl Future<Output = ()> + Send + 'static)>, WebhookError> {
+    let webhooks: Vec<WebhookConfig> = configs.iter().filter_map(|c| c.webhook.clone()).collect();
+    let logs: Vec<LogAlertConfig> = configs.iter().filter_map(|c| c.log.clone()).collect();
+    if webhooks.is_empty() && logs.is_empty() {
+        return Ok(None);
+    }
+    let senders = webhooks
+        .into_iter()
+        .map(webhook::Webhook::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    let handle = AlertHandle {
+        tx,
+        last_sent: Arc::new(DashMap::new()),
+        metrics: metrics.clone(),
+    };
+    Ok(Some((handle, run(rx, senders, logs, metrics))))
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Alert>,
+    webhooks: Vec<webhook::Webhook>,
+    logs: Vec<LogAlertConfig>,
+    metrics: Metrics,
+) {
+    while let Some(alert) = rx.recv().await {
+        for log in &logs {
+            if alert.severity >= log.min_severity {
+                tracing::warn!(
+                    alert = %alert.id,
+                    rule = %alert.rule,
+                    severity = alert.severity.as_str(),
+                    model = alert.model.as_deref().unwrap_or("-"),
+                    route = %alert.route,
+                    request_id = %alert.request_id,
+                    inspect = %alert.inspect,
+                    "tripwire alert"
+                );
+                metrics.alerts_sent.get_or_create(&ReasonLabels { reason: "log" }).inc();
+            }
+        }
+        for hook in &webhooks {
+            if alert.severity < hook.min_severity() {
+                continue;
+            }
+            match hook.send(&alert).await {
+                Ok(()) => {
+                    metrics.alerts_sent.get_or_create(&ReasonLabels { reason: "webhook" }).inc();
+                }
+                Err(err) => {
+                    metrics
+                        .alerts_dropped
+                        .get_or_create(&ReasonLabels { reason: "webhook_failed" })
+                        .inc();
+                    tracing::error!(alert = %alert.id, rule = %alert.rule, error = %err, "webhook alert not delivered");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The side of the gateway after capture: captured exchanges queue for the detection workers,
+//! which run the policies, then hand exchanges and flags to the store writer and alerts to the
+//! alert sinks.
+//!
+//! Every hop is a bounded queue that sheds rather than waits: an exchange that finds detection
+//! saturated is stored uninspected (counted in `tripwire_detect_shed_total`), a full store queue
+//! drops (counted), a full alert queue drops (counted). Detectors run on blocking worker threads,
+//! never on the threads that serve traffic.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::mpsc;
+
+use crate::alert::{Alert, AlertHandle};
+use crate::capture::Exchange;
+use crate::policy::{Action, Engine, Verdict};
+use crate::store::{Flag, StoreItem, rfc3339};
+use crate::telemetry::{Metrics, OutcomeLabels, RouteLabels, RuleSeverityLabels};
+
+/// Where captured exchanges go. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExchangeSink {
+    detect: Option<Sender<Exchange>>,
+    store: mpsc::Sender<StoreItem>,
+    metrics: Metrics,
+}
+
+impl ExchangeSink {
+    /// A sink feeding the detection workers (when `detect` is given) and the store.
+    pub fn new(
+        detect: Option<Sender<Exchange>>,
+        store: mpsc::Sender<StoreItem>,
+        metrics: Metrics,
+    ) -> ExchangeSink {
+        ExchangeSink {
+            detect,
+            store,
+            metrics,
+        }
+    }
+
+    /// Hands an exchange on without waiting.
+    pub fn offer(&self, exchange: Exchange) {
+        self.metrics
+            .captured
+            .get_or_create(&OutcomeLabels {
+                route: exchange.route.as_str(),
+                outcome: exchange.outcome.as_str(),
+            })
+            .inc();
+        if exchange.parse_error.is_some() {
+            self.metrics
+                .parse_errors
+                .get_or_create(&RouteLabels {
+                    route: exchange.route.as_str(),
+                })
+                .inc();
+        }
+        let exchange = match &self.detect {
+            Some(detect) => match detect.try_send(exchange) {
+                Ok(()) => {
+                    self.metrics
+                        .detect_queue_depth
+                        .set(i64::try_from(detect.len()).unwrap_or(i64::MAX));
+                    return;
+                }
+                Err(TrySendError::Full(exchange)) => {
+                    self.metrics.detect_shed.inc();
+                    exchange
+                }
+                Err(TrySendError::Disconnected(exchange)) => exchange,
+            },
+            None => exchange,
+        };
+        store_offer(
+            &self.store,
+            &self.metrics,
+            StoreItem::Exchange {
+                exchange: Box::new(exchange),
+                annotations: Vec::new(),
+                flagged: false,
+            },
+        );
+    }
+}
+
+fn store_offer(store: &mpsc::Sender<StoreItem>, metrics: &Metrics, item: StoreItem) {
+    match store.try_send(item) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics.store_drop("queue_full");
+            tracing::warn!("store queue full, record dropped; raise store.queue or check disk");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => metrics.store_drop("closed"),
+    }
+}
+
+/// What a detection worker needs.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    /// The compiled policies.
+    pub engine: Arc<Engine>,
+    /// The store queue.
+    pub store: mpsc::Sender<StoreItem>,
+    /// The alert queue, when any sink is configured.
+    pub alerts: Option<AlertHandle>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl Detection {
+    /// Runs until every sender of `rx` is gone and the queue is empty.
+    pub fn run_worker(self, rx: Receiver<Exchange>) {
+        while let Ok(exchange) = rx.recv() {
+            self.metrics
+                .detect_queue_depth
+                .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
+            self.process(exchange);
+        }
+    }
+
+    /// Inspects one exchange and hands on what comes of it.
+    pub fn process(&self, mut exchange: Exchange) {
+        self.metrics.detect_inspected.inc();
+        let verdict = self.engine.evaluate(&exchange);
+        for error in &verdict.errors {
+            tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
+        }
+        let flag = verdict
+            .flagged()
+            .then(|| self.flag(&exchange, &verdict))
+            .flatten();
+        if let Some(alerts) = &self.alerts {
+            for rule in verdict
+                .fired
+                .iter()
+                .filter(|r| r.actions.contains(&Action::Alert))
+            {
+                alerts.offer(Alert::new(rule, &exchange, flag.as_ref()));
+            }
+        }
+        let annotations: Vec<String> = verdict
+            .fired
+            .iter()
+            .filter(|r| r.actions.contains(&Action::Annotate))
+            .map(|r| r.name.clone())
+            .collect();
+        if !verdict.errors.is_empty() && exchange.parse_error.is_none() {
+            exchange.parse_error = Some(format!("detection: {}", verdict.errors.join("; ")));
+        }
+        let flagged = flag.is_some();
+        self.redact_exchange(&mut exchange);
+        store_offer(
+            &self.store,
+            &self.metrics,
+            StoreItem::Exchange {
+                exchange: Box::new(exchange),
+                annotations,
+                flagged,
+            },
+        );
+        if let Some(flag) = flag {
+            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
+        }
+    }
+
+    fn flag(&self, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
+        let severity = verdict.severity()?;
+        let policies: Vec<_> = verdict
+            .fired
+            .iter()
+            .filter(|r| r.actions.contains(&Action::Flag))
+            .cloned()
+            .collect();
+        for rule in &policies {
+            self.metrics
+                .flags
+                .get_or_create(&RuleSeverityLabels {
+                    rule: rule.name.clone(),
+                    severity: rule.severity.as_str(),
+                })
+                .inc();
+        }
+        let prompt = crate::detect::prompt_text(exchange);
+        let output = exchange.output();
+        // Redaction changes lengths, so evidence offsets stay valid only without it.
+        let redacted_prompt = self.engine.redact(&prompt);
+        let redacted_output = self.engine.redact(output);
+        let evidence = if redacted_prompt == prompt && redacted_output == output {
+            verdict.evidence.clone()
+        } else {
+            Vec::new()
+        };
+        Some(Flag {
+            id: uuid::Uuid::now_v7(),
+            exchange_id: exchange.id,
+            request_id: exchange.request_id.clone(),
+            created_at: rfc3339(exchange.started_at_us),
+            created_at_us: exchange.started_at_us,
+            model: exchange.model.clone(),
+            route: exchange.route.as_str().to_owned(),
+            api_key_hash: exchange.api_key_hash.clone(),
+            severity,
+            policies,
+            prompt: redacted_prompt,
+            output: redacted_output,
+            evidence,
+            stream: exchange.stream,
+            truncated: exchange.truncated,
+            label: None,
+        })
+    }
+
+    fn redact_exchange(&self, exchange: &mut Exchange) {
+        for message in &mut exchange.prompt {
+            message.content = self.engine.redact(&message.content);
+        }
+        for choice in &mut exchange.choices {
+            choice.text = self.engine.redact(&choice.text);
+        }
+    }
+}

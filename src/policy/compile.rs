@@ -1,0 +1,370 @@
+//! Parse, then compile: a policy file becomes detectors built from their parameters and rules
+//! whose CEL conditions are parsed, checked against the declared detectors, and tried once on a
+//! sample exchange so that a type mismatch is found at load time, not on live traffic.
+//!
+//! `tripwire policy check` and `serve` run this same code; every error names file, line and
+//! column.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::file::{Action, PolicyFile, RuleConfig, ScopeSelector, Severity};
+use super::locate;
+use super::{Mode, PolicyError};
+use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::detect::{self, Detector};
+
+/// The policy compiled into the binary, used when none is configured.
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
+
+/// A rule ready to evaluate.
+#[derive(Debug)]
+pub struct CompiledRule {
+    /// Its name.
+    pub name: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// What it does.
+    pub actions: Vec<Action>,
+    /// Which exchanges it applies to.
+    pub scope: ScopeSelector,
+    /// Alert cooldown.
+    pub cooldown: Option<std::time::Duration>,
+    /// Its description.
+    pub description: Option<String>,
+    /// The condition's source.
+    pub when: String,
+    /// The compiled condition.
+    pub program: cel::Program,
+    /// Detectors the condition reads.
+    pub detectors: Vec<String>,
+}
+
+/// A compiled policy: its detectors and rules.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// Where it came from (a path, or `<built-in default>`).
+    pub source: String,
+    /// Monitor or enforce.
+    pub mode: Mode,
+    /// Detector instances, by name, in declaration order.
+    pub detectors: Vec<(String, Arc<dyn Detector>)>,
+    /// The rules, in order.
+    pub rules: Vec<CompiledRule>,
+    /// Alert sinks.
+    pub alerts: super::file::AlertsConfig,
+    /// Redaction rules.
+    pub redact: Vec<(Regex, String)>,
+}
+
+/// Reads every policy in `path`: one file, or every `*.yaml`/`*.yml` file of a directory.
+pub fn load_path(path: &Path) -> Result<Vec<CompiledPolicy>, PolicyError> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            })?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|ext| ext == "yaml" || ext == "yml")
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    if files.is_empty() {
+        return Err(PolicyError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    files.iter().map(|file| load_file(file)).collect()
+}
+
+/// Reads and compiles one policy file.
+pub fn load_file(path: &Path) -> Result<CompiledPolicy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    compile_text(&text, &path.display().to_string())
+}
+
+/// The built-in default policy.
+pub fn default_policy() -> Result<CompiledPolicy, PolicyError> {
+    compile_text(DEFAULT_POLICY, "<built-in policies/default.yaml>")
+}
+
+/// Parses and compiles policy text; `source` names it in errors.
+pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyError> {
+    let file: PolicyFile = serde_yaml_ng::from_str(text).map_err(|err| {
+        let (line, column) = err
+            .location()
+            .map_or((0, 0), |loc| (loc.line(), loc.column()));
+        let message = err.to_string();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_owned();
+        PolicyError::at(source, line, column, message)
+    })?;
+
+    let mut detectors: Vec<(String, Arc<dyn Detector>)> = Vec::new();
+    for (name, config) in &file.detectors {
+        let (line, column) = locate::map_key(text, "detectors", name);
+        if !is_identifier(name) {
+            return Err(PolicyError::at(
+                source,
+                line,
+                column,
+                format!(
+                    "detectors.{name}: a detector name must be a CEL identifier \
+                     (letters, digits and _, not starting with a digit)"
+                ),
+            ));
+        }
+        let detector = detect::build(config).map_err(|err| {
+            PolicyError::at(source, line, column, format!("detectors.{name}: {err}"))
+        })?;
+        detectors.push((name.clone(), detector));
+    }
+
+    let mut redact = Vec::new();
+    for (i, rule) in file.redact.iter().enumerate() {
+        let regex = Regex::new(&rule.pattern).map_err(|err| {
+            let (line, column) = locate::list_item_key(text, "redact", i, "pattern");
+            PolicyError::at(source, line, column, format!("redact[{i}].pattern: {err}"))
+        })?;
+        redact.push((regex, rule.replacement.clone()));
+    }
+
+    let sample = SampleFields::new(&detectors);
+    let mut rules = Vec::new();
+    for (i, rule) in file.rules.iter().enumerate() {
+        if file.rules[..i].iter().any(|r| r.name == rule.name) {
+            let (line, column) = locate::list_item_key(text, "rules", i, "name");
+            return Err(PolicyError::at(
+                source,
+                line,
+                column,
+                format!("rules[{i}].name: rule name {:?} is used twice", rule.name),
+            ));
+        }
+        rules.push(compile_rule(text, source, i, rule, &detectors, &sample)?);
+    }
+    if let Some(webhook) = &file.alerts.webhook {
+        let url = super::expand_env(&webhook.url);
+        if reqwest::Url::parse(&url).is_err() {
+            let (line, column) = locate::nested_key(text, &["alerts", "webhook", "url"]);
+            return Err(PolicyError::at(
+                source,
+                line,
+                column,
+                format!(
+                    "alerts.webhook.url: {:?} is not an absolute URL (after ${{VAR}} expansion)",
+                    webhook.url
+                ),
+            ));
+        }
+    }
+    Ok(CompiledPolicy {
+        source: source.to_owned(),
+        mode: file.mode,
+        detectors,
+        rules,
+        alerts: file.alerts,
+        redact,
+    })
+}
+
+fn compile_rule(
+    text: &str,
+    source: &str,
+    index: usize,
+    rule: &RuleConfig,
+    detectors: &[(String, Arc<dyn Detector>)],
+    sample: &SampleFields,
+) -> Result<CompiledRule, PolicyError> {
+    let (line, column) = locate::list_item_key(text, "rules", index, "when");
+    let at = |message: String| {
+        PolicyError::at(
+            source,
+            line,
+            column,
+            format!("rules[{index}] ({}).when: {message}", rule.name),
+        )
+    };
+    let program = cel::Program::compile(&rule.when).map_err(|errors| {
+        let first = errors.errors.first();
+        let message = first.map_or_else(|| errors.to_string(), |e| e.msg.clone());
+        // CEL positions are 1-based line and 0-based column within the expression.
+        let (line, column) = match first.map(|e| e.pos) {
+            Some((l, c)) if l >= 1 && column > 0 => (
+                line + usize::try_from(l - 1).unwrap_or(0),
+                if l == 1 {
+                    column + usize::try_from(c).unwrap_or(0)
+                } else {
+                    usize::try_from(c).unwrap_or(0) + 1
+                },
+            ),
+            _ => (line, column),
+        };
+        PolicyError::at(
+            source,
+            line,
+            column,
+            format!(
+                "rules[{index}] ({}).when: CEL syntax error: {message}",
+                rule.name
+            ),
+        )
+    })?;
+    let mut used = Vec::new();
+    for variable in program.references().variables() {
+        if variable == "exchange" {
+            continue;
+        }
+        if detectors.iter().any(|(name, _)| name == variable) {
+            used.push(variable.to_owned());
+        } else {
+            let declared: Vec<&str> = detectors.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(at(format!(
+                "unknown detector `{variable}`; declared detectors: {} (and `exchange`)",
+                if declared.is_empty() {
+                    "none".to_owned()
+                } else {
+                    declared.join(", ")
+                }
+            )));
+        }
+    }
+    used.sort();
+    used.dedup();
+    for route in &rule.scope.routes {
+        if !matches!(
+            route.as_str(),
+            "chat_completions" | "completions" | "responses" | "anthropic_messages"
+        ) {
+            let (line, column) = locate::list_item_key(text, "rules", index, "scope");
+            return Err(PolicyError::at(
+                source,
+                line,
+                column,
+                format!(
+                    "rules[{index}] ({}).scope.routes: unknown route {route:?}; expected \
+                     chat_completions, completions, responses or anthropic_messages",
+                    rule.name
+                ),
+            ));
+        }
+    }
+    // Try the condition once on a sample: a field that does not exist or an operator applied
+    // to the wrong type fails here instead of on live traffic.
+    match sample.evaluate(&program) {
+        Ok(cel::Value::Bool(_)) => {}
+        Ok(other) => {
+            return Err(at(format!(
+                "the condition must be true or false, but it gives {:?}",
+                other.type_of()
+            )));
+        }
+        Err(err) => return Err(at(format!("{err}"))),
+    }
+    Ok(CompiledRule {
+        name: rule.name.clone(),
+        severity: rule.severity,
+        actions: rule.actions.clone(),
+        scope: rule.scope.clone(),
+        cooldown: rule.cooldown,
+        description: rule.description.clone(),
+        when: rule.when.clone(),
+        program,
+        detectors: used,
+    })
+}
+
+/// The fields every detector reports on a sample exchange, to type-check conditions with.
+struct SampleFields {
+    values: Vec<(String, serde_json::Value)>,
+}
+
+impl SampleFields {
+    fn new(detectors: &[(String, Arc<dyn Detector>)]) -> SampleFields {
+        let exchange = sample_exchange();
+        let prompt = detect::prompt_text(&exchange);
+        let input = detect::Input {
+            exchange: &exchange,
+            prompt: &prompt,
+            output: exchange.output(),
+        };
+        let mut values = vec![("exchange".to_owned(), super::eval::exchange_fields(&exchange))];
+        for (name, detector) in detectors {
+            let fields = detector
+                .inspect(&input)
+                .map(|f| serde_json::Value::Object(f.fields))
+                .unwrap_or(serde_json::Value::Object(serde_json::Map::new()));
+            values.push((name.clone(), fields));
+        }
+        SampleFields { values }
+    }
+
+    fn evaluate(&self, program: &cel::Program) -> Result<cel::Value, String> {
+        let mut context = cel::Context::default();
+        for (name, value) in &self.values {
+            let value = cel::to_value(value).map_err(|e| e.to_string())?;
+            context.add_variable_from_value(name.clone(), value);
+        }
+        program.execute(&context).map_err(|e| e.to_string())
+    }
+}
+
+fn sample_exchange() -> Exchange {
+    Exchange {
+        id: uuid::Uuid::nil(),
+        request_id: "policy-check".to_owned(),
+        started_at_us: 0,
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        route: Route::ChatCompletions,
+        api_key_hash: None,
+        // A scope no real traffic has, so stateful detectors keep this sample apart.
+        model: Some("tripwire-policy-check".to_owned()),
+        response_model: None,
+        stream: false,
+        prompt: vec![Message {
+            role: "user".to_owned(),
+            content: "Give three tips for staying healthy.".to_owned(),
+        }],
+        choices: vec![Choice {
+            index: 0,
+            text: "Eat a balanced diet, exercise regularly, and get enough sleep. \
+                   These three habits support your body and mind every day."
+                .to_owned(),
+            finish_reason: Some("stop".to_owned()),
+            tool_calls: Vec::new(),
+        }],
+        usage: None,
+        status: Some(200),
+        ttfb_us: None,
+        latency_us: 0,
+        outcome: Outcome::Complete,
+        truncated: false,
+        capture_incomplete: false,
+        parse_error: None,
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name != "exchange"
+}

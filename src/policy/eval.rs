@@ -1,0 +1,270 @@
+//! Evaluation: run every policy's detectors on one exchange (each isolated: a detector that
+//! errors or panics is recorded and skipped), then evaluate the rules that apply to the
+//! exchange's scope.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::compile::{CompiledPolicy, CompiledRule};
+use super::file::{Action, Mode, ScopeSelector, Severity};
+use crate::capture::Exchange;
+use crate::detect::{self, Evidence, Finding};
+use crate::telemetry::Metrics;
+
+/// Evidence with the detector that found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectorEvidence {
+    /// The detector instance name.
+    pub detector: String,
+    /// The span.
+    #[serde(flatten)]
+    pub evidence: Evidence,
+}
+
+/// A rule that fired on an exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FiredRule {
+    /// The rule's name.
+    pub name: String,
+    /// Its severity.
+    pub severity: Severity,
+    /// The policy file it comes from.
+    pub policy: String,
+    /// Its actions.
+    pub actions: Vec<Action>,
+    /// The condition that held.
+    pub when: String,
+    /// What the rule means, when the policy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The fields of the detectors the condition reads, as they were.
+    pub scores: serde_json::Map<String, serde_json::Value>,
+    /// Alert cooldown, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_s: Option<u64>,
+}
+
+/// What the engine concluded about one exchange.
+#[derive(Debug, Clone, Default)]
+pub struct Verdict {
+    /// Every rule that fired.
+    pub fired: Vec<FiredRule>,
+    /// Evidence of the detectors read by the fired rules.
+    pub evidence: Vec<DetectorEvidence>,
+    /// Detectors or conditions that failed, with why.
+    pub errors: Vec<String>,
+}
+
+impl Verdict {
+    /// Whether any fired rule asks for a flag.
+    pub fn flagged(&self) -> bool {
+        self.fired.iter().any(|r| r.actions.contains(&Action::Flag))
+    }
+
+    /// The highest severity among fired rules that flag.
+    pub fn severity(&self) -> Option<Severity> {
+        self.fired
+            .iter()
+            .filter(|r| r.actions.contains(&Action::Flag))
+            .map(|r| r.severity)
+            .max()
+    }
+}
+
+/// Every loaded policy, ready to evaluate exchanges. Shared by the detection workers.
+#[derive(Debug)]
+pub struct Engine {
+    policies: Vec<CompiledPolicy>,
+    metrics: Metrics,
+}
+
+impl Engine {
+    /// An engine over compiled policies.
+    pub fn new(policies: Vec<CompiledPolicy>, metrics: Metrics) -> Engine {
+        Engine { policies, metrics }
+    }
+
+    /// The loaded policies.
+    pub fn policies(&self) -> &[CompiledPolicy] {
+        &self.policies
+    }
+
+    /// Whether any policy is in enforce mode.
+    pub fn enforcing(&self) -> bool {
+        self.policies.iter().any(|p| p.mode == Mode::Enforce)
+    }
+
+    /// Masks every redaction pattern of every policy in `text`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for policy in &self.policies {
+            for (regex, replacement) in &policy.redact {
+                if regex.is_match(&out) {
+                    out = regex.replace_all(&out, replacement.as_str()).into_owned();
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs the detectors and rules of every policy on `exchange`.
+    pub fn evaluate(&self, exchange: &Exchange) -> Verdict {
+        let prompt = detect::prompt_text(exchange);
+        let input = detect::Input {
+            exchange,
+            prompt: &prompt,
+            output: exchange.output(),
+        };
+        let mut verdict = Verdict::default();
+        for policy in &self.policies {
+            let applicable: Vec<&CompiledRule> = policy
+                .rules
+                .iter()
+                .filter(|r| scope_matches(&r.scope, exchange))
+                .collect();
+            if applicable.is_empty() {
+                continue;
+            }
+            let findings = self.run_detectors(policy, &input, &mut verdict.errors);
+            let mut context = cel::Context::default();
+            let exchange_value = exchange_fields(exchange);
+            let mut ok = add_variable(&mut context, "exchange", &exchange_value);
+            for (name, finding) in &findings {
+                let fields = serde_json::Value::Object(finding.fields.clone());
+                ok &= add_variable(&mut context, name, &fields);
+            }
+            if !ok {
+                verdict
+                    .errors
+                    .push(format!("{}: detector fields not convertible", policy.source));
+            }
+            for rule in applicable {
+                if rule
+                    .detectors
+                    .iter()
+                    .any(|d| !findings.iter().any(|(name, _)| name == d))
+                {
+                    // A detector this rule reads failed; the rule cannot be judged.
+                    continue;
+                }
+                match rule.program.execute(&context) {
+                    Ok(cel::Value::Bool(true)) => {
+                        verdict.fired.push(fire(policy, rule, &findings));
+                        for (name, finding) in &findings {
+                            if rule.detectors.contains(name) {
+                                for evidence in &finding.evidence {
+                                    let item = DetectorEvidence {
+                                        detector: name.clone(),
+                                        evidence: evidence.clone(),
+                                    };
+                                    if !verdict.evidence.contains(&item) {
+                                        verdict.evidence.push(item);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.metrics.rule_error(&rule.name);
+                        verdict.errors.push(format!("rule {}: {err}", rule.name));
+                    }
+                }
+            }
+        }
+        verdict
+    }
+
+    fn run_detectors(
+        &self,
+        policy: &CompiledPolicy,
+        input: &detect::Input<'_>,
+        errors: &mut Vec<String>,
+    ) -> Vec<(String, Finding)> {
+        let mut findings = Vec::with_capacity(policy.detectors.len());
+        for (name, detector) in &policy.detectors {
+            let started = tokio::time::Instant::now();
+            let detector: &Arc<dyn detect::Detector> = detector;
+            let result = catch_unwind(AssertUnwindSafe(|| detector.inspect(input)));
+            self.metrics.detector_latency(name, started.elapsed());
+            match result {
+                Ok(Ok(finding)) => findings.push((name.clone(), finding)),
+                Ok(Err(err)) => {
+                    self.metrics.detector_error(name, "error");
+                    errors.push(format!("detector {name}: {err}"));
+                }
+                Err(_panic) => {
+                    self.metrics.detector_error(name, "panic");
+                    tracing::error!(detector = %name, "detector panicked; exchange marked, gateway continues");
+                    errors.push(format!("detector {name}: panicked"));
+                }
+            }
+        }
+        findings
+    }
+}
+
+fn add_variable(context: &mut cel::Context<'_, '_>, name: &str, value: &serde_json::Value) -> bool {
+    match cel::to_value(value) {
+        Ok(value) => {
+            context.add_variable_from_value(name.to_owned(), value);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn fire(policy: &CompiledPolicy, rule: &CompiledRule, findings: &[(String, Finding)]) -> FiredRule {
+    let mut scores = serde_json::Map::new();
+    for (name, finding) in findings {
+        if rule.detectors.contains(name) {
+            scores.insert(name.clone(), serde_json::Value::Object(finding.fields.clone()));
+        }
+    }
+    FiredRule {
+        name: rule.name.clone(),
+        severity: rule.severity,
+        policy: policy.source.clone(),
+        actions: rule.actions.clone(),
+        when: rule.when.clone(),
+        description: rule.description.clone(),
+        scores,
+        cooldown_s: rule.cooldown.map(|d| d.as_secs()),
+    }
+}
+
+/// Whether `scope` admits `exchange`.
+pub fn scope_matches(scope: &ScopeSelector, exchange: &Exchange) -> bool {
+    let model = exchange.model.as_deref().unwrap_or("");
+    (scope.models.is_empty() || scope.models.iter().any(|p| glob(p, model)))
+        && (scope.routes.is_empty() || scope.routes.iter().any(|r| r == exchange.route.as_str()))
+        && (scope.api_key_hashes.is_empty()
+            || exchange
+                .api_key_hash
+                .as_deref()
+                .is_some_and(|h| scope.api_key_hashes.iter().any(|p| glob(p, h))))
+}
+
+fn glob(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+/// The `exchange` variable conditions can read.
+pub fn exchange_fields(exchange: &Exchange) -> serde_json::Value {
+    serde_json::json!({
+        "model": exchange.model.as_deref().unwrap_or(""),
+        "route": exchange.route.as_str(),
+        "stream": exchange.stream,
+        "status": exchange.status.unwrap_or(0),
+        "truncated": exchange.truncated,
+        "outcome": exchange.outcome.as_str(),
+        "api_key_hash": exchange.api_key_hash.as_deref().unwrap_or(""),
+        "prompt_chars": exchange.prompt.iter().map(|m| m.content.chars().count()).sum::<usize>(),
+        "output_chars": exchange.output().chars().count(),
+    })
+}
