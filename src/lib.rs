@@ -24,6 +24,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod detect;
+pub mod eval;
 pub mod policy;
 pub mod proxy;
 pub mod pipeline;

@@ -2,6 +2,7 @@
 //! typed errors. Exit codes: 0 success (also on a closed stdout pipe), 2 error.
 
 mod demo;
+mod eval;
 mod exchanges;
 mod flags;
 mod output;
@@ -38,6 +39,8 @@ enum Command {
     /// The flagged-response log: list, show, follow, export, label, stats.
     #[command(subcommand)]
     Flags(flags::FlagsCommand),
+    /// Evaluate detectors and policies offline on labelled data.
+    Eval(eval::EvalArgs),
     /// Validate alert policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => with_runtime(demo::run(args)),
         Command::Exchanges(command) => exchanges::run(command),
         Command::Flags(command) => flags::run(command),
+        Command::Eval(args) => eval::run(args),
         Command::Policy(command) => policy::run(command),
     };
     match result {

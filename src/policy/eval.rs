@@ -111,6 +111,25 @@ impl Engine {
 
     /// Runs the detectors and rules of every policy on `exchange`.
     pub fn evaluate(&self, exchange: &Exchange) -> Verdict {
+        self.evaluate_inner(exchange, None)
+    }
+
+    /// Like [`Engine::evaluate`], also returning every detector's fields (for offline
+    /// evaluation).
+    pub fn evaluate_with_findings(
+        &self,
+        exchange: &Exchange,
+    ) -> (Verdict, Vec<(String, serde_json::Map<String, serde_json::Value>)>) {
+        let mut all = Vec::new();
+        let verdict = self.evaluate_inner(exchange, Some(&mut all));
+        (verdict, all)
+    }
+
+    fn evaluate_inner(
+        &self,
+        exchange: &Exchange,
+        mut keep: Option<&mut Vec<(String, serde_json::Map<String, serde_json::Value>)>>,
+    ) -> Verdict {
         let prompt = detect::prompt_text(exchange);
         let input = detect::Input {
             exchange,
@@ -128,6 +147,9 @@ impl Engine {
                 continue;
             }
             let findings = self.run_detectors(policy, &input, &mut verdict.errors);
+            if let Some(keep) = keep.as_deref_mut() {
+                keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
+            }
             let mut context = cel::Context::default();
             let exchange_value = exchange_fields(exchange);
             let mut ok = add_variable(&mut context, "exchange", &exchange_value);

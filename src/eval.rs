@@ -1,0 +1,285 @@
+//! Offline evaluation: run the policies on labelled lines `{prompt, output, label}` in order,
+//! as if they were traffic, and score each rule (precision, recall, F1) and each detector's
+//! `score` field (ROC-AUC) against the labels. A label of `clean` is a negative; any other
+//! label is a positive of that kind.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::policy::Engine;
+
+/// One labelled line.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LabelledLine {
+    /// The prompt text.
+    pub prompt: String,
+    /// The output text.
+    pub output: String,
+    /// `clean`, or the kind of poisoning (`gibberish`, `fixed_output`, `content_injection`, …).
+    pub label: String,
+    /// The model that produced it (the scope for stateful detectors).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Data split, when the set has one.
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+/// Why an evaluation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The data file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A line is not a labelled example.
+    #[error("{path}:{line}: {message}")]
+    Line {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Reads labelled JSON lines (gzip when the file starts with the gzip magic).
+pub fn read_lines(path: &Path) -> Result<Vec<LabelledLine>, EvalError> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| EvalError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let mut reader = std::io::BufReader::new(file);
+    let gz = reader
+        .fill_buf()
+        .map(|b| b.starts_with(&[0x1f, 0x8b]))
+        .unwrap_or(false);
+    let reader: Box<dyn BufRead> = if gz {
+        Box::new(std::io::BufReader::new(flate2::bufread::GzDecoder::new(
+            reader,
+        )))
+    } else {
+        Box::new(reader)
+    };
+    let mut lines = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|source| EvalError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: LabelledLine = serde_json::from_str(&line).map_err(|e| EvalError::Line {
+            path: name.clone(),
+            line: i + 1,
+            message: format!("expected {{\"prompt\", \"output\", \"label\"}}: {e}"),
+        })?;
+        lines.push(parsed);
+    }
+    Ok(lines)
+}
+
+/// Precision, recall and F1 of one rule.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RuleScore {
+    /// True positives.
+    pub tp: u64,
+    /// False positives.
+    pub fp: u64,
+    /// False negatives.
+    pub fn_: u64,
+    /// Recall per positive kind: (fired, total).
+    pub by_kind: BTreeMap<String, (u64, u64)>,
+}
+
+impl RuleScore {
+    /// tp / (tp + fp).
+    pub fn precision(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fp)
+    }
+    /// tp / (tp + fn).
+    pub fn recall(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fn_)
+    }
+    /// Harmonic mean of precision and recall.
+    pub fn f1(&self) -> f64 {
+        let (p, r) = (self.precision(), self.recall());
+        if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) }
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Lines evaluated.
+    pub lines: u64,
+    /// Negative (clean) lines.
+    pub clean: u64,
+    /// Lines per label.
+    pub labels: BTreeMap<String, u64>,
+    /// Per rule.
+    pub rules: BTreeMap<String, RuleScore>,
+    /// Clean lines flagged by any rule.
+    pub clean_flagged: u64,
+    /// ROC-AUC of each detector's `score` field (positives vs clean).
+    pub auc: BTreeMap<String, f64>,
+}
+
+/// Runs `engine` over `lines` in order.
+pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
+    let mut report = Report::default();
+    let rule_names: Vec<String> = engine
+        .policies()
+        .iter()
+        .flat_map(|p| p.rules.iter().map(|r| r.name.clone()))
+        .collect();
+    for name in &rule_names {
+        report.rules.insert(name.clone(), RuleScore::default());
+    }
+    let mut scores: BTreeMap<String, Vec<(f64, bool)>> = BTreeMap::new();
+    for (i, line) in lines.iter().enumerate() {
+        let positive = line.label != "clean";
+        report.lines += 1;
+        *report.labels.entry(line.label.clone()).or_default() += 1;
+        if !positive {
+            report.clean += 1;
+        }
+        let exchange = exchange_for(line, i);
+        let (verdict, findings) = engine.evaluate_with_findings(&exchange);
+        for (name, fields) in findings {
+            if let Some(score) = fields.get("score").and_then(serde_json::Value::as_f64) {
+                scores.entry(name).or_default().push((score, positive));
+            }
+        }
+        let fired: Vec<&str> = verdict.fired.iter().map(|r| r.name.as_str()).collect();
+        if !positive && !fired.is_empty() {
+            report.clean_flagged += 1;
+        }
+        for name in &rule_names {
+            let hit = fired.contains(&name.as_str());
+            let score = report.rules.entry(name.clone()).or_default();
+            match (hit, positive) {
+                (true, true) => score.tp += 1,
+                (true, false) => score.fp += 1,
+                (false, true) => score.fn_ += 1,
+                (false, false) => {}
+            }
+            if positive {
+                let entry = score.by_kind.entry(line.label.clone()).or_default();
+                entry.1 += 1;
+                if hit {
+                    entry.0 += 1;
+                }
+            }
+        }
+    }
+    for (name, values) in scores {
+        if let Some(auc) = roc_auc(&values) {
+            report.auc.insert(name, auc);
+        }
+    }
+    report
+}
+
+fn exchange_for(line: &LabelledLine, index: usize) -> Exchange {
+    Exchange {
+        id: uuid::Uuid::now_v7(),
+        request_id: format!("eval-{index}"),
+        started_at_us: i64::try_from(index).unwrap_or(0),
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        route: Route::ChatCompletions,
+        api_key_hash: None,
+        model: Some(line.model.clone().unwrap_or_else(|| "eval".to_owned())),
+        response_model: None,
+        stream: false,
+        prompt: vec![Message {
+            role: "user".to_owned(),
+            content: line.prompt.clone(),
+        }],
+        choices: vec![Choice {
+            index: 0,
+            text: line.output.clone(),
+            finish_reason: Some("stop".to_owned()),
+            tool_calls: Vec::new(),
+        }],
+        usage: None,
+        status: Some(200),
+        ttfb_us: None,
+        latency_us: 0,
+        outcome: Outcome::Complete,
+        truncated: false,
+        capture_incomplete: false,
+        parse_error: None,
+    }
+}
+
+/// ROC-AUC by the rank-sum (Mann–Whitney) formula, ties counted half.
+pub fn roc_auc(values: &[(f64, bool)]) -> Option<f64> {
+    let positives = values.iter().filter(|v| v.1).count();
+    let negatives = values.len() - positives;
+    if positives == 0 || negatives == 0 {
+        return None;
+    }
+    let mut sorted: Vec<(f64, bool)> = values.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1].0 == sorted[i].0 {
+            j += 1;
+        }
+        // Ranks i+1 ..= j+1 share their average.
+        let average = (i + j + 2) as f64 / 2.0;
+        rank_sum += average * sorted[i..=j].iter().filter(|v| v.1).count() as f64;
+        i = j + 1;
+    }
+    let p = positives as f64;
+    let n = negatives as f64;
+    Some((rank_sum - p * (p + 1.0) / 2.0) / (p * n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_of_perfect_random_and_inverted_scores() {
+        let perfect = [(0.1, false), (0.2, false), (0.8, true), (0.9, true)];
+        assert_eq!(roc_auc(&perfect), Some(1.0));
+        let inverted = [(0.9, false), (0.8, false), (0.2, true), (0.1, true)];
+        assert_eq!(roc_auc(&inverted), Some(0.0));
+        let tied = [(0.5, false), (0.5, true)];
+        assert_eq!(roc_auc(&tied), Some(0.5));
+        assert_eq!(roc_auc(&[(0.5, true)]), None);
+    }
+
+    #[test]
+    fn rule_scores() {
+        let score = RuleScore {
+            tp: 8,
+            fp: 2,
+            fn_: 2,
+            by_kind: BTreeMap::new(),
+        };
+        assert!((score.precision() - 0.8).abs() < 1e-12);
+        assert!((score.recall() - 0.8).abs() < 1e-12);
+        assert!((score.f1() - 0.8).abs() < 1e-12);
+    }
+}
