@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod alert;
+pub mod attribution;
 pub mod capture;
 pub mod cli;
 pub mod config;

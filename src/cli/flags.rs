@@ -150,6 +150,33 @@ pub enum FlagsCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Trigger attribution: prompt n-grams over-represented among flagged exchanges
+    /// (Fisher's exact test, Benjamini–Hochberg), ranked.
+    Triggers {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only this model's exchanges (a scope).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this route's exchanges.
+        #[arg(long)]
+        route: Option<String>,
+        /// How many of the newest exchanges to read.
+        #[arg(long, default_value_t = 50_000)]
+        window: u32,
+        /// Ignore n-grams in fewer flagged prompts than this.
+        #[arg(long, default_value_t = 3)]
+        min_flagged: u64,
+        /// Largest false-discovery-adjusted p-value (q) shown.
+        #[arg(long, default_value_t = 0.05)]
+        max_q: f64,
+        /// How many candidates.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// As JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Counts by rule, severity and model, and the false-positive share from labels.
     Stats {
         #[command(flatten)]
@@ -245,6 +272,52 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
                 .label_flag(&id, verdict, note.as_deref())?
                 .with_context(|| format!("no flag with id or request id {id:?}"))?;
             emit(&format!("{} labelled {}\n", flag.id, verdict.as_str()))
+        }
+        FlagsCommand::Triggers {
+            store,
+            model,
+            route,
+            window,
+            min_flagged,
+            max_q,
+            limit,
+            json,
+        } => {
+            let store = Store::open_existing(&store.store)?;
+            let prompts = store.prompts_with_flags(model.as_deref(), route.as_deref(), window)?;
+            let mut attribution = crate::attribution::Attribution::new(200_000);
+            for (prompt, flagged) in &prompts {
+                attribution.add(prompt, *flagged);
+            }
+            let candidates = attribution.candidates(min_flagged, max_q, limit);
+            if json {
+                let mut out = String::new();
+                for c in &candidates {
+                    out.push_str(&serde_json::to_string(c)?);
+                    out.push('\n');
+                }
+                return emit(&out);
+            }
+            let (flagged, unflagged) = attribution.totals();
+            let mut out = format!(
+                "{flagged} flagged and {unflagged} unflagged prompts read\n\n{:<40} {:>8} {:>10} {:>10} {:>10}\n",
+                "N-GRAM", "FLAGGED", "UNFLAGGED", "P", "Q"
+            );
+            for c in &candidates {
+                let _ok = writeln!(
+                    out,
+                    "{:<40} {:>8} {:>10} {:>10.2e} {:>10.2e}",
+                    clip(&c.ngram, 40),
+                    c.flagged_with,
+                    c.unflagged_with,
+                    c.p_value,
+                    c.q_value
+                );
+            }
+            if candidates.is_empty() {
+                out.push_str("(no n-gram is over-represented among flagged prompts)\n");
+            }
+            emit(&out)
         }
         FlagsCommand::Stats { store, since, json } => {
             let store = Store::open_existing(&store.store)?;

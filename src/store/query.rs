@@ -141,6 +141,37 @@ impl Store {
         row.transpose()
     }
 
+    /// The prompts of the newest `limit` captured exchanges (optionally of one model and
+    /// route), each with whether it was flagged: the input of trigger attribution.
+    pub fn prompts_with_flags(
+        &self,
+        model: Option<&str>,
+        route: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, bool)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT prompt_json, flagged FROM exchanges \
+             WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR route = ?2) \
+             ORDER BY started_at_us DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![model, route, limit], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (prompt_json, flagged) = row?;
+            let messages: Vec<crate::capture::Message> = serde_json::from_str(&prompt_json)?;
+            let text = messages
+                .iter()
+                .filter(|m| m.role == "user")
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n");
+            out.push((text, flagged));
+        }
+        Ok(out)
+    }
+
     /// Number of stored exchanges.
     pub fn count_exchanges(&self) -> Result<u64, StoreError> {
         let n: i64 = self
