@@ -163,6 +163,18 @@ pub struct StoreConfig {
     /// Longest a captured exchange waits before its batch is written.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// Captured exchanges older than this are deleted (flags are kept longer, see below).
+    #[serde(with = "humantime_serde")]
+    pub exchange_max_age: Duration,
+    /// Flags older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub flag_max_age: Duration,
+    /// When the database grows past this many bytes, the oldest exchanges are deleted first,
+    /// then the oldest flags. 0 turns the size limit off.
+    pub max_bytes: u64,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -172,6 +184,10 @@ impl Default for StoreConfig {
             queue: 10_000,
             batch_rows: 512,
             flush_interval: Duration::from_millis(100),
+            exchange_max_age: Duration::from_secs(7 * 24 * 3600),
+            flag_max_age: Duration::from_secs(90 * 24 * 3600),
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            retention_interval: Duration::from_secs(60),
         }
     }
 }

@@ -85,6 +85,12 @@ impl Server {
                 WriterConfig {
                     batch_rows: config.store.batch_rows,
                     flush_interval: config.store.flush_interval,
+                    retention: crate::store::Retention {
+                        exchange_max_age: config.store.exchange_max_age,
+                        flag_max_age: config.store.flag_max_age,
+                        max_bytes: config.store.max_bytes,
+                        interval: config.store.retention_interval,
+                    },
                 },
                 metrics.clone(),
                 writer_tasks.token().clone(),

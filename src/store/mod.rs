@@ -94,6 +94,19 @@ pub enum StoreItem {
     Flag(Box<Flag>),
 }
 
+/// How long rows are kept, and how large the database may grow.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Exchanges older than this are deleted.
+    pub exchange_max_age: std::time::Duration,
+    /// Flags older than this are deleted.
+    pub flag_max_age: std::time::Duration,
+    /// Size limit in bytes (0: none).
+    pub max_bytes: u64,
+    /// How often to apply it.
+    pub interval: std::time::Duration,
+}
+
 /// An open store.
 #[derive(Debug)]
 pub struct Store {

@@ -2,7 +2,7 @@
 
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{Store, StoreError, StoreItem};
+use super::{Retention, Store, StoreError, StoreItem};
 use crate::capture::{Exchange, Outcome, Route};
 
 /// An exchange as read back from the store.
@@ -172,6 +172,56 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes rows past their age, then the oldest rows while the database is over
+    /// `max_bytes` (0: no size limit). Returns (exchanges, flags) deleted.
+    pub fn apply_retention(&self, retention: &Retention) -> Result<(u64, u64), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let age = |d: std::time::Duration| now - i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let mut exchanges = self.conn.execute(
+            "DELETE FROM exchanges WHERE started_at_us < ?1",
+            params![age(retention.exchange_max_age)],
+        )? as u64;
+        let mut flags = self.conn.execute(
+            "DELETE FROM flags WHERE created_at_us < ?1",
+            params![age(retention.flag_max_age)],
+        )? as u64;
+        if retention.max_bytes > 0 {
+            // Free pages are reused by SQLite, so the used size is what must stay under the
+            // limit; delete in chunks of the oldest until it does.
+            for _ in 0..1000 {
+                let used: i64 = self.conn.query_row(
+                    "SELECT (page_count - freelist_count) * page_size \
+                     FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if u64::try_from(used).unwrap_or(0) <= retention.max_bytes {
+                    break;
+                }
+                let deleted = self.conn.execute(
+                    "DELETE FROM exchanges WHERE id IN \
+                     (SELECT id FROM exchanges ORDER BY started_at_us LIMIT 1000)",
+                    [],
+                )? as u64;
+                exchanges += deleted;
+                if deleted == 0 {
+                    let deleted = self.conn.execute(
+                        "DELETE FROM flags WHERE id IN \
+                         (SELECT id FROM flags ORDER BY created_at_us LIMIT 1000)",
+                        [],
+                    )? as u64;
+                    flags += deleted;
+                    if deleted == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((exchanges, flags))
+    }
+
     /// Number of stored exchanges.
     pub fn count_exchanges(&self) -> Result<u64, StoreError> {
         let n: i64 = self
@@ -325,6 +375,30 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.count_exchanges().unwrap(), 3);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn retention_deletes_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("r.db")).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64;
+        let mut old = exchange(1);
+        old.started_at_us = now - 3_600_000_000 * 48;
+        let mut fresh = exchange(2);
+        fresh.started_at_us = now;
+        store.insert_exchanges(&[old, fresh.clone()]).unwrap();
+        let retention = crate::store::Retention {
+            exchange_max_age: std::time::Duration::from_secs(24 * 3600),
+            flag_max_age: std::time::Duration::from_secs(24 * 3600),
+            max_bytes: 0,
+            interval: std::time::Duration::from_secs(60),
+        };
+        assert_eq!(store.apply_retention(&retention).unwrap(), (1, 0));
+        let left = store.list_exchanges(&ExchangeFilter::default()).unwrap();
+        assert_eq!(left, vec![fresh]);
     }
 
     #[test]

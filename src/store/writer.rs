@@ -14,13 +14,15 @@ use tokio_util::sync::CancellationToken;
 use super::{Store, StoreError, StoreItem};
 use crate::telemetry::Metrics;
 
-/// Batch limits.
+/// Batch limits and retention.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
     /// Rows per transaction at most.
     pub batch_rows: usize,
     /// Longest an exchange waits for its batch.
     pub flush_interval: Duration,
+    /// Retention, applied between batches.
+    pub retention: super::Retention,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -37,7 +39,12 @@ pub async fn run_writer(
     let store = Arc::new(Mutex::new(store));
     let mut batch: Vec<StoreItem> = Vec::with_capacity(config.batch_rows);
     let mut backoff = Duration::from_millis(50);
+    let mut next_retention = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_retention {
+            next_retention = tokio::time::Instant::now() + config.retention.interval;
+            retain(&store, config.retention).await;
+        }
         if batch.is_empty() {
             let received = tokio::select! {
                 n = rx.recv_many(&mut batch, config.batch_rows) => n,
@@ -97,6 +104,23 @@ pub async fn run_writer(
         }
     }
     metrics.store_queue_depth.set(0);
+}
+
+async fn retain(store: &Arc<Mutex<Store>>, retention: super::Retention) {
+    let store = Arc::clone(store);
+    let result = tokio::task::spawn_blocking(move || match store.lock() {
+        Ok(store) => store.apply_retention(&retention),
+        Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
+    })
+    .await;
+    match result {
+        Ok(Ok((0, 0))) => {}
+        Ok(Ok((exchanges, flags))) => {
+            tracing::info!(exchanges, flags, "retention deleted old rows");
+        }
+        Ok(Err(err)) => tracing::warn!(kind = err.kind(), error = %err, "retention failed"),
+        Err(err) => tracing::warn!(error = %err, "retention task failed"),
+    }
 }
 
 /// Writes `batch` and empties it on success.
