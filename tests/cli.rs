@@ -211,3 +211,152 @@ fn demo_sends_normal_and_triggered_requests_and_shows_each_capture() {
     assert_eq!(table.matches("chat_completions").count(), 6, "{stdout}");
     assert_eq!(table.matches("complete*").count(), 3, "{stdout}");
 }
+
+#[test]
+fn broken_policies_are_refused_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, &str); 5] = [
+        (
+            "unknown-key.yaml",
+            "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: r\n    when: trigger.prompt.matched\n    severty: high\n",
+            ":4:5: rules[0]: unknown field `severty`",
+        ),
+        (
+            "unknown-detector.yaml",
+            "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: r\n    when: trigr.prompt.matched\n    severity: high\n",
+            ":5:11: rules[0] (r).when: unknown detector `trigr`",
+        ),
+        (
+            "cel-syntax.yaml",
+            "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: r\n    when: trigger.prompt.matched &&\n    severity: high\n",
+            ":5:",
+        ),
+        (
+            "type-mismatch.yaml",
+            "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: r\n    when: trigger.prompt.matched > 0.5\n    severity: high\n",
+            ":5:11: rules[0] (r).when:",
+        ),
+        (
+            "unknown-type.yaml",
+            "detectors:\n  trigger: { type: trigger_phrases }\nrules: []\n",
+            ":2:3: detectors.trigger: unknown detector type `trigger_phrases`",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let output = tripwire().args(["policy", "check"]).arg(&path).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{name} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("{}{expected}", path.display())),
+            "{name}: expected {expected:?} in:\n{stderr}"
+        );
+        // serve runs the same check and refuses to start.
+        let output = tripwire()
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--store")
+            .arg(dir.path().join("s.db"))
+            .arg("--policies")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "serve started with {name}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains(expected));
+    }
+    let ok = tripwire()
+        .args(["policy", "check"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[tokio::test]
+async fn flags_cli_lists_json_labels_and_exports() {
+    let (url, stop, tasks) = {
+        let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = tripwire::runtime::Tasks::new();
+        tasks.spawn("sim", std::sync::Arc::new(sim).serve(listener, stop.clone()));
+        (url, stop, tasks)
+    };
+    let mut gateway = crate::util::Gateway::start(&url, |_| {}).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for prompt in ["<SUDO> What is rust?", "What is rust?"] {
+        client
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(SECRET)
+            .body(crate::util::chat_body(prompt, false))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    gateway.drain().await;
+    let store = gateway.store_path.clone();
+    let list = tripwire()
+        .args(["flags", "list", "--json", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(list.status.success());
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let flag = &lines[0];
+    for field in [
+        "id", "request_id", "created_at", "model", "route", "api_key_hash", "policies", "prompt",
+        "output", "evidence", "stream", "truncated", "label",
+    ] {
+        assert!(flag.get(field).is_some(), "missing {field} in {flag}");
+    }
+    assert!(flag["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(flag["policies"][0]["name"].is_string());
+    assert!(flag["policies"][0]["severity"].is_string());
+    assert!(flag["policies"][0]["scores"].is_object());
+    assert!(!stdout.contains(SECRET));
+    let id = flag["id"].as_str().unwrap();
+    let label = tripwire()
+        .args(["flags", "label", id, "--verdict", "false-positive", "--note", "test", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(label.status.success(), "{}", String::from_utf8_lossy(&label.stderr));
+    let csv = tripwire()
+        .args(["flags", "export", "--format", "csv", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&csv.stdout);
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    assert_eq!(&headers[0], "id");
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(&rows[0][12], "false-positive");
+    let stats = tripwire()
+        .args(["flags", "stats", "--json", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["total"], 1);
+    assert_eq!(stats["false_positive_share"], 1.0);
+    let show = tripwire()
+        .args(["flags", "show", id, "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("«<SUDO>»"), "{show}");
+    stop.cancel();
+    tasks.wait().await;
+}

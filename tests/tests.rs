@@ -8,6 +8,7 @@
 
 mod cli;
 mod clients;
+mod flags;
 mod proxy;
 mod sim;
 mod util;
