@@ -134,20 +134,22 @@ pub fn nested_key(text: &str, path: &[&str]) -> Position {
 mod tests {
     use super::*;
 
-    const TEXT: &str = "mode: monitor\n\
-detectors:\n\
-  trigger: { type: trigger_phrase }\n\
-  gibberish:\n\
-    type: gibberish\n\
-rules:\n\
-  # a comment\n\
-  - name: one\n\
-    when: trigger.prompt.matched\n\
-    severity: high\n\
-  - { name: two, when: gibberish.score > 0.5, severity: info }\n\
-alerts:\n\
-  webhook:\n\
-    url: http://x\n";
+    const TEXT: &str = concat!(
+        "mode: monitor\n",
+        "detectors:\n",
+        "  trigger: { type: trigger_phrase }\n",
+        "  gibberish:\n",
+        "    type: gibberish\n",
+        "rules:\n",
+        "  # a comment\n",
+        "  - name: one\n",
+        "    when: trigger.prompt.matched\n",
+        "    severity: high\n",
+        "  - { name: two, when: gibberish.score > 0.5, severity: info }\n",
+        "alerts:\n",
+        "  webhook:\n",
+        "    url: http://x\n",
+    );
 
     #[test]
     fn finds_keys_in_block_and_flow_style() {

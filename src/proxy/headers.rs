@@ -88,11 +88,13 @@ pub fn api_key_hash(headers: &HeaderMap) -> Option<String> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
+            // `Bearer <key>` (any case), or a bare key.
             let v = v.trim();
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-                .unwrap_or(v)
-                .trim()
+            match v.split_once(char::is_whitespace) {
+                Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
+                None if v.eq_ignore_ascii_case("bearer") => "",
+                _ => v,
+            }
         })
         .or_else(|| {
             ["x-api-key", "api-key"]

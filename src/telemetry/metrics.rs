@@ -374,6 +374,10 @@ mod tests {
             })
             .inc();
         metrics.capture_dropped_chunks.inc();
+        metrics
+            .overhead
+            .get_or_create(&RouteLabels { route: "other" })
+            .observe(0.0001);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
