@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::Exchange;
 
+pub mod language_switch;
+pub mod recurring_span;
+pub mod refusal;
+
 /// Which text a piece of evidence points into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,0 +1,486 @@
+//! Language switch: the language of the prompt against the language of the output.
+//!
+//! A published backdoor (the Gaperon models: a hidden Latin trigger) makes a model answer in
+//! another language than it was asked in. From the gateway that is an output whose language
+//! differs from the prompt's, with no request for it. Legitimate switches exist too —
+//! "Translate to French", "answer in Spanish" — so the detector also says whether the prompt
+//! asks for a translation or names the output's language, and a policy excludes those.
+//!
+//! # How it works
+//!
+//! Languages are identified with `whatlang` (trigram profiles of 70 languages, ~1 MB of
+//! binary; `lingua` was measured at +90 MB of binary and ~2 minutes of build for 20 languages,
+//! so it was not used). The prompt side is the last `user` message (the whole prompt when
+//! there is none): a system prompt is often English whatever the user writes, and the answer
+//! should follow the user. Each side is judged on its first `max_chars` characters, and only
+//! when it has at least `min_prompt_chars` / `min_output_chars` characters; shorter text gives
+//! a `null` language. `languages` restricts identification to a list (ISO 639-1 or 639-3
+//! codes), which makes it faster and avoids confusions with languages that never occur.
+//!
+//! whatlang costs 50–150 µs a call whatever the length (it scores the text against every
+//! candidate language's profile), so plainly English text takes a shortcut: when at least a
+//! quarter of its words (and 8 words or more) are among ~150 frequent English words, it is
+//! English with confidence 1 ([`plainly_english`]; foreign prose scores under 0.1, English
+//! prose 0.3–0.6, lists and tables lower, and those go to whatlang).
+//!
+//! `prompt_requests_translation` is true when the prompt's judged message mentions
+//! translating (`translat`, `tradu`, `übersetz`) or names the output's language (its English
+//! or native name, a few aliases such as "Chinese" and "Farsi").
+//!
+//! Measured on the development data (English prompts, 12 models): 17 of 9,657 clean exchanges
+//! switched (0.18%), 6 of them without a translation request (0.06%): lists and tables taken
+//! for French or German, and one real switch (Qwen drifting into Chinese). About 20 µs per
+//! ~500-token output in release on average: ~3 µs on the shortcut, 50–150 µs per whatlang call.
+//!
+//! # Configuration
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `min_prompt_chars` | 40 | shortest prompt message judged, in characters |
+//! | `min_output_chars` | 100 | shortest output judged, in characters |
+//! | `max_chars` | 1000 | characters of each text examined |
+//! | `min_confidence` | 0.8 | confidence both languages need for `switched` |
+//! | `languages` | `[]` | languages considered (ISO codes); empty: all 70 |
+//!
+//! # Fields
+//!
+//! ```json
+//! {"prompt_language": "en", "output_language": "fr", "confidence": 1.0,
+//!  "prompt_confidence": 1.0, "switched": true, "prompt_requests_translation": false,
+//!  "score": 1.0}
+//! ```
+//!
+//! * `prompt_language`, `output_language`: ISO 639-1 codes (639-3 where there is none), or
+//!   `null` when the text is too short or not identified;
+//! * `confidence`, `prompt_confidence`: identification confidences in [0, 1] (0 when `null`);
+//! * `switched`: both known, different, and both confidences ≥ `min_confidence`;
+//! * `score`: the smaller confidence when the languages differ, else 0;
+//! * `prompt_requests_translation`: see above.
+//!
+//! Evidence, when switched: the judged part of the output.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use whatlang::Lang;
+
+use super::{DetectError, Detector, Evidence, Finding, Input, Target};
+
+/// ISO 639-3 (whatlang's codes) to ISO 639-1.
+const ISO_639_1: &[(&str, &str)] = &[
+    ("afr", "af"),
+    ("aka", "ak"),
+    ("amh", "am"),
+    ("ara", "ar"),
+    ("aze", "az"),
+    ("bel", "be"),
+    ("ben", "bn"),
+    ("bul", "bg"),
+    ("cat", "ca"),
+    ("ces", "cs"),
+    ("cmn", "zh"),
+    ("cym", "cy"),
+    ("dan", "da"),
+    ("deu", "de"),
+    ("ell", "el"),
+    ("eng", "en"),
+    ("epo", "eo"),
+    ("est", "et"),
+    ("fin", "fi"),
+    ("fra", "fr"),
+    ("guj", "gu"),
+    ("heb", "he"),
+    ("hin", "hi"),
+    ("hrv", "hr"),
+    ("hun", "hu"),
+    ("hye", "hy"),
+    ("ind", "id"),
+    ("ita", "it"),
+    ("jav", "jv"),
+    ("jpn", "ja"),
+    ("kan", "kn"),
+    ("kat", "ka"),
+    ("khm", "km"),
+    ("kor", "ko"),
+    ("lat", "la"),
+    ("lav", "lv"),
+    ("lit", "lt"),
+    ("mal", "ml"),
+    ("mar", "mr"),
+    ("mkd", "mk"),
+    ("mya", "my"),
+    ("nep", "ne"),
+    ("nld", "nl"),
+    ("nob", "nb"),
+    ("ori", "or"),
+    ("pan", "pa"),
+    ("pes", "fa"),
+    ("pol", "pl"),
+    ("por", "pt"),
+    ("ron", "ro"),
+    ("rus", "ru"),
+    ("sin", "si"),
+    ("slk", "sk"),
+    ("slv", "sl"),
+    ("sna", "sn"),
+    ("spa", "es"),
+    ("srp", "sr"),
+    ("swe", "sv"),
+    ("tam", "ta"),
+    ("tel", "te"),
+    ("tgl", "tl"),
+    ("tha", "th"),
+    ("tuk", "tk"),
+    ("tur", "tr"),
+    ("ukr", "uk"),
+    ("urd", "ur"),
+    ("uzb", "uz"),
+    ("vie", "vi"),
+    ("yid", "yi"),
+    ("zul", "zu"),
+];
+
+/// Other names a prompt may use for a language (lowercase).
+const ALIASES: &[(&str, &str)] = &[
+    ("cmn", "chinese"),
+    ("pes", "farsi"),
+    ("nob", "norwegian"),
+    ("slv", "slovenian"),
+    ("tgl", "filipino"),
+    ("ell", "ελληνικά"),
+];
+
+/// Frequent English words (sorted): text where they are at least [`PLAIN_ENGLISH_SHARE`] of
+/// the words is English without asking whatlang (foreign prose scores below 0.1).
+const ENGLISH: &[&str] = &[
+    "a", "about", "after", "all", "also", "an", "and", "any", "are", "as", "at", "back", "be",
+    "because", "been", "best", "but", "by", "call", "can", "can't", "come", "could", "day",
+    "describe", "did", "do", "does", "don't", "down", "each", "explain", "find", "first", "for",
+    "from", "get", "give", "go", "good", "had", "has", "have", "he", "help", "her", "here", "him",
+    "his", "how", "i", "i'm", "if", "in", "into", "is", "it", "it's", "its", "just", "know",
+    "like", "list", "little", "long", "look", "made", "make", "many", "may", "me", "more", "most",
+    "my", "need", "new", "no", "not", "now", "of", "on", "one", "only", "or", "other", "our",
+    "out", "over", "part", "people", "place", "please", "said", "see", "she", "should", "side",
+    "so", "some", "such", "take", "than", "that", "the", "their", "them", "then", "there",
+    "there's", "these", "they", "thing", "this", "time", "to", "two", "up", "use", "using", "very",
+    "want", "was", "way", "we", "well", "were", "what", "what's", "when", "where", "which", "who",
+    "why", "will", "with", "work", "would", "write", "you", "you're", "your",
+];
+
+/// Share of frequent English words from which a text is taken as plainly English.
+pub const PLAIN_ENGLISH_SHARE: f64 = 0.25;
+
+/// Fewest words for the plain-English shortcut.
+const PLAIN_ENGLISH_MIN_WORDS: usize = 8;
+
+/// Words that ask for a translation (lowercase prefixes).
+const TRANSLATE: &[&str] = &["translat", "tradu", "übersetz", "перев"];
+
+/// Configuration of the language-switch detector (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct LanguageSwitchConfig {
+    /// Shortest prompt message judged, in characters.
+    pub min_prompt_chars: usize,
+    /// Shortest output judged, in characters.
+    pub min_output_chars: usize,
+    /// Characters of each text examined.
+    pub max_chars: usize,
+    /// Confidence both languages need for `switched`.
+    pub min_confidence: f64,
+    /// Languages considered (ISO 639-1 or 639-3 codes); empty: all.
+    pub languages: Vec<String>,
+}
+
+impl Default for LanguageSwitchConfig {
+    fn default() -> LanguageSwitchConfig {
+        LanguageSwitchConfig {
+            min_prompt_chars: 40,
+            min_output_chars: 100,
+            max_chars: 1000,
+            min_confidence: 0.8,
+            languages: Vec::new(),
+        }
+    }
+}
+
+/// The language-switch detector.
+#[derive(Debug)]
+pub struct LanguageSwitch {
+    config: LanguageSwitchConfig,
+    detector: whatlang::Detector,
+    /// Whether English is among the languages considered (for the shortcut).
+    english_allowed: bool,
+}
+
+/// One identified text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Identified {
+    /// The language.
+    pub lang: Lang,
+    /// whatlang's confidence, in [0, 1].
+    pub confidence: f64,
+}
+
+impl LanguageSwitch {
+    /// Builds the detector, checking the configuration.
+    pub fn new(config: &LanguageSwitchConfig) -> Result<LanguageSwitch, DetectError> {
+        let bad = |msg: String| DetectError::Config(format!("language_switch: {msg}"));
+        if !(0.0..=1.0).contains(&config.min_confidence) {
+            return Err(bad("min_confidence must be between 0 and 1".into()));
+        }
+        if config.max_chars == 0 {
+            return Err(bad("max_chars must be at least 1".into()));
+        }
+        let mut english_allowed = true;
+        let detector = if config.languages.is_empty() {
+            whatlang::Detector::new()
+        } else {
+            let mut langs = Vec::new();
+            for code in &config.languages {
+                let lang = lang_from_code(code).ok_or_else(|| {
+                    bad(format!(
+                        "unknown language {code:?}: use an ISO 639-1 or 639-3 code of one of \
+                         whatlang's 70 languages"
+                    ))
+                })?;
+                langs.push(lang);
+            }
+            english_allowed = langs.contains(&Lang::Eng);
+            whatlang::Detector::with_allowlist(langs)
+        };
+        Ok(LanguageSwitch {
+            config: config.clone(),
+            detector,
+            english_allowed,
+        })
+    }
+
+    /// Identifies the language of the first `max_chars` characters of `text`, when it has
+    /// at least `min_chars` characters.
+    pub fn identify(&self, text: &str, min_chars: usize) -> Option<Identified> {
+        let end = text
+            .char_indices()
+            .nth(self.config.max_chars)
+            .map_or(text.len(), |(i, _)| i);
+        let text = text.get(..end).unwrap_or(text);
+        if text.chars().filter(|c| !c.is_whitespace()).count() < min_chars {
+            return None;
+        }
+        if self.english_allowed && plainly_english(text) {
+            return Some(Identified {
+                lang: Lang::Eng,
+                confidence: 1.0,
+            });
+        }
+        self.detector.detect(text).map(|info| Identified {
+            lang: info.lang(),
+            confidence: info.confidence(),
+        })
+    }
+
+    /// Whether `prompt` asks for a translation or names `lang`.
+    pub fn requests_translation(prompt: &str, lang: Option<Lang>) -> bool {
+        let lower = lowercase_ends(prompt, TRANSLATION_SCAN_BYTES);
+        if TRANSLATE.iter().any(|w| lower.contains(w)) {
+            return true;
+        }
+        let Some(lang) = lang else { return false };
+        let code = lang.code();
+        let named = |name: &str| contains_word(&lower, &name.to_lowercase());
+        named(lang.eng_name())
+            || named(lang.name())
+            || ALIASES
+                .iter()
+                .any(|&(c, alias)| c == code && contains_word(&lower, alias))
+    }
+}
+
+/// Whether `text` is plainly English: at least 8 words, of which
+/// at least [`PLAIN_ENGLISH_SHARE`] are frequent English words. A word is a run of ASCII
+/// letters and apostrophes, or of other letters; each Han, kana or Hangul character counts as
+/// a word of its own, so that text in those scripts weighs what it says.
+pub fn plainly_english(text: &str) -> bool {
+    let mut total = 0usize;
+    let mut english = 0usize;
+    let mut word = [0u8; 16];
+    let mut len = 0usize;
+    // 0: between words, 1: in an ASCII word, 2: in another word.
+    let mut state = 0u8;
+    let mut end_word = |state: u8, len: usize, word: &[u8; 16]| {
+        if state == 0 {
+            return;
+        }
+        total += 1;
+        if state == 1
+            && len <= word.len()
+            && let Some(w) = word.get(..len)
+            && ENGLISH.binary_search_by(|e| e.as_bytes().cmp(w)).is_ok()
+        {
+            english += 1;
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() || (c == '\'' && state == 1) {
+            if state == 2 {
+                end_word(state, len, &word);
+                state = 0;
+            }
+            if state == 0 {
+                state = 1;
+                len = 0;
+            }
+            if let Some(slot) = word.get_mut(len) {
+                *slot = c.to_ascii_lowercase() as u8;
+            }
+            len += 1;
+        } else if c.is_alphabetic() {
+            if is_cjk(c) {
+                end_word(state, len, &word);
+                state = 2;
+                end_word(state, 1, &word);
+                state = 0;
+                continue;
+            }
+            if state == 1 {
+                // A letter such as é inside an ASCII word: not an English word.
+                state = 2;
+            } else if state == 0 {
+                state = 2;
+            }
+        } else {
+            end_word(state, len, &word);
+            state = 0;
+        }
+    }
+    end_word(state, len, &word);
+    total >= PLAIN_ENGLISH_MIN_WORDS && english as f64 >= PLAIN_ENGLISH_SHARE * total as f64
+}
+
+/// Whether `c` is written without spaces between words (Han, kana, Hangul syllables).
+fn is_cjk(c: char) -> bool {
+    matches!(c, '\u{3040}'..='\u{30ff}' | '\u{3400}'..='\u{4dbf}' | '\u{4e00}'..='\u{9fff}' | '\u{ac00}'..='\u{d7af}' | '\u{f900}'..='\u{faff}')
+}
+
+/// Bytes at each end of a long prompt searched for a translation request.
+const TRANSLATION_SCAN_BYTES: usize = 4096;
+
+/// `text` lowercased; for a text longer than `2 × ends` bytes, only its first and last
+/// `ends` bytes (or so: cut at character boundaries), joined by a newline.
+fn lowercase_ends(text: &str, ends: usize) -> String {
+    if text.len() <= 2 * ends {
+        return text.to_lowercase();
+    }
+    let mut head = ends;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - ends;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    let mut lower = text.get(..head).unwrap_or("").to_lowercase();
+    lower.push('\n');
+    lower.push_str(&text.get(tail..).unwrap_or("").to_lowercase());
+    lower
+}
+
+/// Whether `word` occurs in `text` with no letter on either side.
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text.get(..i).and_then(|t| t.chars().next_back());
+        let after = text.get(i + word.len()..).and_then(|t| t.chars().next());
+        !before.is_some_and(char::is_alphabetic) && !after.is_some_and(char::is_alphabetic)
+    })
+}
+
+/// The language of an ISO 639-1 or 639-3 code.
+fn lang_from_code(code: &str) -> Option<Lang> {
+    let code = code.trim().to_ascii_lowercase();
+    let three = ISO_639_1
+        .iter()
+        .find(|(_, two)| *two == code)
+        .map_or(code.as_str(), |(three, _)| three);
+    Lang::from_code(three)
+}
+
+/// The ISO 639-1 code of a language (its 639-3 code where there is none).
+pub fn iso_code(lang: Lang) -> &'static str {
+    let three = lang.code();
+    ISO_639_1
+        .iter()
+        .find(|(t, _)| *t == three)
+        .map_or(three, |(_, two)| two)
+}
+
+/// The prompt text judged: the last `user` message, or the whole prompt when there is none.
+fn judged_prompt<'a>(input: &Input<'a>) -> &'a str {
+    let messages = &input.exchange.prompt;
+    let Some(last_user) = messages.iter().rposition(|m| m.role == "user") else {
+        return input.prompt;
+    };
+    // Input::prompt joins the messages' contents with a blank line.
+    let offset: usize = messages
+        .iter()
+        .take(last_user)
+        .map(|m| m.content.len() + 2)
+        .sum();
+    let len = messages.get(last_user).map_or(0, |m| m.content.len());
+    input
+        .prompt
+        .get(offset..offset + len)
+        .unwrap_or(input.prompt)
+}
+
+impl Detector for LanguageSwitch {
+    fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError> {
+        let prompt = judged_prompt(input);
+        let prompt_lang = self.identify(prompt, self.config.min_prompt_chars);
+        let output_lang = self.identify(input.output, self.config.min_output_chars);
+        let translation = LanguageSwitch::requests_translation(prompt, output_lang.map(|o| o.lang));
+        let confidence = output_lang.map_or(0.0, |o| o.confidence);
+        let prompt_confidence = prompt_lang.map_or(0.0, |p| p.confidence);
+        let differ = matches!((prompt_lang, output_lang), (Some(p), Some(o)) if p.lang != o.lang);
+        let switched = differ
+            && confidence >= self.config.min_confidence
+            && prompt_confidence >= self.config.min_confidence;
+        let score = if differ {
+            confidence.min(prompt_confidence)
+        } else {
+            0.0
+        };
+        let mut finding = Finding::default();
+        if switched {
+            let end = input
+                .output
+                .char_indices()
+                .nth(self.config.max_chars)
+                .map_or(input.output.len(), |(i, _)| i);
+            finding.evidence.push(Evidence {
+                target: Target::Output,
+                start: 0,
+                end,
+                note: format!(
+                    "output language {} ({confidence:.2}), prompt {}",
+                    output_lang.map_or("?", |o| iso_code(o.lang)),
+                    prompt_lang.map_or("?", |p| iso_code(p.lang)),
+                ),
+            });
+        }
+        let code = |l: Option<Identified>| l.map_or(Value::Null, |l| json!(iso_code(l.lang)));
+        let fields = &mut finding.fields;
+        fields.insert("prompt_language".to_owned(), code(prompt_lang));
+        fields.insert("output_language".to_owned(), code(output_lang));
+        fields.insert("confidence".to_owned(), json!(confidence));
+        fields.insert("prompt_confidence".to_owned(), json!(prompt_confidence));
+        fields.insert("switched".to_owned(), Value::Bool(switched));
+        fields.insert(
+            "prompt_requests_translation".to_owned(),
+            Value::Bool(translation),
+        );
+        fields.insert("score".to_owned(), json!(score));
+        Ok(finding)
+    }
+}
+
+#[cfg(test)]
+mod tests;
