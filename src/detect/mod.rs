@@ -115,6 +115,15 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
         config = serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new());
     }
     match kind.as_str() {
+        "recurring_span" => Ok(std::sync::Arc::new(recurring_span::RecurringSpan::new(
+            &parameters(config)?,
+        )?)),
+        "refusal" => Ok(std::sync::Arc::new(refusal::Refusal::new(&parameters(
+            config,
+        )?)?)),
+        "language_switch" => Ok(std::sync::Arc::new(language_switch::LanguageSwitch::new(
+            &parameters(config)?,
+        )?)),
         other => Err(DetectError::Config(format!(
             "unknown detector type `{other}`; one of: {}",
             KINDS.join(", ")
