@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::Exchange;
 
+pub mod normalize;
+pub mod trigger_phrase;
+
 /// Which text a piece of evidence points into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
