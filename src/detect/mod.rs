@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::capture::Exchange;
 
 pub mod language_switch;
+pub mod normalize;
 pub mod recurring_span;
 pub mod refusal;
+pub mod trigger_phrase;
 
 /// Which text a piece of evidence points into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +117,9 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
         config = serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new());
     }
     match kind.as_str() {
+        "trigger_phrase" => Ok(std::sync::Arc::new(trigger_phrase::TriggerPhrase::new(
+            &parameters(config)?,
+        )?)),
         "recurring_span" => Ok(std::sync::Arc::new(recurring_span::RecurringSpan::new(
             &parameters(config)?,
         )?)),
