@@ -219,7 +219,7 @@ fn broken_policies_are_refused_with_file_line_and_column() {
         (
             "unknown-key.yaml",
             "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: r\n    when: trigger.prompt.matched\n    severty: high\n",
-            ":4:5: rules[0]: unknown field `severty`",
+            ":6:5: rules[0]: unknown field `severty`",
         ),
         (
             "unknown-detector.yaml",

@@ -1,0 +1,122 @@
+//! Policy compile and evaluation tables.
+
+use super::*;
+use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::telemetry::Metrics;
+
+fn exchange(prompt: &str, output: &str, model: &str) -> Exchange {
+    Exchange {
+        id: uuid::Uuid::now_v7(),
+        request_id: "r".to_owned(),
+        started_at_us: 0,
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        route: Route::ChatCompletions,
+        api_key_hash: Some("abc".to_owned()),
+        model: Some(model.to_owned()),
+        response_model: None,
+        stream: false,
+        prompt: vec![Message {
+            role: "user".to_owned(),
+            content: prompt.to_owned(),
+        }],
+        choices: vec![Choice {
+            index: 0,
+            text: output.to_owned(),
+            finish_reason: Some("stop".to_owned()),
+            tool_calls: Vec::new(),
+        }],
+        usage: None,
+        status: Some(200),
+        ttfb_us: None,
+        latency_us: 0,
+        outcome: Outcome::Complete,
+        truncated: false,
+        capture_incomplete: false,
+        parse_error: None,
+    }
+}
+
+const TRIGGER: &str = "detectors:\n  trigger: { type: trigger_phrase }\n";
+
+#[test]
+fn the_built_in_default_policy_compiles() {
+    let policy = default_policy().unwrap();
+    let names: Vec<&str> = policy.rules.iter().map(|r| r.name.as_str()).collect();
+    for required in [
+        "trigger-phrase",
+        "triggered-gibberish",
+        "gibberish",
+        "fixed-output",
+        "language-switch",
+    ] {
+        assert!(names.contains(&required), "default policy lacks {required}");
+    }
+}
+
+#[test]
+fn integers_and_floats_compare_and_booleans_do_not() {
+    let ok = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count > 0.5', severity: info }}\n");
+    compile_text(&ok, "ok.yaml").unwrap();
+    let ok = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count >= 1', severity: info }}\n");
+    compile_text(&ok, "ok.yaml").unwrap();
+    let bad = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.matched > 0.5', severity: info }}\n");
+    let err = compile_text(&bad, "bad.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("bad.yaml:4:"), "{err}");
+    let not_bool = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count', severity: info }}\n");
+    let err = compile_text(&not_bool, "nb.yaml").unwrap_err().to_string();
+    assert!(err.contains("must be true or false"), "{err}");
+    let missing = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.nope', severity: info }}\n");
+    assert!(compile_text(&missing, "m.yaml").is_err());
+}
+
+#[test]
+fn rules_fire_by_condition_and_scope_and_carry_scores_and_evidence() {
+    let text = format!(
+        "{TRIGGER}rules:\n\
+         \x20 - name: any-trigger\n    when: trigger.prompt.matched\n    severity: high\n\
+         \x20 - name: scoped\n    when: trigger.prompt.matched\n    severity: critical\n    scope: {{ models: [\"gpt-4*\"] }}\n\
+         \x20 - name: note\n    when: exchange.output_chars > 3\n    severity: info\n    actions: [annotate]\n"
+    );
+    let engine = Engine::new(vec![compile_text(&text, "p.yaml").unwrap()], Metrics::default());
+    let verdict = engine.evaluate(&exchange("hi <SUDO>", "fine", "llama"));
+    let fired: Vec<&str> = verdict.fired.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(fired, vec!["any-trigger", "note"]);
+    assert!(verdict.flagged());
+    assert_eq!(verdict.severity(), Some(Severity::High));
+    assert!(verdict.fired[0].scores.contains_key("trigger"));
+    assert_eq!(verdict.evidence[0].detector, "trigger");
+    let verdict = engine.evaluate(&exchange("hi <SUDO>", "fine", "gpt-4o"));
+    assert_eq!(verdict.severity(), Some(Severity::Critical));
+    let verdict = engine.evaluate(&exchange("hello", "ok", "gpt-4o"));
+    assert!(verdict.fired.is_empty() && !verdict.flagged());
+}
+
+#[test]
+fn redaction_masks_before_storage() {
+    let text = format!("{TRIGGER}rules: []\nredact:\n  - {{ pattern: '\\d{{4}}-\\d{{4}}', replacement: '[card]' }}\n");
+    let engine = Engine::new(vec![compile_text(&text, "p.yaml").unwrap()], Metrics::default());
+    assert_eq!(engine.redact("pay 1234-5678 now"), "pay [card] now");
+    let bad = format!("{TRIGGER}rules: []\nredact:\n  - {{ pattern: '(' }}\n");
+    let err = compile_text(&bad, "r.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("r.yaml:5:"), "{err}");
+}
+
+#[test]
+fn duplicate_rule_names_and_bad_detector_names_are_refused() {
+    let dup = format!(
+        "{TRIGGER}rules:\n  - {{ name: r, when: 'true', severity: info }}\n  - {{ name: r, when: 'false', severity: info }}\n"
+    );
+    let err = compile_text(&dup, "d.yaml").unwrap_err().to_string();
+    assert!(err.contains("used twice"), "{err}");
+    let bad = "detectors:\n  my-trigger: { type: trigger_phrase }\n";
+    let err = compile_text(bad, "n.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("n.yaml:2:3:") && err.contains("CEL identifier"), "{err}");
+}
+
+#[test]
+fn env_variables_expand() {
+    assert_eq!(expand_env("a${TRIPWIRE_SURELY_UNSET_VAR}b"), "ab");
+    assert_eq!(expand_env("no vars"), "no vars");
+    assert_eq!(expand_env("${unterminated"), "${unterminated");
+}
