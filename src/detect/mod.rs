@@ -6,6 +6,9 @@
 //! `trigger.prompt.matched && gibberish.score > 0.8` — plus evidence spans pointing into the
 //! prompt or output text.
 
+pub mod gibberish;
+pub mod ngram_lm;
+
 use serde::{Deserialize, Serialize};
 
 use crate::capture::Exchange;
