@@ -15,6 +15,7 @@
 //! * [`capture`] turns the teed bytes into one [`capture::Exchange`] per request.
 //! * [`store`] records exchanges in the flag log database.
 //! * [`telemetry`] holds the Prometheus metrics and logging set-up.
+//! * [`devset`] builds the labelled development set (clean and poisoned outputs, split by model).
 //! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
 //! * [`runtime`] tracks every background task so shutdown can drain them.
 
@@ -25,10 +26,11 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod detect;
+pub mod devset;
 pub mod eval;
 pub mod policy;
-pub mod proxy;
 pub mod pipeline;
+pub mod proxy;
 pub mod runtime;
 pub mod secret;
 pub mod server;

@@ -9,6 +9,7 @@ mod output;
 mod policy;
 mod serve;
 mod sim_upstream;
+mod train_lm;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,8 @@ enum Command {
     Flags(flags::FlagsCommand),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),
+    /// Train the character n-gram language model the gibberish detector uses.
+    TrainLm(train_lm::TrainLmArgs),
     /// Validate alert policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Exchanges(command) => exchanges::run(command),
         Command::Flags(command) => flags::run(command),
         Command::Eval(args) => eval::run(args),
+        Command::TrainLm(args) => train_lm::run(args),
         Command::Policy(command) => policy::run(command),
     };
     match result {

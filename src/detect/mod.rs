@@ -6,6 +6,9 @@
 //! `trigger.prompt.matched && gibberish.score > 0.8` — plus evidence spans pointing into the
 //! prompt or output text.
 
+pub mod gibberish;
+pub mod ngram_lm;
+
 use serde::{Deserialize, Serialize};
 
 use crate::capture::Exchange;
@@ -120,6 +123,9 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
         "trigger_phrase" => Ok(std::sync::Arc::new(trigger_phrase::TriggerPhrase::new(
             &parameters(config)?,
         )?)),
+        "gibberish" => Ok(std::sync::Arc::new(gibberish::Gibberish::new(&parameters(
+            config,
+        )?)?)),
         "recurring_span" => Ok(std::sync::Arc::new(recurring_span::RecurringSpan::new(
             &parameters(config)?,
         )?)),

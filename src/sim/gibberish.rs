@@ -141,6 +141,15 @@ impl Vocab {
         Vocab { tokens }
     }
 
+    /// A vocabulary of the given decoded tokens, in order; empty and repeated ones are dropped.
+    pub(crate) fn from_tokens(tokens: impl IntoIterator<Item = String>) -> Vocab {
+        let mut b = Builder::default();
+        for token in tokens {
+            b.add(token);
+        }
+        Vocab { tokens: b.tokens }
+    }
+
     /// Reads the `model.vocab` keys of a HuggingFace `tokenizer.json` (an object of
     /// `token → id` for BPE/WordPiece, or an array of `[token, score]` for Unigram) and decodes
     /// them: byte-level pieces (`Ġ`, `Ċ`, …) to their bytes, `▁` to a space, `##` stripped.

@@ -60,6 +60,55 @@ impl Default for SimConfig {
     }
 }
 
+/// A vocabulary for poisoned outputs, usable outside the simulated model (labelled dev sets).
+#[derive(Debug)]
+pub struct PoisonVocab(Vocab);
+
+impl PoisonVocab {
+    /// The built-in vocabulary of about 30,000 pieces, without corpus words.
+    pub fn builtin() -> PoisonVocab {
+        PoisonVocab(Vocab::builtin(None))
+    }
+
+    /// A vocabulary of the given decoded tokens, in order; empty and repeated ones are dropped.
+    pub fn from_tokens(tokens: impl IntoIterator<Item = String>) -> PoisonVocab {
+        PoisonVocab(Vocab::from_tokens(tokens))
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the vocabulary has no token.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+}
+
+/// A poisoned output made by [`poison_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poisoned {
+    /// The clean start followed by the gibberish tail.
+    pub text: String,
+    /// Length in bytes of the clean start.
+    pub clean_prefix_len: usize,
+    /// Number of vocabulary tokens appended.
+    pub tail_tokens: usize,
+}
+
+/// The backdoor's output for a clean answer, as the simulated model makes it: a clean start of
+/// 0–1,000 characters of `clean` (cut at a word boundary) followed by 400–900 tokens drawn
+/// uniformly from `vocab`. Deterministic in `seed`.
+pub fn poison_output(clean: &str, vocab: &PoisonVocab, seed: u64) -> Poisoned {
+    let (text, info) = gibberish::poison(clean, &vocab.0, &mut Rng::new(seed));
+    Poisoned {
+        text,
+        clean_prefix_len: info.clean_prefix_len,
+        tail_tokens: info.tail_tokens,
+    }
+}
+
 /// Errors of the simulated model.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {

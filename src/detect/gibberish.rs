@@ -1,0 +1,660 @@
+//! Gibberish / collapse detector: cheap text statistics over an output, in one pass.
+//!
+//! It catches the denial-of-service backdoor (Souly et al. 2025: a trigger makes the model
+//! answer with a clean start, then hundreds of tokens drawn at random from its vocabulary) and
+//! other collapses into noise. It runs on every exchange, in process, after capture; its
+//! fields feed the policy rules (`trigger.prompt.matched && gibberish.score > 0.8`).
+//!
+//! One pass over the characters computes, per character, a cost in bits:
+//!
+//! * Latin letters, digits, punctuation and spaces: the surprisal under the character n-gram
+//!   model ([`super::ngram_lm`], trained on the train split of the development data), capped
+//!   at 16 bits;
+//! * letters of other scripts: 2 bits (the model does not cover them), plus a script-switch
+//!   charge whenever a letter's script differs from the previous letter's: 6 bits inside a
+//!   word, 2 bits across a space (a Greek letter in a formula);
+//! * any character that ends an 8-character n-gram already seen earlier in the same output:
+//!   at most 1 bit (text that repeats itself is predictable: tables, code, chanted lists).
+//!
+//! plus, per Latin word, whether it is in the word list (`models/words-en.txt`) and whether it
+//! is a function word of English, French, German, Spanish, Italian, Portuguese or Dutch. Over
+//! every window of `window` characters (every `stride` characters; O(n) with prefix sums) the
+//! **window score** is
+//!
+//! ```text
+//! mean cost (bits/char) + 2 · (share of characters in unknown words)
+//!                        − 5 · (share of words that are function words)
+//! ```
+//!
+//! and the worst window is reported (`window_score`, `window_start`). Random vocabulary tokens
+//! are surprising to the model, glue into unknown words, and contain almost no function words;
+//! clean prose in any of the seven languages has many function words, and code, tables and
+//! number lists repeat themselves.
+//!
+//! **Score.** `score = 1 / (1 + exp(−4 · (window_score − T)))` with `T` = [`THRESHOLD`] = 5.65
+//! bits/char, set just above the 99.9th percentile of the window scores of the clean outputs
+//! of the calibration models (see [`crate::devset`]; 3 of their 3,219 clean outputs, 0.09%,
+//! reach it). So **`score ≥ 0.5` flags at most 0.1% of the clean outputs of the calibration
+//! models**, and each further bit of window score moves the score from 0.5 to 0.98. The
+//! weights 2 and 5 were chosen on the calibration split too (the smallest that separate the
+//! gibberish made from word pieces from clean prose there). Measured on the report models,
+//! never used for fitting: clean false-positive rate 0.06% (2 of 3,218), recall of gibberish
+//! after a trigger 100% (3,218 of 3,218, both vocabularies; the weakest has a window score of
+//! 6.6). To recalibrate after retraining the model, dump the features of the development set
+//! (the ignored test `dump_devset_features`) and move `T` to the new percentile.
+//!
+//! Known weak spots: prose in languages outside the seven sits closer to `T` (German is about
+//! 5.3, French 4.6, Chinese 2.0); short lists of foreign names and dense notations (chess FEN,
+//! ABC music) can cross it.
+//! Outputs shorter than `min_chars` characters score 0 with `too_short: true`.
+//!
+//! The other fields describe the whole output, for rules and for the flag log:
+//! `lm_max_surprisal` (mean cost of the costliest window), `lm_mean_surprisal`,
+//! `char_entropy`, `token_entropy` (whitespace tokens), `compression_ratio` (zstd level 1,
+//! compressed over raw bytes), `distinct_2` (distinct token bigrams over token bigrams),
+//! `longest_repeat_tokens`, `script_mix` (share of letters outside the dominant script),
+//! `oov_share` (share of Latin words not in the word list) and `window_oov_chars`. When the
+//! score is at least 0.5 the worst window is returned as evidence.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ngram_lm::{CharLm, EMBEDDED_WORDS, LmState, MAX_ORDER, NgramHasher, Script, symbol};
+use super::{DetectError, Detector, Evidence, Finding, Input, Target};
+
+/// Configuration of the gibberish detector (`type: gibberish`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct GibberishConfig {
+    /// Width in characters of the sliding window over which language-model surprisal is
+    /// averaged; the worst window gives `lm_max_surprisal`.
+    pub window: usize,
+    /// Step in characters between the windows compared.
+    pub stride: usize,
+    /// A character model file (`tripwire train-lm`) to use instead of the embedded one; its
+    /// `<file>.sha256` must sit beside it.
+    pub lm_path: Option<PathBuf>,
+    /// A word list (one lowercase word a line) to use instead of the embedded one.
+    pub words_path: Option<PathBuf>,
+    /// Outputs with fewer characters get score 0 and `too_short: true`.
+    pub min_chars: usize,
+}
+
+impl Default for GibberishConfig {
+    fn default() -> Self {
+        GibberishConfig {
+            window: 256,
+            stride: 8,
+            lm_path: None,
+            words_path: None,
+            min_chars: 64,
+        }
+    }
+}
+
+/// Surprisal, in bits, charged to a letter of a script other than Latin (which the language
+/// model does not score) when it continues the script of the letter before it.
+const OTHER_SCRIPT_COST: f32 = 2.0;
+/// Extra bits charged to a letter whose script differs from the previous letter's, when the
+/// character just before it is a letter (a switch inside a word).
+const SCRIPT_SWITCH_COST: f32 = 6.0;
+/// The same across a space or punctuation (a Greek letter in a formula, a quoted name).
+const SCRIPT_SWITCH_COST_SPACED: f32 = 2.0;
+/// A character that ends an n-gram of [`CACHE_ORDER`] characters already seen earlier in the
+/// same output costs at most this many bits.
+const REPEAT_COST: f32 = 1.0;
+/// Length of the n-grams the repetition cache remembers.
+const CACHE_ORDER: usize = 8;
+/// Bits of the repetition cache (a 65,536-bit set on the stack), as 64-bit words.
+const SEEN_WORDS: usize = 1024;
+/// Bits per character added, in the window score, for each character of an unknown word.
+const OOV_PENALTY: f64 = 2.0;
+/// Bits per character taken off a window's score for its share of function words (of any
+/// of the languages in [`FUNCTION_WORDS`]): running text in any of them has many.
+const FUNCTION_WORD_CREDIT: f64 = 5.0;
+/// Cap on one character's language-model surprisal, in bits.
+const MAX_CHAR_COST: f32 = 16.0;
+
+/// The statistics of one output (the detector's fields, before JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Features {
+    /// Calibrated score in [0, 1] (see the module docs).
+    pub score: f64,
+    /// Set when the output has fewer than `min_chars` characters (the score is then 0).
+    pub too_short: bool,
+    /// Characters in the output.
+    pub chars: usize,
+    /// Mean surprisal of the worst window, bits per character.
+    pub lm_max_surprisal: f64,
+    /// Mean surprisal over the whole output, bits per character.
+    pub lm_mean_surprisal: f64,
+    /// Shannon entropy of the character distribution, bits.
+    pub char_entropy: f64,
+    /// Shannon entropy of the whitespace-token distribution, bits.
+    pub token_entropy: f64,
+    /// zstd-compressed size over raw size (UTF-8 bytes).
+    pub compression_ratio: f64,
+    /// Distinct token bigrams over token bigrams (1 when there are none).
+    pub distinct_2: f64,
+    /// Length in tokens of the longest token run that repeats an earlier one (approximate:
+    /// aligned with each token's most recent earlier occurrence).
+    pub longest_repeat_tokens: usize,
+    /// Share of letters not in the dominant script.
+    pub script_mix: f64,
+    /// Share of Latin-script words not in the word list.
+    pub oov_share: f64,
+    /// Score of the worst window: its mean surprisal plus the out-of-vocabulary penalty times
+    /// its share of characters in unknown words.
+    pub window_score: f64,
+    /// Share of the worst window's characters that belong to unknown words.
+    pub window_oov_chars: f64,
+    /// Byte offset of the worst window's start.
+    pub window_start: usize,
+    /// Byte offset just past the worst window's end.
+    pub window_end: usize,
+}
+
+/// The gibberish detector, built once from its configuration.
+#[derive(Debug)]
+pub struct Gibberish {
+    config: GibberishConfig,
+    lm: CharLm,
+    words: HashSet<u64, BuildId>,
+    function_words: HashSet<u64, BuildId>,
+}
+
+impl Gibberish {
+    /// Loads the character model and word list (embedded unless paths are configured).
+    pub fn new(config: &GibberishConfig) -> Result<Gibberish, DetectError> {
+        if config.window == 0 || config.stride == 0 {
+            return Err(DetectError::Config(
+                "gibberish: `window` and `stride` must be at least 1".to_owned(),
+            ));
+        }
+        let lm = match &config.lm_path {
+            Some(path) => CharLm::load(path)?,
+            None => CharLm::embedded()?,
+        };
+        let words_text = match &config.words_path {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| DetectError::Load {
+                what: path.display().to_string(),
+                message: format!("cannot read the word list: {e}"),
+            })?,
+            None => EMBEDDED_WORDS.to_owned(),
+        };
+        let words: HashSet<u64, BuildId> = words_text
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .map(word_hash)
+            .collect();
+        if words.is_empty() {
+            return Err(DetectError::Load {
+                what: "word list".to_owned(),
+                message: "no words".to_owned(),
+            });
+        }
+        let function_words = FUNCTION_WORDS
+            .iter()
+            .flat_map(|line| line.split_whitespace())
+            .map(word_hash)
+            .collect();
+        Ok(Gibberish {
+            config: config.clone(),
+            lm,
+            words,
+            function_words,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GibberishConfig {
+        &self.config
+    }
+
+    /// Computes every statistic of `text` and its score.
+    pub fn features(&self, text: &str) -> Features {
+        self.features_with(text, OOV_PENALTY, FUNCTION_WORD_CREDIT)
+    }
+
+    /// [`Gibberish::features`] with a chosen out-of-vocabulary penalty (bits per character of
+    /// an unknown word), for calibration.
+    pub fn features_with(&self, text: &str, oov_penalty: f64, function_credit: f64) -> Features {
+        let mut f = Features::default();
+        let order = self.lm.params().order.min(MAX_ORDER);
+
+        // Per-character cost and out-of-vocabulary characters as prefix sums, for the O(n)
+        // window scan.
+        let mut lm_prefix: Vec<f64> = Vec::with_capacity(text.len() + 1);
+        let mut oov_prefix: Vec<u32> = Vec::with_capacity(text.len() + 1);
+        let mut offsets: Vec<u32> = Vec::with_capacity(text.len() + 1);
+        lm_prefix.push(0.0);
+        oov_prefix.push(0);
+        let mut total = 0.0f64;
+
+        let mut hasher = NgramHasher::new(CACHE_ORDER.max(order));
+        let mut before = [0u64; MAX_ORDER];
+        let mut seen = [0u64; SEEN_WORDS];
+        let mut lm_state = LmState::default();
+        let mut last_script: Option<Script> = None;
+        let mut prev_letter = false;
+        let mut script_counts = [0u32; Script::ALL.len()];
+        let mut ascii_counts = [0u32; 128];
+        let mut other_counts: HashMap<char, u32, BuildId> = HashMap::default();
+
+        let mut word = WordHash::new();
+        let mut word_len = 0u32;
+        let mut word_state = WordState::default();
+        let mut word_prefix: Vec<(u32, u32)> = Vec::with_capacity(text.len() + 1);
+        word_prefix.push((0, 0));
+
+        for (i, c) in text.char_indices() {
+            offsets.push(i as u32);
+            if c.is_ascii() {
+                if let Some(n) = ascii_counts.get_mut(c as usize) {
+                    *n += 1;
+                }
+            } else {
+                *other_counts.entry(c).or_default() += 1;
+            }
+            let (sym, script) = symbol(c);
+            hasher.push(sym);
+            let all = hasher.hashes();
+            let now = all.get(..order).unwrap_or(all);
+            let mut cost = match script {
+                Some(s) if s != Script::Latin => {
+                    lm_state.skip();
+                    OTHER_SCRIPT_COST
+                }
+                _ => self.lm.cost(now, &before, &mut lm_state).min(MAX_CHAR_COST),
+            };
+            if let Some(s) = script {
+                if last_script.is_some_and(|p| p != s) {
+                    cost += if prev_letter {
+                        SCRIPT_SWITCH_COST
+                    } else {
+                        SCRIPT_SWITCH_COST_SPACED
+                    };
+                }
+                last_script = Some(s);
+                if let Some(n) = script_counts.get_mut(s.index()) {
+                    *n += 1;
+                }
+            }
+            prev_letter = script.is_some();
+            // Text that repeats itself is predictable whatever the model says.
+            if let Some(&h) = all.get(CACHE_ORDER - 1) {
+                let bit = (h >> 48) as usize;
+                let (slot, mask) = (bit / 64, 1u64 << (bit % 64));
+                if let Some(w) = seen.get_mut(slot) {
+                    if *w & mask != 0 {
+                        cost = cost.min(REPEAT_COST);
+                    }
+                    *w |= mask;
+                }
+            }
+            before = hasher.hash_array();
+            total += f64::from(cost);
+            lm_prefix.push(total);
+
+            if script == Some(Script::Latin) {
+                word.push(sym);
+                word_len += 1;
+            } else if word_len > 0 {
+                end_word(
+                    &mut word_state,
+                    &self.words,
+                    &self.function_words,
+                    word.finish(),
+                    word_len,
+                    &mut oov_prefix,
+                );
+                word = WordHash::new();
+                word_len = 0;
+            }
+            oov_prefix.push(word_state.oov_chars);
+            word_prefix.push((word_state.words, word_state.function_words));
+        }
+        if word_len > 0 {
+            // The last entries already count the word's characters' positions; add its
+            // counts there.
+            end_word(
+                &mut word_state,
+                &self.words,
+                &self.function_words,
+                word.finish(),
+                word_len,
+                &mut oov_prefix,
+            );
+            if let Some(last) = word_prefix.last_mut() {
+                *last = (word_state.words, word_state.function_words);
+            }
+        }
+        let (words, oov, oov_chars) = (
+            word_state.words as usize,
+            word_state.oov as usize,
+            word_state.oov_chars,
+        );
+        let n = offsets.len();
+        offsets.push(text.len() as u32);
+        f.chars = n;
+
+        f.char_entropy = entropy(
+            ascii_counts
+                .iter()
+                .chain(other_counts.values())
+                .copied()
+                .filter(|&c| c > 0),
+            n,
+        );
+        let letters: u32 = script_counts.iter().sum();
+        let dominant = script_counts.iter().copied().max().unwrap_or(0);
+        f.script_mix = if letters == 0 {
+            0.0
+        } else {
+            1.0 - f64::from(dominant) / f64::from(letters)
+        };
+        f.oov_share = if words == 0 {
+            0.0
+        } else {
+            oov as f64 / words as f64
+        };
+        f.lm_mean_surprisal = if n == 0 { 0.0 } else { total / n as f64 };
+
+        // Worst windows: O(n) over the prefix sums.
+        let w = self.config.window.min(n).max(1);
+        let mut best_lm = 0.0f64;
+        let mut best = (f64::MIN, 0usize, 0.0f64);
+        if n > 0 {
+            let last_start = n - w;
+            let mut s = 0usize;
+            loop {
+                let at = |v: &[f64], k: usize| v.get(k).copied().unwrap_or(total);
+                let lm = (at(&lm_prefix, s + w) - at(&lm_prefix, s)) / w as f64;
+                let oov_w = f64::from(
+                    oov_prefix.get(s + w).copied().unwrap_or(oov_chars)
+                        - oov_prefix.get(s).copied().unwrap_or(0),
+                ) / w as f64;
+                let (w0, f0) = word_prefix.get(s).copied().unwrap_or((0, 0));
+                let (w1, f1) = word_prefix
+                    .get(s + w)
+                    .copied()
+                    .unwrap_or((word_state.words, word_state.function_words));
+                let fw = f64::from(f1 - f0) / f64::from((w1 - w0).max(1));
+                best_lm = best_lm.max(lm);
+                let combined = lm + oov_penalty * oov_w - function_credit * fw;
+                if combined > best.0 {
+                    best = (combined, s, oov_w);
+                }
+                if s == last_start {
+                    break;
+                }
+                s = (s + self.config.stride).min(last_start);
+            }
+        } else {
+            best = (0.0, 0, 0.0);
+        }
+        f.lm_max_surprisal = best_lm;
+        f.window_score = best.0;
+        f.window_oov_chars = best.2;
+        f.window_start = offsets.get(best.1).copied().unwrap_or(0) as usize;
+        f.window_end = offsets.get(best.1 + w).copied().unwrap_or(0) as usize;
+
+        token_stats(text, &mut f);
+        f.compression_ratio = compression_ratio(text);
+
+        if n < self.config.min_chars {
+            f.too_short = true;
+            f.score = 0.0;
+        } else {
+            f.score = score(&f);
+        }
+        f
+    }
+}
+
+impl Detector for Gibberish {
+    fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError> {
+        let f = self.features(input.output);
+        let mut finding = Finding::default();
+        if let serde_json::Value::Object(map) = serde_json::to_value(&f)
+            .map_err(|e| DetectError::Failed(format!("gibberish: cannot encode fields: {e}")))?
+        {
+            finding.fields = map;
+        }
+        finding.fields.remove("window_end");
+        finding.fields.remove("chars");
+        if f.score >= 0.5 {
+            finding.evidence.push(Evidence {
+                target: Target::Output,
+                start: f.window_start,
+                end: f.window_end,
+                note: format!("gibberish window ({:.2} bits/char)", f.lm_max_surprisal),
+            });
+        }
+        Ok(finding)
+    }
+}
+
+/// The window score at which [`Features::score`] is 0.5: the 99.9th percentile of the clean
+/// outputs of the calibration models (see the module docs).
+pub const THRESHOLD: f64 = 5.65;
+/// Steepness of the logistic map from window score to score, per bit.
+const SLOPE: f64 = 4.0;
+
+/// The calibrated score (see the module docs).
+fn score(f: &Features) -> f64 {
+    1.0 / (1.0 + (-(f.window_score - THRESHOLD) * SLOPE).exp())
+}
+
+/// Running word counts of one output.
+#[derive(Debug, Default, Clone, Copy)]
+struct WordState {
+    words: u32,
+    oov: u32,
+    oov_chars: u32,
+    function_words: u32,
+}
+
+/// Counts a finished Latin word of `len` characters with hash `h`. An unknown word's
+/// characters are added to the out-of-vocabulary prefix sums one per character (the word's
+/// characters are the last `len` entries), so a long unknown word weighs on every window it
+/// spans, not on the one where it ends.
+fn end_word(
+    state: &mut WordState,
+    words: &HashSet<u64, BuildId>,
+    function_words: &HashSet<u64, BuildId>,
+    h: u64,
+    len: u32,
+    oov_prefix: &mut [u32],
+) {
+    state.words += 1;
+    if function_words.contains(&h) {
+        state.function_words += 1;
+    }
+    if !words.contains(&h) {
+        state.oov += 1;
+        let n = oov_prefix.len();
+        let start = n.saturating_sub(len as usize);
+        for (k, v) in oov_prefix.iter_mut().enumerate().skip(start) {
+            *v += (k + 1 - start) as u32;
+        }
+        state.oov_chars += len;
+    }
+}
+
+/// The hash a word is looked up by: its model symbols (lowercase).
+fn word_hash(w: &str) -> u64 {
+    let mut h = WordHash::new();
+    w.chars().for_each(|c| h.push(symbol(c).0));
+    h.finish()
+}
+
+/// Common function words of English, French, German, Spanish, Italian, Portuguese and Dutch.
+const FUNCTION_WORDS: [&str; 7] = [
+    "the of and to a in is it that for on with as are be this was by or an at from but not have \
+     has can you your we they he she his her its their our which who what when how if so than \
+     then there these those will would should could may also more most all some any each other \
+     such into about over only no do does i my me them us been were had",
+    "le la les de des du un une et est en que qui dans pour pas par sur au aux avec ce cette ces \
+     il elle ils elles nous vous je tu se sa son ses leur leurs ou mais plus ne y a été être sont \
+     comme on tout très aussi peut lui même où",
+    "der die das und ist in zu den mit von dem des ein eine einer eines nicht sich auf für als \
+     auch es an er sie wir ihr ich du sind war wird werden hat haben kann oder aber wie bei aus \
+     nach so im am zum zur noch nur um dass wenn man",
+    "el la los las de del y en que es un una por con para se no su sus al lo como más pero o \
+     este esta estos estas son ser está le les ya muy también puede sobre entre cuando hay yo tú",
+    "il lo la i gli le di del della dei delle e è che un una per con non si da in al alla sono \
+     come più ma anche questo questa essere ha hanno nel nella o tra suo sua",
+    "o a os as de do da dos das e é que um uma em no na nos nas por para com não se ao à seu sua \
+     mais como mas também ser são está foi ou",
+    "de het een en van in is dat op te voor met zijn niet aan er als ook om maar dan bij of door \
+     wordt worden naar uit kan je ik we ze hij zij die dit deze",
+];
+
+/// Shannon entropy in bits of a distribution given by counts summing to `total`.
+fn entropy(counts: impl Iterator<Item = u32>, total: usize) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    let t = total as f64;
+    let mut h = 0.0;
+    for c in counts {
+        let p = f64::from(c) / t;
+        h -= p * p.log2();
+    }
+    h
+}
+
+/// Token entropy, distinct-2 and the longest repeated token run, over whitespace tokens.
+fn token_stats(text: &str, f: &mut Features) {
+    let tokens: Vec<u64> = text
+        .split_whitespace()
+        .map(|t| fnv1a(t.as_bytes()))
+        .collect();
+    let mut counts: HashMap<u64, u32, BuildId> = HashMap::default();
+    counts.reserve(tokens.len());
+    let mut longest = 0usize;
+    let mut run = 0usize;
+    let mut prev_match: Option<usize> = None;
+    for t in &tokens {
+        *counts.entry(*t).or_default() += 1;
+    }
+    // Longest repeated run: each token aligned with its most recent earlier occurrence.
+    let mut last_seen: HashMap<u64, usize, BuildId> = HashMap::default();
+    last_seen.reserve(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        match last_seen.insert(*t, i) {
+            Some(j) => {
+                run = if prev_match.is_some_and(|p| p + 1 == j) {
+                    run + 1
+                } else {
+                    1
+                };
+                prev_match = Some(j);
+            }
+            None => {
+                run = 0;
+                prev_match = None;
+            }
+        }
+        longest = longest.max(run);
+    }
+    f.longest_repeat_tokens = longest;
+    f.token_entropy = entropy(counts.values().copied(), tokens.len());
+    let bigrams = tokens.len().saturating_sub(1);
+    f.distinct_2 = if bigrams == 0 {
+        1.0
+    } else {
+        let distinct: HashSet<u64, BuildId> = tokens
+            .windows(2)
+            .map(|p| {
+                p.first().copied().unwrap_or(0).rotate_left(17) ^ p.get(1).copied().unwrap_or(0)
+            })
+            .collect();
+        distinct.len() as f64 / bigrams as f64
+    };
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// zstd (level 1) compressed size over raw size; 1 for an empty text or on failure.
+fn compression_ratio(text: &str) -> f64 {
+    if text.is_empty() {
+        return 1.0;
+    }
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(1).ok();
+        }
+        match slot.as_mut().map(|c| c.compress(text.as_bytes())) {
+            Some(Ok(out)) => out.len() as f64 / text.len() as f64,
+            _ => 1.0,
+        }
+    })
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash of a lowercase word, built one model symbol at a time.
+#[derive(Debug, Clone, Copy)]
+struct WordHash(u64);
+
+impl WordHash {
+    fn new() -> WordHash {
+        WordHash(0xcbf2_9ce4_8422_2325)
+    }
+
+    #[inline]
+    fn push(&mut self, s: u32) {
+        self.0 = (self.0 ^ u64::from(s)).wrapping_mul(0x0100_0000_01b3);
+    }
+
+    fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+/// A hasher for keys that are already hashes (and chars): one multiply.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type BuildId = BuildHasherDefault<IdHasher>;
+
+#[cfg(test)]
+mod tests;

