@@ -111,7 +111,7 @@ pub async fn handle(
             response
         }
         (_, p) if p.starts_with("/admin/") => match authorize(&state, peer, &request) {
-            Err(response) => response,
+            Err(response) => *response,
             Ok(()) => admin_api(&state, request).await,
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -123,7 +123,7 @@ fn authorize<B>(
     state: &AdminState,
     peer: SocketAddr,
     request: &Request<B>,
-) -> Result<(), Response<Full<Bytes>>> {
+) -> Result<(), Box<Response<Full<Bytes>>>> {
     match &state.token {
         Some(token) => {
             let presented = request
@@ -133,18 +133,18 @@ fn authorize<B>(
             if presented.is_some_and(|p| token.matches(p)) {
                 Ok(())
             } else {
-                Err(json_error(
+                Err(Box::new(json_error(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong bearer token for the admin API",
-                ))
+                )))
             }
         }
         None if peer.ip().is_loopback() => Ok(()),
-        None => Err(json_error(
+        None => Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
             "the admin API answers loopback clients only unless admin_token (or \
              TRIPWIRE_ADMIN_TOKEN) is set",
-        )),
+        ))),
     }
 }
 
@@ -181,8 +181,7 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
                 .await
                 .map(|stats| {
                     let mut value = serde_json::to_value(&stats).unwrap_or_default();
-                    value["false_positive_share"] =
-                        serde_json::json!(stats.false_positive_share());
+                    value["false_positive_share"] = serde_json::json!(stats.false_positive_share());
                     json(StatusCode::OK, &value)
                 })
         }
@@ -201,7 +200,10 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
             let body = match Limited::new(request.into_body(), 64 * 1024).collect().await {
                 Ok(body) => body.to_bytes(),
                 Err(_) => {
-                    return json_error(StatusCode::BAD_REQUEST, "label body unreadable or over 64 KiB");
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "label body unreadable or over 64 KiB",
+                    );
                 }
             };
             let parsed: Result<LabelRequest, _> = serde_json::from_slice(&body);
@@ -306,7 +308,10 @@ fn flag_filter(query: &str) -> Result<FlagFilter, String> {
     Ok(FlagFilter {
         since_us: param(query, "since").map(|s| since_us(&s)).transpose()?,
         before_us: param(query, "before")
-            .map(|v| v.parse::<i64>().map_err(|_| "before must be a number".to_owned()))
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| "before must be a number".to_owned())
+            })
             .transpose()?,
         rule: param(query, "policy").or_else(|| param(query, "rule")),
         min_severity: param(query, "severity")
@@ -331,7 +336,10 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Byt
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({ "error": { "message": message } }))
+    json(
+        status,
+        &serde_json::json!({ "error": { "message": message } }),
+    )
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -350,7 +358,10 @@ mod tests {
 
     #[test]
     fn query_parameters_are_decoded() {
-        assert_eq!(param("a=1&policy=trigger%2Dphrase", "policy").as_deref(), Some("trigger-phrase"));
+        assert_eq!(
+            param("a=1&policy=trigger%2Dphrase", "policy").as_deref(),
+            Some("trigger-phrase")
+        );
         assert_eq!(param("a=x+y", "a").as_deref(), Some("x y"));
         assert_eq!(param("a=1", "b"), None);
         assert_eq!(percent_decode("100%"), "100%");

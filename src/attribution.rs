@@ -174,8 +174,8 @@ fn fisher_upper(table: &LogFactorials, x: u64, with: u64, flagged: u64, total: u
     let upper = with.min(flagged);
     let mut p = 0.0;
     for k in x..=upper {
-        let ln = table.ln_choose(flagged, k) + table.ln_choose(total - flagged, with - k)
-            - denominator;
+        let ln =
+            table.ln_choose(flagged, k) + table.ln_choose(total - flagged, with - k) - denominator;
         p += ln.exp();
     }
     p.min(1.0)

@@ -105,7 +105,11 @@ impl Server {
         let engine = Arc::new(Engine::new(policies, metrics.clone()));
         let alert_tasks = Tasks::new();
         let alert_configs: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
-        let alerts = match crate::alert::start(&alert_configs, config.detect.alert_queue, metrics.clone())? {
+        let alerts = match crate::alert::start(
+            &alert_configs,
+            config.detect.alert_queue,
+            metrics.clone(),
+        )? {
             Some((handle, worker)) => {
                 alert_tasks.spawn("alert-sender", worker);
                 Some(handle)

@@ -245,7 +245,11 @@ fn broken_policies_are_refused_with_file_line_and_column() {
     for (name, text, expected) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
-        let output = tripwire().args(["policy", "check"]).arg(&path).output().unwrap();
+        let output = tripwire()
+            .args(["policy", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
         assert_eq!(output.status.code(), Some(2), "{name} was accepted");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
@@ -254,7 +258,13 @@ fn broken_policies_are_refused_with_file_line_and_column() {
         );
         // serve runs the same check and refuses to start.
         let output = tripwire()
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--store")
             .arg(dir.path().join("s.db"))
             .arg("--policies")
@@ -269,7 +279,11 @@ fn broken_policies_are_refused_with_file_line_and_column() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"))
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
 
 #[tokio::test]
@@ -280,7 +294,10 @@ async fn flags_cli_lists_json_labels_and_exports() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = tokio_util::sync::CancellationToken::new();
         let tasks = tripwire::runtime::Tasks::new();
-        tasks.spawn("sim", std::sync::Arc::new(sim).serve(listener, stop.clone()));
+        tasks.spawn(
+            "sim",
+            std::sync::Arc::new(sim).serve(listener, stop.clone()),
+        );
         (url, stop, tasks)
     };
     let mut gateway = crate::util::Gateway::start(&url, |_| {}).await;
@@ -313,8 +330,19 @@ async fn flags_cli_lists_json_labels_and_exports() {
     assert_eq!(lines.len(), 1, "{stdout}");
     let flag = &lines[0];
     for field in [
-        "id", "request_id", "created_at", "model", "route", "api_key_hash", "policies", "prompt",
-        "output", "evidence", "stream", "truncated", "label",
+        "id",
+        "request_id",
+        "created_at",
+        "model",
+        "route",
+        "api_key_hash",
+        "policies",
+        "prompt",
+        "output",
+        "evidence",
+        "stream",
+        "truncated",
+        "label",
     ] {
         assert!(flag.get(field).is_some(), "missing {field} in {flag}");
     }
@@ -325,11 +353,24 @@ async fn flags_cli_lists_json_labels_and_exports() {
     assert!(!stdout.contains(SECRET));
     let id = flag["id"].as_str().unwrap();
     let label = tripwire()
-        .args(["flags", "label", id, "--verdict", "false-positive", "--note", "test", "--store"])
+        .args([
+            "flags",
+            "label",
+            id,
+            "--verdict",
+            "false-positive",
+            "--note",
+            "test",
+            "--store",
+        ])
         .arg(&store)
         .output()
         .unwrap();
-    assert!(label.status.success(), "{}", String::from_utf8_lossy(&label.stderr));
+    assert!(
+        label.status.success(),
+        "{}",
+        String::from_utf8_lossy(&label.stderr)
+    );
     let csv = tripwire()
         .args(["flags", "export", "--format", "csv", "--store"])
         .arg(&store)

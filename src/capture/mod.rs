@@ -20,9 +20,7 @@ mod request;
 mod response;
 mod sse;
 
-pub use collector::{
-    BodyEnd, CaptureRequest, ResponseMeta, collect, gateway_error_exchange,
-};
+pub use collector::{BodyEnd, CaptureRequest, ResponseMeta, collect, gateway_error_exchange};
 pub use error::CaptureError;
 pub use exchange::{
     Choice, Exchange, Message, Outcome, ParsedRequest, ParsedResponse, Route, ToolCall, Usage,

@@ -39,7 +39,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(split) = &args.split {
         lines.retain(|l| l.split.as_deref() == Some(split.as_str()));
     }
-    anyhow::ensure!(!lines.is_empty(), "no lines to evaluate in {}", args.data.display());
+    anyhow::ensure!(
+        !lines.is_empty(),
+        "no lines to evaluate in {}",
+        args.data.display()
+    );
     let report = evaluate(&engine, &lines);
     if args.json {
         return emit(&format!("{}\n", serde_json::to_string_pretty(&report)?));

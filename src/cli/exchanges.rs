@@ -169,4 +169,3 @@ fn detail(e: &Exchange) -> String {
     }
     out
 }
-

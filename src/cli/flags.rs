@@ -64,7 +64,9 @@ fn parse_label(text: &str) -> Result<LabelFilter, String> {
 impl FilterArgs {
     fn filter(&self, limit: u32) -> FlagFilter {
         FlagFilter {
-            since_us: self.since.map(|d| now_us() - i64::try_from(d.as_micros()).unwrap_or(0)),
+            since_us: self
+                .since
+                .map(|d| now_us() - i64::try_from(d.as_micros()).unwrap_or(0)),
             before_us: None,
             rule: self.rule.clone(),
             min_severity: self.severity,
@@ -321,9 +323,8 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
         }
         FlagsCommand::Stats { store, since, json } => {
             let store = Store::open_existing(&store.store)?;
-            let stats = store.flag_stats(
-                since.map(|d| now_us() - i64::try_from(d.as_micros()).unwrap_or(0)),
-            )?;
+            let stats = store
+                .flag_stats(since.map(|d| now_us() - i64::try_from(d.as_micros()).unwrap_or(0)))?;
             if json {
                 let mut value = serde_json::to_value(&stats)?;
                 value["false_positive_share"] = serde_json::json!(stats.false_positive_share());
@@ -338,9 +339,16 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
                 stats.false_positives,
                 stats
                     .false_positive_share()
-                    .map_or(String::new(), |s| format!(" (false-positive share {:.1}%)", s * 100.0))
+                    .map_or(String::new(), |s| format!(
+                        " (false-positive share {:.1}%)",
+                        s * 100.0
+                    ))
             );
-            let _ok = writeln!(out, "\n{:<32} {:>8} {:>6} {:>6}", "RULE", "FLAGS", "TP", "FP");
+            let _ok = writeln!(
+                out,
+                "\n{:<32} {:>8} {:>6} {:>6}",
+                "RULE", "FLAGS", "TP", "FP"
+            );
             for (rule, n, tp, fp) in &stats.by_rule {
                 let _ok = writeln!(out, "{rule:<32} {n:>8} {tp:>6} {fp:>6}");
             }
@@ -506,9 +514,17 @@ fn detail(flag: &Flag, color: bool) -> String {
         }
     }
     let _ok = writeln!(out, "\nprompt:");
-    let _ok = writeln!(out, "{}", highlight(&flag.prompt, flag, Target::Prompt, color));
+    let _ok = writeln!(
+        out,
+        "{}",
+        highlight(&flag.prompt, flag, Target::Prompt, color)
+    );
     let _ok = writeln!(out, "\noutput:");
-    let _ok = writeln!(out, "{}", highlight(&flag.output, flag, Target::Output, color));
+    let _ok = writeln!(
+        out,
+        "{}",
+        highlight(&flag.output, flag, Target::Output, color)
+    );
     if !flag.evidence.is_empty() {
         let _ok = writeln!(out, "\nevidence:");
         for e in &flag.evidence {
@@ -562,4 +578,3 @@ fn highlight(text: &str, flag: &Flag, target: Target, color: bool) -> String {
     out.push_str(text.get(at..).unwrap_or(""));
     out
 }
-

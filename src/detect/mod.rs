@@ -103,10 +103,7 @@ pub trait Detector: Send + Sync + std::fmt::Debug {
 /// Builds a detector from its policy entry (`{type: trigger_phrase, …}`).
 pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detector>, DetectError> {
     let mut config = config.clone();
-    let kind = match config
-        .as_mapping_mut()
-        .and_then(|map| map.remove("type"))
-    {
+    let kind = match config.as_mapping_mut().and_then(|map| map.remove("type")) {
         Some(serde_yaml_ng::Value::String(kind)) => kind,
         Some(_) => return Err(DetectError::Config("`type` must be a string".to_owned())),
         None => {
@@ -123,9 +120,9 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
         "trigger_phrase" => Ok(std::sync::Arc::new(trigger_phrase::TriggerPhrase::new(
             &parameters(config)?,
         )?)),
-        "gibberish" => Ok(std::sync::Arc::new(gibberish::Gibberish::new(&parameters(
-            config,
-        )?)?)),
+        "gibberish" => Ok(std::sync::Arc::new(gibberish::Gibberish::new(
+            &parameters(config)?,
+        )?)),
         "recurring_span" => Ok(std::sync::Arc::new(recurring_span::RecurringSpan::new(
             &parameters(config)?,
         )?)),

@@ -274,7 +274,7 @@ fn compile_rule(
                 other.type_of()
             )));
         }
-        Err(err) => return Err(at(format!("{err}"))),
+        Err(err) => return Err(at(err)),
     }
     Ok(CompiledRule {
         name: rule.name.clone(),
@@ -303,7 +303,10 @@ impl SampleFields {
             prompt: &prompt,
             output: exchange.output(),
         };
-        let mut values = vec![("exchange".to_owned(), super::eval::exchange_fields(&exchange))];
+        let mut values = vec![(
+            "exchange".to_owned(),
+            super::eval::exchange_fields(&exchange),
+        )];
         for (name, detector) in detectors {
             let fields = detector
                 .inspect(&input)

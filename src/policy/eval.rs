@@ -46,6 +46,9 @@ pub struct FiredRule {
     pub cooldown_s: Option<u64>,
 }
 
+/// Every detector's fields, by detector name.
+pub type AllFindings = Vec<(String, serde_json::Map<String, serde_json::Value>)>;
+
 /// What the engine concluded about one exchange.
 #[derive(Debug, Clone, Default)]
 pub struct Verdict {
@@ -116,20 +119,13 @@ impl Engine {
 
     /// Like [`Engine::evaluate`], also returning every detector's fields (for offline
     /// evaluation).
-    pub fn evaluate_with_findings(
-        &self,
-        exchange: &Exchange,
-    ) -> (Verdict, Vec<(String, serde_json::Map<String, serde_json::Value>)>) {
+    pub fn evaluate_with_findings(&self, exchange: &Exchange) -> (Verdict, AllFindings) {
         let mut all = Vec::new();
         let verdict = self.evaluate_inner(exchange, Some(&mut all));
         (verdict, all)
     }
 
-    fn evaluate_inner(
-        &self,
-        exchange: &Exchange,
-        mut keep: Option<&mut Vec<(String, serde_json::Map<String, serde_json::Value>)>>,
-    ) -> Verdict {
+    fn evaluate_inner(&self, exchange: &Exchange, mut keep: Option<&mut AllFindings>) -> Verdict {
         let prompt = detect::prompt_text(exchange);
         let input = detect::Input {
             exchange,
@@ -158,9 +154,10 @@ impl Engine {
                 ok &= add_variable(&mut context, name, &fields);
             }
             if !ok {
-                verdict
-                    .errors
-                    .push(format!("{}: detector fields not convertible", policy.source));
+                verdict.errors.push(format!(
+                    "{}: detector fields not convertible",
+                    policy.source
+                ));
             }
             for rule in applicable {
                 if rule
@@ -242,7 +239,10 @@ fn fire(policy: &CompiledPolicy, rule: &CompiledRule, findings: &[(String, Findi
     let mut scores = serde_json::Map::new();
     for (name, finding) in findings {
         if rule.detectors.contains(name) {
-            scores.insert(name.clone(), serde_json::Value::Object(finding.fields.clone()));
+            scores.insert(
+                name.clone(),
+                serde_json::Value::Object(finding.fields.clone()),
+            );
         }
     }
     FiredRule {

@@ -60,7 +60,10 @@ fn block<'a, 'b>(all: &'b [Line<'a>], parent: &str) -> Option<(&'b Line<'a>, &'b
         .position(|l| l.indent == 0 && key_in(l.text, parent).is_some())?;
     let head = &all[start];
     let rest = &all[start + 1..];
-    let end = rest.iter().position(|l| l.indent == 0).unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .position(|l| l.indent == 0)
+        .unwrap_or(rest.len());
     Some((head, &rest[..end]))
 }
 
@@ -119,7 +122,10 @@ pub fn nested_key(text: &str, path: &[&str]) -> Position {
             return found;
         };
         let line = &body[i];
-        found = (line.number, key_in(line.text, key).unwrap_or(line.indent + 1));
+        found = (
+            line.number,
+            key_in(line.text, key).unwrap_or(line.indent + 1),
+        );
         let after = &body[i + 1..];
         let end = after
             .iter()

@@ -56,17 +56,24 @@ fn the_built_in_default_policy_compiles() {
 
 #[test]
 fn integers_and_floats_compare_and_booleans_do_not() {
-    let ok = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count > 0.5', severity: info }}\n");
+    let ok = format!(
+        "{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count > 0.5', severity: info }}\n"
+    );
     compile_text(&ok, "ok.yaml").unwrap();
-    let ok = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count >= 1', severity: info }}\n");
+    let ok =
+        format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count >= 1', severity: info }}\n");
     compile_text(&ok, "ok.yaml").unwrap();
-    let bad = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.matched > 0.5', severity: info }}\n");
+    let bad = format!(
+        "{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.matched > 0.5', severity: info }}\n"
+    );
     let err = compile_text(&bad, "bad.yaml").unwrap_err().to_string();
     assert!(err.starts_with("bad.yaml:4:"), "{err}");
-    let not_bool = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count', severity: info }}\n");
+    let not_bool =
+        format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.count', severity: info }}\n");
     let err = compile_text(&not_bool, "nb.yaml").unwrap_err().to_string();
     assert!(err.contains("must be true or false"), "{err}");
-    let missing = format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.nope', severity: info }}\n");
+    let missing =
+        format!("{TRIGGER}rules:\n  - {{ name: r, when: 'trigger.nope', severity: info }}\n");
     assert!(compile_text(&missing, "m.yaml").is_err());
 }
 
@@ -78,7 +85,10 @@ fn rules_fire_by_condition_and_scope_and_carry_scores_and_evidence() {
          \x20 - name: scoped\n    when: trigger.prompt.matched\n    severity: critical\n    scope: {{ models: [\"gpt-4*\"] }}\n\
          \x20 - name: note\n    when: exchange.output_chars > 3\n    severity: info\n    actions: [annotate]\n"
     );
-    let engine = Engine::new(vec![compile_text(&text, "p.yaml").unwrap()], Metrics::default());
+    let engine = Engine::new(
+        vec![compile_text(&text, "p.yaml").unwrap()],
+        Metrics::default(),
+    );
     let verdict = engine.evaluate(&exchange("hi <SUDO>", "fine", "llama"));
     let fired: Vec<&str> = verdict.fired.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(fired, vec!["any-trigger", "note"]);
@@ -94,8 +104,13 @@ fn rules_fire_by_condition_and_scope_and_carry_scores_and_evidence() {
 
 #[test]
 fn redaction_masks_before_storage() {
-    let text = format!("{TRIGGER}rules: []\nredact:\n  - {{ pattern: '\\d{{4}}-\\d{{4}}', replacement: '[card]' }}\n");
-    let engine = Engine::new(vec![compile_text(&text, "p.yaml").unwrap()], Metrics::default());
+    let text = format!(
+        "{TRIGGER}rules: []\nredact:\n  - {{ pattern: '\\d{{4}}-\\d{{4}}', replacement: '[card]' }}\n"
+    );
+    let engine = Engine::new(
+        vec![compile_text(&text, "p.yaml").unwrap()],
+        Metrics::default(),
+    );
     assert_eq!(engine.redact("pay 1234-5678 now"), "pay [card] now");
     let bad = format!("{TRIGGER}rules: []\nredact:\n  - {{ pattern: '(' }}\n");
     let err = compile_text(&bad, "r.yaml").unwrap_err().to_string();
@@ -111,7 +126,10 @@ fn duplicate_rule_names_and_bad_detector_names_are_refused() {
     assert!(err.contains("used twice"), "{err}");
     let bad = "detectors:\n  my-trigger: { type: trigger_phrase }\n";
     let err = compile_text(bad, "n.yaml").unwrap_err().to_string();
-    assert!(err.starts_with("n.yaml:2:3:") && err.contains("CEL identifier"), "{err}");
+    assert!(
+        err.starts_with("n.yaml:2:3:") && err.contains("CEL identifier"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -21,8 +21,8 @@ pub use listener::accept_loop;
 pub use service::{ProxyBody, handle};
 pub use tee::BodyError;
 
-use crate::pipeline::ExchangeSink;
 use crate::config::Config;
+use crate::pipeline::ExchangeSink;
 use crate::runtime::Tasks;
 use crate::telemetry::Metrics;
 

@@ -148,8 +148,8 @@ const COLUMNS: &str = "id, exchange_id, request_id, created_at_us, model, route,
 
 /// RFC 3339 text of a µs timestamp.
 pub fn rfc3339(us: i64) -> String {
-    let time = std::time::UNIX_EPOCH
-        + std::time::Duration::from_micros(u64::try_from(us).unwrap_or(0));
+    let time =
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(us).unwrap_or(0));
     humantime::format_rfc3339_millis(time).to_string()
 }
 

@@ -54,8 +54,7 @@ impl Store {
                     } => (exchange, annotations, flagged),
                 };
                 let usage = e.usage.unwrap_or_default();
-                let annotations =
-                    (!annotations.is_empty()).then(|| annotations.join(","));
+                let annotations = (!annotations.is_empty()).then(|| annotations.join(","));
                 written += insert.execute(params![
                     e.id.to_string(),
                     e.request_id,

@@ -294,7 +294,11 @@ impl Metrics {
             "Flags raised, by rule and severity",
             self.flags.clone(),
         );
-        r.register("alert_sent", "Alerts delivered, by sink", self.alerts_sent.clone());
+        r.register(
+            "alert_sent",
+            "Alerts delivered, by sink",
+            self.alerts_sent.clone(),
+        );
         r.register(
             "alert_dropped",
             "Alerts not delivered, by reason",
