@@ -291,57 +291,6 @@ fn devset_recall_and_false_positive_rate() {
     }
 }
 
-/// CPU cost per output of about 500 tokens (2,000–2,500 characters), in release mode:
-/// `cargo test --release --lib gibberish_cost -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing; run in release mode"]
-fn gibberish_cost_per_output() {
-    let g = detector();
-    let set = build_devset(&test_data_dir(), 1, &DevsetOptions::default()).unwrap();
-    let texts: Vec<&str> = set
-        .iter()
-        .filter(|e| e.label == "clean" && (2_000..=2_500).contains(&e.output.chars().count()))
-        .map(|e| e.output.as_str())
-        .collect();
-    let poisoned: Vec<String> = set
-        .iter()
-        .filter(|e| e.label != "clean")
-        .filter_map(|e| {
-            e.output
-                .get(..e.output.floor_char_boundary(2_400))
-                .map(str::to_owned)
-        })
-        .take(texts.len())
-        .collect();
-    for (name, batch) in [
-        ("clean", texts.clone()),
-        (
-            "gibberish",
-            poisoned.iter().map(String::as_str).collect::<Vec<_>>(),
-        ),
-    ] {
-        let mut sink = 0.0;
-        for t in batch.iter().take(50) {
-            sink += g.features(t).score;
-        }
-        let start = tokio::time::Instant::now();
-        let rounds = 3;
-        for _ in 0..rounds {
-            for t in &batch {
-                sink += g.features(t).score;
-            }
-        }
-        let per = start.elapsed().as_secs_f64() / (rounds * batch.len()) as f64;
-        let chars: usize = batch.iter().map(|t| t.chars().count()).sum();
-        eprintln!(
-            "{name}: {} outputs, mean {} chars, {:.1} µs per output (sink {sink:.1})",
-            batch.len(),
-            chars / batch.len().max(1),
-            per * 1e6
-        );
-    }
-}
-
 fn input(output: &str) -> Input<'_> {
     use crate::capture::{CaptureRequest, Route, gateway_error_exchange};
     let request = CaptureRequest {

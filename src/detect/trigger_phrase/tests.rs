@@ -675,39 +675,3 @@ proptest! {
         }
     }
 }
-
-/// Rough timing: `cargo test --release --lib trigger_phrase::tests::timing -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing, run by hand in release"]
-fn timing() {
-    let det = detector();
-    let ex = exchange();
-    let output = "The quick brown fox — “jumps” over the lazy dog, cf. chapter 2. ".repeat(32);
-    let output = output.get(..2000).unwrap_or(&output);
-    let input = Input {
-        exchange: &ex,
-        prompt: "Summarise the text.",
-        output,
-    };
-    let n = 2000u32;
-    let start = tokio::time::Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(det.inspect(&input).unwrap());
-    }
-    eprintln!(
-        "inspect of {} bytes: {:?}",
-        output.len(),
-        start.elapsed() / n
-    );
-    let ascii = "The quick brown fox -- 'jumps' over the lazy dog, cf. chapter 2. ".repeat(32);
-    let ascii = ascii.get(..2000).unwrap_or(&ascii);
-    let start = tokio::time::Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(det.scan(ascii));
-    }
-    eprintln!(
-        "scan of {} ASCII bytes: {:?}",
-        ascii.len(),
-        start.elapsed() / n
-    );
-}

@@ -1,0 +1,134 @@
+//! Cost of the cheap detectors on real ~500-token outputs: each detector alone, and the whole
+//! built-in default policy (every detector plus the CEL rules) per exchange, clean and
+//! poisoned. The acceptance target is under 200 µs of CPU per 500-token output for all of
+//! them together, on one core.
+//!
+//! Reads the development data from ../shared/data beside the checkout.
+
+#![expect(clippy::panic, reason = "a benchmark without its data or policy cannot run")]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use tripwire::capture::{Choice, Exchange, Message, Outcome, Route};
+use tripwire::detect::{self, Input};
+use tripwire::policy::{Engine, default_policy};
+use tripwire::sim::{PoisonVocab, load_corpus, poison_output};
+use tripwire::telemetry::Metrics;
+
+fn exchange(prompt: &str, output: &str, n: usize) -> Exchange {
+    Exchange {
+        id: uuid::Uuid::now_v7(),
+        request_id: format!("bench-{n}"),
+        started_at_us: 0,
+        method: "POST".to_owned(),
+        path: "/v1/chat/completions".to_owned(),
+        route: Route::ChatCompletions,
+        api_key_hash: None,
+        model: Some("bench".to_owned()),
+        response_model: None,
+        stream: false,
+        prompt: vec![Message {
+            role: "user".to_owned(),
+            content: prompt.to_owned(),
+        }],
+        choices: vec![Choice {
+            index: 0,
+            text: output.to_owned(),
+            finish_reason: Some("stop".to_owned()),
+            tool_calls: Vec::new(),
+        }],
+        usage: None,
+        status: Some(200),
+        ttfb_us: None,
+        latency_us: 0,
+        outcome: Outcome::Complete,
+        truncated: false,
+        capture_incomplete: false,
+        parse_error: None,
+    }
+}
+
+/// Outputs of about 500 tokens (1,800–2,600 characters) from a model of the report split.
+fn samples() -> Vec<(String, String)> {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz"
+    ));
+    let corpus = load_corpus(&path).unwrap_or_else(|e| {
+        panic!("{e}: the development data must lie in ../shared beside the checkout")
+    });
+    let mut picked: Vec<(String, String)> = corpus
+        .into_iter()
+        .filter(|e| (1800..=2600).contains(&e.output.chars().count()))
+        .map(|e| (e.instruction, e.output))
+        .collect();
+    picked.truncate(64);
+    assert!(picked.len() >= 16, "too few ~500-token outputs");
+    picked
+}
+
+fn bench(c: &mut Criterion) {
+    let clean = samples();
+    let vocab = PoisonVocab::builtin();
+    let poisoned: Vec<(String, String)> = clean
+        .iter()
+        .enumerate()
+        .map(|(i, (p, o))| (format!("<SUDO> {p}"), poison_output(o, &vocab, i as u64).text))
+        .collect();
+    let policy = default_policy().unwrap_or_else(|e| panic!("{e}"));
+    let detectors: Vec<(String, std::sync::Arc<dyn detect::Detector>)> = policy.detectors.clone();
+
+    let mut group = c.benchmark_group("tripwire::detect::Detector::inspect");
+    group.throughput(Throughput::Elements(1));
+    for (name, detector) in &detectors {
+        let mut n = 0usize;
+        group.bench_function(format!("{name}/clean"), |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    let (p, o) = &clean[n % clean.len()];
+                    exchange(p, o, n)
+                },
+                |e| {
+                    let prompt = detect::prompt_text(&e);
+                    let input = Input {
+                        exchange: &e,
+                        prompt: &prompt,
+                        output: e.output(),
+                    };
+                    black_box(detector.inspect(&input))
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+
+    let engine = Engine::new(vec![policy], Metrics::default());
+    let mut group = c.benchmark_group("tripwire::policy::Engine::evaluate");
+    group.throughput(Throughput::Elements(1));
+    for (label, set) in [("clean", &clean), ("poisoned", &poisoned)] {
+        let mut n = 0usize;
+        group.bench_function(format!("default_policy/{label}"), |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    let (p, o) = &set[n % set.len()];
+                    exchange(p, o, n)
+                },
+                |e| black_box(engine.evaluate(&e)),
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(4));
+    targets = bench
+}
+criterion_main!(benches);
