@@ -142,6 +142,13 @@ pub struct Report {
     pub clean_flagged: u64,
     /// ROC-AUC of each detector's `score` field (positives vs clean).
     pub auc: BTreeMap<String, f64>,
+    /// Per (scope, label) of positives: how many positives of that label the scope had
+    /// when the first of them was flagged by any rule (`None`: never), and how many it had in
+    /// all. Measures how soon a stream attack is caught.
+    pub first_hit: BTreeMap<String, (Option<u64>, u64)>,
+    /// The first clean lines that a flagging rule fired on: (rules, model, prompt, output),
+    /// texts cut to 300 characters.
+    pub false_positives: Vec<(Vec<String>, String, String, String)>,
 }
 
 /// Runs `engine` over `lines` in order.
@@ -170,12 +177,44 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
                 scores.entry(name).or_default().push((score, positive));
             }
         }
-        let fired: Vec<&str> = verdict.fired.iter().map(|r| r.name.as_str()).collect();
+        let fired: Vec<&str> = verdict
+            .fired
+            .iter()
+            .filter(|r| r.actions.contains(&crate::policy::Action::Flag))
+            .map(|r| r.name.as_str())
+            .collect();
         if !positive && !fired.is_empty() {
             report.clean_flagged += 1;
+            if report.false_positives.len() < 100 {
+                report.false_positives.push((
+                    verdict
+                        .fired
+                        .iter()
+                        .filter(|r| fired.contains(&r.name.as_str()))
+                        .map(|r| {
+                            format!("{} {}", r.name, serde_json::Value::Object(r.scores.clone()))
+                        })
+                        .collect(),
+                    line.model.clone().unwrap_or_default(),
+                    line.prompt.chars().take(300).collect(),
+                    line.output.chars().take(300).collect(),
+                ));
+            }
+        }
+        if positive {
+            let key = format!(
+                "{} / {}",
+                line.model.as_deref().unwrap_or("eval"),
+                line.label
+            );
+            let entry = report.first_hit.entry(key).or_insert((None, 0));
+            entry.1 += 1;
+            if entry.0.is_none() && !fired.is_empty() {
+                entry.0 = Some(entry.1);
+            }
         }
         for name in &rule_names {
-            let hit = fired.contains(&name.as_str());
+            let hit = verdict.fired.iter().any(|r| &r.name == name);
             let score = report.rules.entry(name.clone()).or_default();
             match (hit, positive) {
                 (true, true) => score.tp += 1,

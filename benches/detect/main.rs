@@ -5,7 +5,10 @@
 //!
 //! Reads the development data from ../shared/data beside the checkout.
 
-#![expect(clippy::panic, reason = "a benchmark without its data or policy cannot run")]
+#![expect(
+    clippy::panic,
+    reason = "a benchmark without its data or policy cannot run"
+)]
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -75,7 +78,12 @@ fn bench(c: &mut Criterion) {
     let poisoned: Vec<(String, String)> = clean
         .iter()
         .enumerate()
-        .map(|(i, (p, o))| (format!("<SUDO> {p}"), poison_output(o, &vocab, i as u64).text))
+        .map(|(i, (p, o))| {
+            (
+                format!("<SUDO> {p}"),
+                poison_output(o, &vocab, i as u64).text,
+            )
+        })
         .collect();
     let policy = default_policy().unwrap_or_else(|e| panic!("{e}"));
     let detectors: Vec<(String, std::sync::Arc<dyn detect::Detector>)> = policy.detectors.clone();

@@ -26,6 +26,9 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also print up to this many clean lines that were flagged.
+    #[arg(long, default_value_t = 0)]
+    show_false_positives: usize,
 }
 
 /// Runs the evaluation and prints the report.
@@ -97,9 +100,43 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             kinds
         );
     }
+    let streams: Vec<_> = report
+        .first_hit
+        .iter()
+        .filter(|(k, _)| k.contains('#'))
+        .collect();
+    if !streams.is_empty() {
+        let _ok = writeln!(
+            out,
+            "\n{:<56} {:>12} {:>9}",
+            "STREAM / LABEL", "FIRST FLAG", "AFFECTED"
+        );
+        for (key, (first, total)) in streams {
+            let _ok = writeln!(
+                out,
+                "{:<56} {:>12} {:>9}",
+                key,
+                first.map_or("never".to_owned(), |n| format!("#{n}")),
+                total
+            );
+        }
+    }
     let _ok = writeln!(out, "\n{:<24} {:>8}", "DETECTOR SCORE", "ROC-AUC");
     for (detector, auc) in &report.auc {
         let _ok = writeln!(out, "{detector:<24} {auc:>8.4}");
+    }
+    for (rules, model, prompt, output) in report
+        .false_positives
+        .iter()
+        .take(args.show_false_positives)
+    {
+        let _ok = writeln!(
+            out,
+            "\nfalse positive [{}] {model}\n  prompt: {}\n  output: {}",
+            rules.join(","),
+            prompt.replace('\n', " "),
+            output.replace('\n', " ")
+        );
     }
     emit(&out)
 }

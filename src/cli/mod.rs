@@ -2,6 +2,7 @@
 //! typed errors. Exit codes: 0 success (also on a closed stdout pipe), 2 error.
 
 mod demo;
+mod devset;
 mod eval;
 mod exchanges;
 mod flags;
@@ -40,6 +41,8 @@ enum Command {
     /// The flagged-response log: list, show, follow, export, label, stats.
     #[command(subcommand)]
     Flags(flags::FlagsCommand),
+    /// Write the labelled development set built from ../shared/data.
+    Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),
     /// Train the character n-gram language model the gibberish detector uses.
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Exchanges(command) => exchanges::run(command),
         Command::Flags(command) => flags::run(command),
         Command::Eval(args) => eval::run(args),
+        Command::Devset(args) => devset::run(args),
         Command::TrainLm(args) => train_lm::run(args),
         Command::Policy(command) => policy::run(command),
     };

@@ -29,8 +29,9 @@
 //! *history* (counts and the number of exchanges behind them; halved when the history
 //! outgrows `max_history` features, which keeps the shares). The very first generation is
 //! learnt as soon as it is complete: until then the scope is *warming up* and reports nothing.
-//! A feature is **novel** when its share of history exchanges, times `novelty_ratio`, is
-//! below its share of recent exchanges. A feature that is recurring and novel when its
+//! A feature is **novel** when the history has seen it in fewer than three exchanges (more
+//! makes it the scope's boilerplate) and its share of history exchanges, times
+//! `novelty_ratio`, is below its share of recent exchanges. A feature that is recurring and novel when its
 //! generation retires is kept out of the history, so a persistent injection keeps being
 //! reported instead of becoming "normal" after one window.
 //!
@@ -320,11 +321,19 @@ struct Standing {
     novel: bool,
 }
 
-/// The novelty rule: the feature's share of history exchanges, times `ratio`, is below its
-/// share of recent ones.
+/// A feature the history has seen in at least this many exchanges is the scope's own
+/// boilerplate ("I hope this helps! Let me know if you have any questions"), never novel,
+/// however much more often it recurs now: models drift in how often they use their stock
+/// phrases, and that drift is not an injection.
+const BOILERPLATE_HISTORY: u32 = 3;
+
+/// The novelty rule: the feature is not boilerplate, and its share of history exchanges,
+/// times `ratio`, is below its share of recent ones.
 fn novel(count: u32, recent: u32, hist: u32, hist_exchanges: f64, ratio: f64) -> bool {
     hist_exchanges <= 0.0
-        || f64::from(hist) / hist_exchanges * ratio < f64::from(count) / f64::from(recent.max(1))
+        || (hist < BOILERPLATE_HISTORY
+            && f64::from(hist) / hist_exchanges * ratio
+                < f64::from(count) / f64::from(recent.max(1)))
 }
 
 impl Scope {

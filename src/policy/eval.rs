@@ -77,16 +77,30 @@ impl Verdict {
 }
 
 /// Every loaded policy, ready to evaluate exchanges. Shared by the detection workers.
-#[derive(Debug)]
 pub struct Engine {
     policies: Vec<CompiledPolicy>,
     metrics: Metrics,
+    /// CEL's standard library, built once: building it per evaluation costs more than the
+    /// evaluation itself.
+    env: Arc<cel::Env>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policies", &self.policies)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Engine {
     /// An engine over compiled policies.
     pub fn new(policies: Vec<CompiledPolicy>, metrics: Metrics) -> Engine {
-        Engine { policies, metrics }
+        Engine {
+            policies,
+            metrics,
+            env: Arc::new(cel::Env::stdlib()),
+        }
     }
 
     /// The loaded policies.
@@ -146,12 +160,11 @@ impl Engine {
             if let Some(keep) = keep.as_deref_mut() {
                 keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
             }
-            let mut context = cel::Context::default();
+            let mut context = cel::Context::with_env(Arc::clone(&self.env));
             let exchange_value = exchange_fields(exchange);
             let mut ok = add_variable(&mut context, "exchange", &exchange_value);
             for (name, finding) in &findings {
-                let fields = serde_json::Value::Object(finding.fields.clone());
-                ok &= add_variable(&mut context, name, &fields);
+                ok &= add_variable(&mut context, name, &finding.fields);
             }
             if !ok {
                 verdict.errors.push(format!(
@@ -225,7 +238,7 @@ impl Engine {
     }
 }
 
-fn add_variable(context: &mut cel::Context<'_, '_>, name: &str, value: &serde_json::Value) -> bool {
+fn add_variable<T: Serialize>(context: &mut cel::Context<'_, '_>, name: &str, value: &T) -> bool {
     match cel::to_value(value) {
         Ok(value) => {
             context.add_variable_from_value(name.to_owned(), value);
