@@ -140,7 +140,8 @@ pub struct Report {
     pub rules: BTreeMap<String, RuleScore>,
     /// Clean lines flagged by any rule.
     pub clean_flagged: u64,
-    /// ROC-AUC of each detector's `score` field (positives vs clean).
+    /// ROC-AUC of each detector's `score` field, per kind of poisoning against the clean
+    /// lines (`"<detector> / <label>"`).
     pub auc: BTreeMap<String, f64>,
     /// Per (scope, label) of positives: how many positives of that label the scope had
     /// when the first of them was flagged by any rule (`None`: never), and how many it had in
@@ -162,7 +163,8 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
     for name in &rule_names {
         report.rules.insert(name.clone(), RuleScore::default());
     }
-    let mut scores: BTreeMap<String, Vec<(f64, bool)>> = BTreeMap::new();
+    // Per detector: (score, label) of every line.
+    let mut scores: BTreeMap<String, Vec<(f64, String)>> = BTreeMap::new();
     for (i, line) in lines.iter().enumerate() {
         let positive = line.label != "clean";
         report.lines += 1;
@@ -174,7 +176,10 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
         let (verdict, findings) = engine.evaluate_with_findings(&exchange);
         for (name, fields) in findings {
             if let Some(score) = fields.get("score").and_then(serde_json::Value::as_f64) {
-                scores.entry(name).or_default().push((score, positive));
+                scores
+                    .entry(name)
+                    .or_default()
+                    .push((score, line.label.clone()));
             }
         }
         let fired: Vec<&str> = verdict
@@ -231,9 +236,23 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
             }
         }
     }
+    // ROC-AUC of each detector's score for each kind of poisoning against the clean lines.
+    let kinds: Vec<String> = report
+        .labels
+        .keys()
+        .filter(|k| k.as_str() != "clean")
+        .cloned()
+        .collect();
     for (name, values) in scores {
-        if let Some(auc) = roc_auc(&values) {
-            report.auc.insert(name, auc);
+        for kind in &kinds {
+            let pairs: Vec<(f64, bool)> = values
+                .iter()
+                .filter(|(_, label)| label == kind || label == "clean")
+                .map(|(score, label)| (*score, label == kind))
+                .collect();
+            if let Some(auc) = roc_auc(&pairs) {
+                report.auc.insert(format!("{name} / {kind}"), auc);
+            }
         }
     }
     report

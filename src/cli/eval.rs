@@ -121,9 +121,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let _ok = writeln!(out, "\n{:<24} {:>8}", "DETECTOR SCORE", "ROC-AUC");
+    let _ok = writeln!(out, "\n{:<40} {:>8}", "DETECTOR SCORE / KIND", "ROC-AUC");
     for (detector, auc) in &report.auc {
-        let _ok = writeln!(out, "{detector:<24} {auc:>8.4}");
+        let _ok = writeln!(out, "{detector:<40} {auc:>8.4}");
     }
     for (rules, model, prompt, output) in report
         .false_positives
