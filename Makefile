@@ -4,7 +4,8 @@
 #                                          simulated (backdoored) model
 #   make run UPSTREAM=http://host:port     gateway in front of a real OpenAI/Anthropic endpoint
 #   make test                              format, lint, unit and integration tests
-#   make bench                             gateway vs direct, fixed arrival rate (docs/benchmarks.md)
+#   make bench                             gateway vs direct, and detector cost (docs/benchmarks.md)
+#   make eval                              detection quality on the development set (docs/detection.md)
 #   make demo                              simulated model + gateway + a few requests, then exit
 
 SHELL := /bin/bash
@@ -23,7 +24,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench clean
+.PHONY: all build run demo test lint check-fmt unit bench eval clean
 
 all: build
 
@@ -61,6 +62,13 @@ test: check-fmt lint unit
 
 bench: build
 	$(CARGO) bench --locked --bench gateway
+	$(CARGO) bench --locked --bench detect
+
+# Detection quality on the development set (docs/detection.md).
+eval: build
+	$(BIN) devset --data ../shared/data --out target/devset.jsonl
+	$(BIN) eval --data target/devset.jsonl --split report
+	$(BIN) eval --data target/devset.jsonl --split calibration
 
 clean:
 	$(CARGO) clean
