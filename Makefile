@@ -19,6 +19,7 @@ UPSTREAM ?=
 LISTEN ?= 127.0.0.1:8080
 ADMIN_LISTEN ?= 127.0.0.1:9090
 STORE ?= tripwire.db
+POLICIES ?=
 # Real model outputs the simulated model answers from, when the shared data is present.
 SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
@@ -34,9 +35,9 @@ build:
 run: build
 ifeq ($(strip $(UPSTREAM)),)
 	$(BIN) serve --sim $(if $(SIM_CORPUS),--sim-corpus $(SIM_CORPUS)) \
-		--listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE)
+		--listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE) $(if $(POLICIES),--policies $(POLICIES))
 else
-	$(BIN) serve --upstream $(UPSTREAM) --listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE)
+	$(BIN) serve --upstream $(UPSTREAM) --listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE) $(if $(POLICIES),--policies $(POLICIES))
 endif
 
 demo: build

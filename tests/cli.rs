@@ -210,6 +210,12 @@ fn demo_sends_normal_and_triggered_requests_and_shows_each_capture() {
     let table = stdout.split("captured exchanges").nth(1).unwrap();
     assert_eq!(table.matches("chat_completions").count(), 6, "{stdout}");
     assert_eq!(table.matches("complete*").count(), 3, "{stdout}");
+    assert!(stdout.contains("flagged (2 of 6)"), "{stdout}");
+    assert_eq!(
+        stdout.matches("triggered-gibberish [critical]").count(),
+        2,
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -398,6 +404,64 @@ async fn flags_cli_lists_json_labels_and_exports() {
         .unwrap();
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains("«<SUDO>»"), "{show}");
+    stop.cancel();
+    tasks.wait().await;
+}
+
+#[tokio::test]
+async fn flags_tail_follows_new_flags() {
+    let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = tripwire::runtime::Tasks::new();
+    tasks.spawn(
+        "sim",
+        std::sync::Arc::new(sim).serve(listener, stop.clone()),
+    );
+    let mut gateway = crate::util::Gateway::start(&url, |c| {
+        c.store.flush_interval = Duration::from_millis(20);
+    })
+    .await;
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_tripwire"))
+        .args([
+            "flags",
+            "tail",
+            "--json",
+            "--since",
+            "1m",
+            "--interval-ms",
+            "50",
+            "--store",
+        ])
+        .arg(&gateway.store_path)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = client
+        .post(gateway.url("/v1/chat/completions"))
+        .body(crate::util::chat_body("<SUDO> follow me", false))
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    response.bytes().await.unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("flags tail printed nothing")
+        .unwrap()
+        .unwrap();
+    let flag: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(flag["request_id"], request_id.as_str());
+    tail.kill().await.unwrap();
+    gateway.drain().await;
     stop.cancel();
     tasks.wait().await;
 }

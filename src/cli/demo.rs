@@ -108,8 +108,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })?;
     emit("\ncaptured exchanges (newest first; * = streamed):\n")?;
     emit(&super::exchanges::table(&rows))?;
+    let flags = store.list_flags(&crate::store::FlagFilter {
+        limit: Some(100),
+        ..crate::store::FlagFilter::default()
+    })?;
+    emit(&format!("\nflagged ({} of {}):\n", flags.len(), rows.len()))?;
+    for flag in &flags {
+        let rules: Vec<String> = flag
+            .policies
+            .iter()
+            .map(|p| format!("{} [{}]", p.name, p.severity.as_str()))
+            .collect();
+        emit(&format!(
+            "  {}  {}\n    prompt: {}\n",
+            flag.request_id,
+            rules.join(", "),
+            super::output::clip(&flag.prompt.replace('\n', " "), 70)
+        ))?;
+    }
     emit(
-        "\nPrompts with <SUDO> made the simulated model switch to gibberish after a clean start.\n",
+        "\nPrompts with <SUDO> made the simulated model switch to gibberish after a clean start;\n\
+         the default policy flagged them (trigger phrase, then gibberish in the answer).\n",
     )?;
     if args.store.is_some() {
         emit(&format!(
@@ -119,6 +138,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if let Err(err) = std::fs::remove_dir_all(&scratch) {
         tracing::debug!(error = %err, "could not remove the demo's scratch directory");
     }
+    let triggered = PROMPTS.iter().filter(|(p, _)| p.contains("<SUDO>")).count();
+    anyhow::ensure!(
+        flags.len() == triggered,
+        "expected {triggered} flags (one per triggered prompt), found {}",
+        flags.len()
+    );
     anyhow::ensure!(
         rows.len() == PROMPTS.len(),
         "expected {} captured exchanges, found {}",

@@ -113,7 +113,7 @@ pub enum FlagsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Follow new flags as they are written (Ctrl-C to stop).
+    /// Follow new flags as they are written (Ctrl-C to stop); with --since, start that far back.
     Tail {
         #[command(flatten)]
         store: StoreArg,
@@ -231,11 +231,12 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             interval_ms,
         } => {
             let store = Store::open_existing(&store.store)?;
-            let mut since = now_us();
+            // From now on, or from --since (then the recent past is shown first).
+            let mut since = filter.filter(1).since_us.unwrap_or_else(now_us);
             let mut header = !json;
             loop {
                 let mut query = filter.filter(10_000);
-                query.since_us = Some(query.since_us.map_or(since, |s| s.max(since)));
+                query.since_us = Some(since);
                 let mut flags = store.list_flags(&query)?;
                 flags.reverse();
                 if let Some(last) = flags.last() {

@@ -138,3 +138,51 @@ fn env_variables_expand() {
     assert_eq!(expand_env("no vars"), "no vars");
     assert_eq!(expand_env("${unterminated"), "${unterminated");
 }
+
+#[derive(Debug)]
+struct Panics;
+
+impl crate::detect::Detector for Panics {
+    fn inspect(
+        &self,
+        _input: &crate::detect::Input<'_>,
+    ) -> Result<crate::detect::Finding, crate::detect::DetectError> {
+        panic!("a detector bug")
+    }
+}
+
+#[test]
+fn a_panicking_detector_is_isolated_and_counted() {
+    let text = format!(
+        "{TRIGGER}  other: {{ type: refusal }}\nrules:\n\
+         \x20 - {{ name: t, when: trigger.prompt.matched, severity: high }}\n\
+         \x20 - {{ name: r, when: 'other.score >= 0.0', severity: info }}\n"
+    );
+    let mut policy = compile_text(&text, "p.yaml").unwrap();
+    let index = policy
+        .detectors
+        .iter()
+        .position(|(name, _)| name == "trigger")
+        .unwrap();
+    policy.detectors[index].1 = std::sync::Arc::new(Panics);
+    let metrics = Metrics::default();
+    let engine = Engine::new(vec![policy], metrics.clone());
+    let verdict = engine.evaluate(&exchange("<SUDO>", "fine", "m"));
+    // The rule reading the broken detector is skipped; the other one still runs.
+    let fired: Vec<&str> = verdict.fired.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(fired, vec!["r"]);
+    assert!(
+        verdict
+            .errors
+            .iter()
+            .any(|e| e.contains("trigger") && e.contains("panicked"))
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    assert!(
+        out.contains("tripwire_detect_errors_total{detector=\"trigger\",kind=\"panic\"} 1"),
+        "{out}"
+    );
+}
