@@ -118,7 +118,9 @@ impl Server {
         };
         let detect_tasks = Tasks::new();
         let (detect_tx, detect_rx) = crossbeam_channel::bounded(config.detect.queue);
-        for _ in 0..config.detect.workers {
+        // Without any rule there is nothing to detect: exchanges go straight to the store.
+        let workers = if rules == 0 { 0 } else { config.detect.workers };
+        for _ in 0..workers {
             let detection = Detection {
                 engine: Arc::clone(&engine),
                 store: exchanges_tx.clone(),
@@ -133,12 +135,16 @@ impl Server {
         tracing::info!(
             policies = engine.policies().len(),
             rules,
-            workers = config.detect.workers,
+            workers,
             "detection ready"
         );
 
         let capture_tasks = Tasks::new();
-        let sink = ExchangeSink::new(Some(detect_tx), exchanges_tx, metrics.clone());
+        let sink = ExchangeSink::new(
+            (workers > 0).then_some(detect_tx),
+            exchanges_tx,
+            metrics.clone(),
+        );
         let gateway = Arc::new(Gateway::new(
             Arc::clone(&config),
             metrics.clone(),

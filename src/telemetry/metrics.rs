@@ -4,6 +4,8 @@
 //! on a hash map), and labels are low-cardinality: route and status class, never model names
 //! chosen by callers.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -92,9 +94,21 @@ fn overhead_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 2.0, 13))
 }
 
-/// The gateway's metrics. Cheap to clone (every field is an `Arc` inside).
-#[derive(Debug, Clone)]
-pub struct Metrics {
+/// The gateway's metrics, shared: one `Arc` to clone per request, not one per metric.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics(Arc<MetricsInner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricsInner;
+
+    fn deref(&self) -> &MetricsInner {
+        &self.0
+    }
+}
+
+/// Every metric; reached through [`Metrics`].
+#[derive(Debug)]
+pub struct MetricsInner {
     /// `tripwire_proxy_requests_total{route,status}`.
     pub requests: Family<RouteStatusLabels, Counter>,
     /// `tripwire_proxy_in_flight_requests`.
@@ -148,9 +162,9 @@ pub struct Metrics {
     pub alerts_suppressed: Counter,
 }
 
-impl Default for Metrics {
+impl Default for MetricsInner {
     fn default() -> Self {
-        Metrics {
+        MetricsInner {
             requests: Family::default(),
             in_flight: Gauge::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
@@ -180,7 +194,7 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
+impl MetricsInner {
     /// Registers every metric under the `tripwire` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("tripwire");
