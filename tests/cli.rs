@@ -10,6 +10,18 @@ use crate::util::{MockUpstream, Script};
 const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
+/// Kills the child when the test ends early (a failed assertion), so no gateway outlives it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _killed = self.0.kill();
+            let _reaped = self.0.wait();
+        }
+    }
+}
+
 fn tripwire() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tripwire"))
 }
@@ -50,27 +62,30 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     let store = dir.path().join("secrets.db");
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, "limits:\n  max_request_body_bytes: 1024\n").unwrap();
-    let mut child = tripwire()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&config)
-        .args(["--upstream", &upstream.url()])
-        .arg("--store")
-        .arg(&store)
-        .env("TRIPWIRE_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        tripwire()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .args(["--upstream", &upstream.url()])
+            .arg("--store")
+            .arg(&store)
+            .env("TRIPWIRE_LOG", "trace")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let mut log = String::new();
-    let addr = wait_for_listen(&mut child, &mut log);
+    let addr = wait_for_listen(child, &mut log);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let body = crate::util::chat_body("hello", false);
     // The key in every header callers use, on a normal answer and on the gateway's own errors.
@@ -109,7 +124,7 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     assert_eq!(bad.status(), 502);
     assert!(!bad.text().await.unwrap().contains(SECRET));
 
-    terminate(&mut child);
+    terminate(child);
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status} after SIGTERM");
     child
