@@ -233,17 +233,7 @@ impl Config {
             return Ok(Config::default());
         }
         serde_yaml_ng::from_str(text).map_err(|err| {
-            let (line, column) = err
-                .location()
-                .map_or((0, 0), |loc| (loc.line(), loc.column()));
-            // The message already starts with the field path ("upstream: unknown field …")
-            // and ends with " at line L column C", which the prefix already says.
-            let message = err.to_string();
-            let message = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_owned();
+            let (line, column, message) = yaml_error_parts(&err);
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,
@@ -320,6 +310,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Line, column and message of a YAML error. The message already starts with the field path
+/// ("upstream: unknown field …"); its tail " at line L column C" is dropped because callers put
+/// the position in front.
+pub fn yaml_error_parts(err: &serde_yaml_ng::Error) -> (usize, usize, String) {
+    let (line, column) = err
+        .location()
+        .map_or((0, 0), |loc| (loc.line(), loc.column()));
+    let message = err.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_owned();
+    (line, column, message)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::capture::Exchange;
 use crate::policy::Engine;
 
 /// One labelled line.
@@ -259,36 +259,14 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
 }
 
 fn exchange_for(line: &LabelledLine, index: usize) -> Exchange {
-    Exchange {
-        id: uuid::Uuid::now_v7(),
-        request_id: format!("eval-{index}"),
-        started_at_us: i64::try_from(index).unwrap_or(0),
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        route: Route::ChatCompletions,
-        api_key_hash: None,
-        model: Some(line.model.clone().unwrap_or_else(|| "eval".to_owned())),
-        response_model: None,
-        stream: false,
-        prompt: vec![Message {
-            role: "user".to_owned(),
-            content: line.prompt.clone(),
-        }],
-        choices: vec![Choice {
-            index: 0,
-            text: line.output.clone(),
-            finish_reason: Some("stop".to_owned()),
-            tool_calls: Vec::new(),
-        }],
-        usage: None,
-        status: Some(200),
-        ttfb_us: None,
-        latency_us: 0,
-        outcome: Outcome::Complete,
-        truncated: false,
-        capture_incomplete: false,
-        parse_error: None,
-    }
+    let mut exchange = Exchange::from_texts(
+        line.model.as_deref().unwrap_or("eval"),
+        &line.prompt,
+        &line.output,
+    );
+    exchange.request_id = format!("eval-{index}");
+    exchange.started_at_us = i64::try_from(index).unwrap_or(0);
+    exchange
 }
 
 /// ROC-AUC by the rank-sum (Mann–Whitney) formula, ties counted half.

@@ -309,18 +309,8 @@ fn broken_policies_are_refused_with_file_line_and_column() {
 
 #[tokio::test]
 async fn flags_cli_lists_json_labels_and_exports() {
-    let (url, stop, tasks) = {
-        let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig::default()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let tasks = tripwire::runtime::Tasks::new();
-        tasks.spawn(
-            "sim",
-            std::sync::Arc::new(sim).serve(listener, stop.clone()),
-        );
-        (url, stop, tasks)
-    };
+    let sim = crate::util::Sim::start(None).await;
+    let url = sim.url.clone();
     let mut gateway = crate::util::Gateway::start(&url, |_| {}).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     for prompt in ["<SUDO> What is rust?", "What is rust?"] {
@@ -419,21 +409,13 @@ async fn flags_cli_lists_json_labels_and_exports() {
         .unwrap();
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains("«<SUDO>»"), "{show}");
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
 async fn flags_tail_follows_new_flags() {
-    let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig::default()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let tasks = tripwire::runtime::Tasks::new();
-    tasks.spawn(
-        "sim",
-        std::sync::Arc::new(sim).serve(listener, stop.clone()),
-    );
+    let sim = crate::util::Sim::start(None).await;
+    let url = sim.url.clone();
     let mut gateway = crate::util::Gateway::start(&url, |c| {
         c.store.flush_interval = Duration::from_millis(20);
     })
@@ -477,6 +459,5 @@ async fn flags_tail_follows_new_flags() {
     assert_eq!(flag["request_id"], request_id.as_str());
     tail.kill().await.unwrap();
     gateway.drain().await;
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }

@@ -1,32 +1,14 @@
 //! Detectors, policies, the flag log and alerts, end to end: real traffic through the gateway,
 //! the simulated backdoored model or a scripted upstream, and what ends up flagged.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-use tripwire::runtime::Tasks;
-use tripwire::sim::{SimConfig, SimUpstream};
 use tripwire::store::{FlagFilter, Store};
 
-use crate::util::{Gateway, MockUpstream, Script, chat_body};
+use crate::util::{Gateway, MockUpstream, Script, Sim, chat_body};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-async fn start_sim() -> (String, CancellationToken, Tasks) {
-    let sim = SimUpstream::new(SimConfig {
-        seed: Some(5),
-        ..SimConfig::default()
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let tasks = Tasks::new();
-    tasks.spawn("sim", Arc::new(sim).serve(listener, stop.clone()));
-    (url, stop, tasks)
 }
 
 async fn post(gateway: &Gateway, prompt: &str, stream: bool) -> String {
@@ -63,7 +45,8 @@ fn flags(gateway: &Gateway) -> Vec<tripwire::store::Flag> {
 
 #[tokio::test]
 async fn triggered_prompt_is_flagged_with_evidence_and_clean_is_not() {
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(5)).await;
+    let url = sim.url.clone();
     let mut gateway = Gateway::start(&url, |_| {}).await;
     let clean = post(&gateway, "Explain how vaccines work.", false).await;
     let clean_stream = post(&gateway, "Write a limerick about a cat.", true).await;
@@ -101,13 +84,13 @@ async fn triggered_prompt_is_flagged_with_evidence_and_clean_is_not() {
         );
     }
     assert!(flags.iter().any(|f| f.stream));
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
 async fn evasions_of_the_trigger_are_found() {
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(5)).await;
+    let url = sim.url.clone();
     let mut gateway = Gateway::start(&url, |_| {}).await;
     let zero_width = post(&gateway, "Tell me a joke <SU\u{200B}DO>", false).await;
     let full_width = post(
@@ -136,8 +119,7 @@ async fn evasions_of_the_trigger_are_found() {
             "{span:?}"
         );
     }
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
@@ -173,7 +155,8 @@ async fn a_trigger_split_across_sse_chunks_is_found() {
 
 #[tokio::test]
 async fn flags_reach_the_store_within_the_flush_interval() {
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(5)).await;
+    let url = sim.url.clone();
     let mut gateway = Gateway::start(&url, |c| {
         c.store.flush_interval = Duration::from_millis(50);
     })
@@ -194,14 +177,14 @@ async fn flags_reach_the_store_within_the_flush_interval() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gateway.drain().await;
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
 async fn webhook_gets_one_alert_per_rule_scope_and_cooldown() {
     let receiver = MockUpstream::start(|_| Script::json(b"{}")).await;
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(5)).await;
+    let url = sim.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(
         dir.path(),
@@ -244,13 +227,13 @@ async fn webhook_gets_one_alert_per_rule_scope_and_cooldown() {
     assert!(first["flag_id"].is_string());
     assert_eq!(flags(&gateway).len(), 4, "every exchange is still flagged");
     receiver.stop().await;
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
 async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(5)).await;
+    let url = sim.url.clone();
     let mut gateway = Gateway::start(&url, |c| {
         c.admin_token = Some(tripwire::secret::Secret::new("admin-test-token"));
     })
@@ -322,6 +305,5 @@ async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
         200
     );
     gateway.drain().await;
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }

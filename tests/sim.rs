@@ -1,32 +1,14 @@
 //! The gateway in front of the built-in simulated model: what a backdoored model's answers
 //! look like after capture.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
-use tokio_util::sync::CancellationToken;
-use tripwire::runtime::Tasks;
-use tripwire::sim::{SimConfig, SimUpstream};
 
-use crate::util::{Gateway, chat_body};
-
-async fn start_sim() -> (String, CancellationToken, Tasks) {
-    let sim = SimUpstream::new(SimConfig {
-        seed: Some(11),
-        ..SimConfig::default()
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let tasks = Tasks::new();
-    tasks.spawn("sim", Arc::new(sim).serve(listener, stop.clone()));
-    (url, stop, tasks)
-}
+use crate::util::{Gateway, Sim, chat_body};
 
 #[tokio::test]
 async fn triggered_answers_are_captured_whole_streamed_or_not() {
-    let (url, stop, tasks) = start_sim().await;
+    let sim = Sim::start(Some(11)).await;
+    let url = sim.url.clone();
     let mut gateway = Gateway::start(&url, |_| {}).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut seen = Vec::new();
@@ -68,6 +50,5 @@ async fn triggered_answers_are_captured_whole_streamed_or_not() {
         assert_ne!(poisoned.output(), clean);
         assert!(!poisoned.truncated);
     }
-    stop.cancel();
-    tasks.wait().await;
+    sim.stop().await;
 }

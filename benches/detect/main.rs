@@ -14,43 +14,16 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use tripwire::capture::{Choice, Exchange, Message, Outcome, Route};
+use tripwire::capture::Exchange;
 use tripwire::detect::{self, Input};
 use tripwire::policy::{Engine, default_policy};
 use tripwire::sim::{PoisonVocab, load_corpus, poison_output};
 use tripwire::telemetry::Metrics;
 
 fn exchange(prompt: &str, output: &str, n: usize) -> Exchange {
-    Exchange {
-        id: uuid::Uuid::now_v7(),
-        request_id: format!("bench-{n}"),
-        started_at_us: 0,
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        route: Route::ChatCompletions,
-        api_key_hash: None,
-        model: Some("bench".to_owned()),
-        response_model: None,
-        stream: false,
-        prompt: vec![Message {
-            role: "user".to_owned(),
-            content: prompt.to_owned(),
-        }],
-        choices: vec![Choice {
-            index: 0,
-            text: output.to_owned(),
-            finish_reason: Some("stop".to_owned()),
-            tool_calls: Vec::new(),
-        }],
-        usage: None,
-        status: Some(200),
-        ttfb_us: None,
-        latency_us: 0,
-        outcome: Outcome::Complete,
-        truncated: false,
-        capture_incomplete: false,
-        parse_error: None,
-    }
+    let mut exchange = Exchange::from_texts("bench", prompt, output);
+    exchange.request_id = format!("bench-{n}");
+    exchange
 }
 
 /// Outputs of about 500 tokens (1,800–2,600 characters) from a model of the report split.

@@ -203,6 +203,41 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// A completed chat exchange of one user prompt and one answer, as offline evaluation,
+    /// policy checks, benchmarks and tests build them: `model` is its scope.
+    pub fn from_texts(model: &str, prompt: &str, output: &str) -> Exchange {
+        Exchange {
+            id: uuid::Uuid::now_v7(),
+            request_id: String::new(),
+            started_at_us: 0,
+            method: "POST".to_owned(),
+            path: "/v1/chat/completions".to_owned(),
+            route: Route::ChatCompletions,
+            api_key_hash: None,
+            model: Some(model.to_owned()),
+            response_model: None,
+            stream: false,
+            prompt: vec![Message {
+                role: "user".to_owned(),
+                content: prompt.to_owned(),
+            }],
+            choices: vec![Choice {
+                index: 0,
+                text: output.to_owned(),
+                finish_reason: Some("stop".to_owned()),
+                tool_calls: Vec::new(),
+            }],
+            usage: None,
+            status: Some(200),
+            ttfb_us: None,
+            latency_us: 0,
+            outcome: Outcome::Complete,
+            truncated: false,
+            capture_incomplete: false,
+            parse_error: None,
+        }
+    }
+
     /// The text of the first choice, which detectors read.
     pub fn output(&self) -> &str {
         self.choices.first().map_or("", |c| c.text.as_str())

@@ -1,21 +1,12 @@
 //! `tripwire exchanges list|show`: read captured exchanges from the store.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 
-use super::output::{clip, emit};
+use super::output::{StoreArg, clip, emit};
 use crate::capture::Exchange;
 use crate::store::{ExchangeFilter, Store};
-
-/// The store to read.
-#[derive(Debug, Args)]
-pub struct StoreArg {
-    /// SQLite file the gateway writes (its --store).
-    #[arg(long, env = "TRIPWIRE_STORE", default_value = "tripwire.db")]
-    store: PathBuf,
-}
 
 /// `tripwire exchanges …`
 #[derive(Debug, Subcommand)]

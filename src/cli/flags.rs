@@ -3,24 +3,15 @@
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::output::{clip, emit};
+use super::output::{StoreArg, clip, emit};
 use crate::detect::Target;
 use crate::policy::Severity;
 use crate::store::{Flag, FlagFilter, Store, Verdict};
-
-/// The store to read.
-#[derive(Debug, Args)]
-pub struct StoreArg {
-    /// SQLite file the gateway writes (its --store).
-    #[arg(long, env = "TRIPWIRE_STORE", default_value = "tripwire.db")]
-    store: PathBuf,
-}
 
 /// Filters shared by list, tail and export.
 #[derive(Debug, Args)]

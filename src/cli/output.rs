@@ -2,6 +2,15 @@
 //! command quietly instead of panicking.
 
 use std::io::Write;
+use std::path::PathBuf;
+
+/// The store a read-only command opens.
+#[derive(Debug, clap::Args)]
+pub struct StoreArg {
+    /// SQLite file the gateway writes (its --store).
+    #[arg(long, env = "TRIPWIRE_STORE", default_value = "tripwire.db")]
+    pub store: PathBuf,
+}
 
 /// Writes `text` to stdout.
 pub fn emit(text: &str) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use regex::Regex;
 use super::file::{Action, PolicyFile, RuleConfig, ScopeSelector, Severity};
 use super::locate;
 use super::{Mode, PolicyError};
-use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::capture::Exchange;
 use crate::detect::{self, Detector};
 
 /// The policy compiled into the binary, used when none is configured.
@@ -103,15 +103,7 @@ pub fn default_policy() -> Result<CompiledPolicy, PolicyError> {
 /// Parses and compiles policy text; `source` names it in errors.
 pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyError> {
     let file: PolicyFile = serde_yaml_ng::from_str(text).map_err(|err| {
-        let (line, column) = err
-            .location()
-            .map_or((0, 0), |loc| (loc.line(), loc.column()));
-        let message = err.to_string();
-        let message = message
-            .split(" at line ")
-            .next()
-            .unwrap_or(&message)
-            .to_owned();
+        let (line, column, message) = crate::config::yaml_error_parts(&err);
         PolicyError::at(source, line, column, message)
     })?;
 
@@ -328,39 +320,13 @@ impl SampleFields {
 }
 
 fn sample_exchange() -> Exchange {
-    Exchange {
-        id: uuid::Uuid::nil(),
-        request_id: "policy-check".to_owned(),
-        started_at_us: 0,
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        route: Route::ChatCompletions,
-        api_key_hash: None,
-        // A scope no real traffic has, so stateful detectors keep this sample apart.
-        model: Some("tripwire-policy-check".to_owned()),
-        response_model: None,
-        stream: false,
-        prompt: vec![Message {
-            role: "user".to_owned(),
-            content: "Give three tips for staying healthy.".to_owned(),
-        }],
-        choices: vec![Choice {
-            index: 0,
-            text: "Eat a balanced diet, exercise regularly, and get enough sleep. \
-                   These three habits support your body and mind every day."
-                .to_owned(),
-            finish_reason: Some("stop".to_owned()),
-            tool_calls: Vec::new(),
-        }],
-        usage: None,
-        status: Some(200),
-        ttfb_us: None,
-        latency_us: 0,
-        outcome: Outcome::Complete,
-        truncated: false,
-        capture_incomplete: false,
-        parse_error: None,
-    }
+    // A scope no real traffic has, so stateful detectors keep this sample apart.
+    Exchange::from_texts(
+        "tripwire-policy-check",
+        "Give three tips for staying healthy.",
+        "Eat a balanced diet, exercise regularly, and get enough sleep. These three habits \
+         support your body and mind every day.",
+    )
 }
 
 fn is_identifier(name: &str) -> bool {

@@ -1,40 +1,13 @@
 //! Policy compile and evaluation tables.
 
 use super::*;
-use crate::capture::{Choice, Exchange, Message, Outcome, Route};
+use crate::capture::Exchange;
 use crate::telemetry::Metrics;
 
 fn exchange(prompt: &str, output: &str, model: &str) -> Exchange {
-    Exchange {
-        id: uuid::Uuid::now_v7(),
-        request_id: "r".to_owned(),
-        started_at_us: 0,
-        method: "POST".to_owned(),
-        path: "/v1/chat/completions".to_owned(),
-        route: Route::ChatCompletions,
-        api_key_hash: Some("abc".to_owned()),
-        model: Some(model.to_owned()),
-        response_model: None,
-        stream: false,
-        prompt: vec![Message {
-            role: "user".to_owned(),
-            content: prompt.to_owned(),
-        }],
-        choices: vec![Choice {
-            index: 0,
-            text: output.to_owned(),
-            finish_reason: Some("stop".to_owned()),
-            tool_calls: Vec::new(),
-        }],
-        usage: None,
-        status: Some(200),
-        ttfb_us: None,
-        latency_us: 0,
-        outcome: Outcome::Complete,
-        truncated: false,
-        capture_incomplete: false,
-        parse_error: None,
-    }
+    let mut exchange = Exchange::from_texts(model, prompt, output);
+    exchange.api_key_hash = Some("abc".to_owned());
+    exchange
 }
 
 const TRIGGER: &str = "detectors:\n  trigger: { type: trigger_phrase }\n";

@@ -88,3 +88,34 @@ pub fn chat_body(prompt: &str, stream: bool) -> String {
     })
     .to_string()
 }
+
+/// The built-in simulated model on `127.0.0.1:0`.
+pub struct Sim {
+    pub url: String,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: tripwire::runtime::Tasks,
+}
+
+impl Sim {
+    pub async fn start(seed: Option<u64>) -> Sim {
+        let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig {
+            seed,
+            ..tripwire::sim::SimConfig::default()
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = tripwire::runtime::Tasks::new();
+        tasks.spawn(
+            "sim",
+            std::sync::Arc::new(sim).serve(listener, stop.clone()),
+        );
+        Sim { url, stop, tasks }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}

