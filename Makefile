@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench eval clean
+.PHONY: all build run demo test lint check-fmt unit bench eval models clean
 
 all: build
 
@@ -42,6 +42,11 @@ endif
 
 demo: build
 	$(BIN) demo $(if $(SIM_CORPUS),--corpus $(SIM_CORPUS))
+
+# Pinned ONNX Runtime library and embedding model (models/manifest.toml), checked by sha256 and
+# cached outside the clone. Used by the model-based detectors.
+models:
+	$(PYTHON) scripts/fetch_models.py
 
 # The Python client the integration tests drive the gateway with.
 $(VENV)/.openai-$(OPENAI_VERSION):
