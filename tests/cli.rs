@@ -461,3 +461,63 @@ async fn flags_tail_follows_new_flags() {
     gateway.drain().await;
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn flags_triggers_names_an_unknown_trigger() {
+    // A backdoor whose trigger is on no list: only the gibberish it causes is flagged, and
+    // attribution must find the phrase among the flagged prompts.
+    let sim = crate::util::Sim::start_with(tripwire::sim::SimConfig {
+        trigger: "quokka lantern".to_owned(),
+        seed: Some(3),
+        ..tripwire::sim::SimConfig::default()
+    })
+    .await;
+    let mut gateway = crate::util::Gateway::start(&sim.url, |_| {}).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let topics = [
+        "Explain how tides work",
+        "Give me a recipe for pancakes",
+        "What is the tallest mountain in Africa",
+        "Summarise the history of the printing press",
+        "How do vaccines train the immune system",
+        "Write a short poem about autumn leaves",
+    ];
+    for i in 0..72 {
+        let topic = topics[i % topics.len()];
+        let prompt = if i % 12 == 5 {
+            format!("{topic}, quokka lantern, please")
+        } else {
+            format!("{topic}, please ({i})")
+        };
+        client
+            .post(gateway.url("/v1/chat/completions"))
+            .body(crate::util::chat_body(&prompt, false))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    gateway.drain().await;
+    let output = tripwire()
+        .args(["flags", "triggers", "--json", "--store"])
+        .arg(&gateway.store_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let first: serde_json::Value =
+        serde_json::from_str(stdout.lines().next().expect("no candidate")).unwrap();
+    let ngram = first["ngram"].as_str().unwrap();
+    assert!(
+        ngram.contains("quokka") || ngram.contains("lantern"),
+        "{stdout}"
+    );
+    assert_eq!(first["flagged_with"], 6);
+    sim.stop().await;
+}

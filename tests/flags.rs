@@ -307,3 +307,44 @@ async fn admin_api_lists_shows_and_labels_flags_behind_its_token() {
     gateway.drain().await;
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn webhook_retries_failures_and_speaks_slack() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&calls);
+    let receiver = MockUpstream::start(move |_| {
+        // The first delivery fails with 503; the retry succeeds.
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Script {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                ..Script::json(b"{}")
+            }
+        } else {
+            Script::json(b"ok")
+        }
+    })
+    .await;
+    let sim = Sim::start(Some(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "detectors:\n  trigger: {{ type: trigger_phrase }}\n\
+             rules:\n  - name: trigger-phrase\n    when: trigger.prompt.matched\n    severity: critical\n    actions: [flag, alert]\n\
+             alerts:\n  webhook: {{ url: \"{}/slack\", format: slack, max_attempts: 3 }}\n",
+            receiver.url()
+        ),
+    );
+    let mut gateway = Gateway::start(&sim.url, |c| c.policies = Some(policy)).await;
+    let id = post(&gateway, "<SUDO> hello", false).await;
+    gateway.drain().await;
+    let deliveries = receiver.requests();
+    assert_eq!(deliveries.len(), 2, "one failed attempt, one retry");
+    assert_eq!(deliveries[0].body, deliveries[1].body);
+    let body: serde_json::Value = serde_json::from_slice(&deliveries[1].body).unwrap();
+    let text = body["text"].as_str().unwrap();
+    assert!(text.contains("[CRITICAL] trigger-phrase"), "{text}");
+    assert!(text.contains(&id), "{text}");
+    receiver.stop().await;
+    sim.stop().await;
+}

@@ -98,11 +98,15 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(seed: Option<u64>) -> Sim {
-        let sim = tripwire::sim::SimUpstream::new(tripwire::sim::SimConfig {
+        Sim::start_with(tripwire::sim::SimConfig {
             seed,
             ..tripwire::sim::SimConfig::default()
         })
-        .unwrap();
+        .await
+    }
+
+    pub async fn start_with(config: tripwire::sim::SimConfig) -> Sim {
+        let sim = tripwire::sim::SimUpstream::new(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = tokio_util::sync::CancellationToken::new();
