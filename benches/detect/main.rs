@@ -20,6 +20,10 @@ use tripwire::policy::{Engine, default_policy};
 use tripwire::sim::{PoisonVocab, load_corpus, poison_output};
 use tripwire::telemetry::Metrics;
 
+/// The same allocator as the `tripwire` binary, so the figures are the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn exchange(prompt: &str, output: &str, n: usize) -> Exchange {
     let mut exchange = Exchange::from_texts("bench", prompt, output);
     exchange.request_id = format!("bench-{n}");
