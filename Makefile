@@ -61,7 +61,7 @@ check-fmt:
 lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-unit: $(VENV)/.openai-$(OPENAI_VERSION)
+unit: models $(VENV)/.openai-$(OPENAI_VERSION)
 	$(CARGO) test --locked
 
 test: check-fmt lint unit

@@ -8,13 +8,14 @@
 //!             ▼
 //!           capture (SSE / JSON parsing into an Exchange)
 //!             ▼
-//!           store (SQLite batch writer)        detect → policy → alert come next
+//!           store (SQLite batch writer)        detect (→ infer) → policy → alert come next
 //! ```
 //!
 //! * [`proxy`] forwards every request untouched and tees each response body to the side.
 //! * [`capture`] turns the teed bytes into one [`capture::Exchange`] per request.
 //! * [`store`] records exchanges in the flag log database.
 //! * [`telemetry`] holds the Prometheus metrics and logging set-up.
+//! * [`infer`] turns texts into sentence embeddings with a local ONNX model, batched.
 //! * [`devset`] builds the labelled development set (clean and poisoned outputs, split by model).
 //! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
 //! * [`runtime`] tracks every background task so shutdown can drain them.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod detect;
 pub mod devset;
 pub mod eval;
+pub mod infer;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;

@@ -3,6 +3,7 @@
 
 mod demo;
 mod devset;
+mod embed;
 mod eval;
 mod exchanges;
 mod flags;
@@ -45,6 +46,8 @@ enum Command {
     Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),
+    /// Embed texts through the batcher and report throughput.
+    Embed(embed::EmbedArgs),
     /// Train the character n-gram language model the gibberish detector uses.
     TrainLm(train_lm::TrainLmArgs),
     /// Validate alert policies.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Flags(command) => flags::run(command),
         Command::Eval(args) => eval::run(args),
         Command::Devset(args) => devset::run(args),
+        Command::Embed(args) => with_runtime(embed::run(args)),
         Command::TrainLm(args) => train_lm::run(args),
         Command::Policy(command) => policy::run(command),
     };
