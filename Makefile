@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench eval models clean
+.PHONY: all build run demo test lint check-fmt unit bench bench-infer eval models clean
 
 all: build
 
@@ -69,6 +69,15 @@ test: check-fmt lint unit
 bench: build
 	$(CARGO) bench --locked --bench gateway
 	$(CARGO) bench --locked --bench detect
+
+# tripwire embed against ONNX Runtime's own Python API, same files and texts (docs/benchmarks.md).
+.venv-infer/.ok:
+	$(PYTHON) -m venv .venv-infer
+	.venv-infer/bin/python -m pip install --quiet --disable-pip-version-check onnxruntime==1.32.0 tokenizers==0.23.3 numpy==2.4.6
+	touch $@
+
+bench-infer: build models .venv-infer/.ok
+	benches/infer/compare.sh
 
 # Detection quality on the development set (docs/detection.md).
 eval: build
