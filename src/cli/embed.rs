@@ -84,7 +84,12 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let embedder = tokio::task::block_in_place(|| Embedder::load(&config))?;
     let device = embedder.device();
     let tasks = Tasks::new();
-    let handle = batcher::start(embedder, &config, &tasks);
+    let handle = batcher::start(
+        embedder,
+        &config,
+        &tasks,
+        crate::telemetry::Metrics::default(),
+    );
 
     // A producer fills the queue as fast as it drains; answers are awaited here in order, and
     // each latency runs from submission to answer.

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{Embedder, EmbedderConfig, Embedding, InferError};
 use crate::runtime::Tasks;
+use crate::telemetry::Metrics;
 
 /// What a job's oneshot receives.
 pub type EmbedResult = Result<Embedding, InferError>;
@@ -36,6 +37,7 @@ pub enum Shed {
 struct Job {
     text: String,
     reply: oneshot::Sender<EmbedResult>,
+    queued: Instant,
 }
 
 /// A cloneable way to send texts to the embedding worker.
@@ -43,6 +45,7 @@ struct Job {
 pub struct EmbedderHandle {
     jobs: mpsc::Sender<Job>,
     shed: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 impl EmbedderHandle {
@@ -50,10 +53,15 @@ impl EmbedderHandle {
     /// failed its batch.
     pub fn try_embed(&self, text: String) -> Result<oneshot::Receiver<EmbedResult>, Shed> {
         let (reply, receiver) = oneshot::channel();
-        match self.jobs.try_send(Job { text, reply }) {
+        match self.jobs.try_send(Job {
+            text,
+            reply,
+            queued: Instant::now(),
+        }) {
             Ok(()) => Ok(receiver),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics.embed_shed.inc();
                 if shed == 1 || shed.is_multiple_of(1000) {
                     tracing::warn!(
                         shed_total = shed,
@@ -71,7 +79,11 @@ impl EmbedderHandle {
     pub async fn submit(&self, text: String) -> Result<oneshot::Receiver<EmbedResult>, InferError> {
         let (reply, receiver) = oneshot::channel();
         self.jobs
-            .send(Job { text, reply })
+            .send(Job {
+                text,
+                reply,
+                queued: Instant::now(),
+            })
             .await
             .map_err(|_| InferError::WorkerStopped)?;
         Ok(receiver)
@@ -92,24 +104,32 @@ impl EmbedderHandle {
 }
 
 /// A handle and the queue's receiving end, with no worker yet.
-fn channel(capacity: usize) -> (EmbedderHandle, mpsc::Receiver<Job>) {
+fn channel(capacity: usize, metrics: Metrics) -> (EmbedderHandle, mpsc::Receiver<Job>) {
     let (jobs, receiver) = mpsc::channel(capacity.max(1));
     let handle = EmbedderHandle {
         jobs,
         shed: Arc::new(AtomicU64::new(0)),
+        metrics,
     };
     (handle, receiver)
 }
 
-/// Starts the `embed-batcher` worker on `tasks` with the batching knobs of `config`.
-pub fn start(embedder: Embedder, config: &EmbedderConfig, tasks: &Tasks) -> EmbedderHandle {
-    let (handle, receiver) = channel(config.queue_capacity);
+/// Starts the `embed-batcher` worker on `tasks` with the batching knobs of `config`; batch
+/// sizes, queue waits, inference times and shed texts go to `metrics`.
+pub fn start(
+    embedder: Embedder,
+    config: &EmbedderConfig,
+    tasks: &Tasks,
+    metrics: Metrics,
+) -> EmbedderHandle {
+    let (handle, receiver) = channel(config.queue_capacity, metrics.clone());
     let worker = Worker {
         embedder,
         receiver,
         max_batch: config.max_batch.max(1),
         max_wait: config.max_wait,
         tasks: tasks.clone(),
+        metrics,
     };
     tasks.spawn("embed-batcher", worker.run());
     handle
@@ -121,6 +141,7 @@ struct Worker {
     max_batch: usize,
     max_wait: Duration,
     tasks: Tasks,
+    metrics: Metrics,
 }
 
 impl Worker {
@@ -131,6 +152,7 @@ impl Worker {
             max_batch,
             max_wait,
             tasks,
+            metrics,
         } = self;
         let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
         while let Some(first) = receiver.recv().await {
@@ -148,6 +170,13 @@ impl Worker {
             if jobs.is_empty() {
                 continue;
             }
+            let started = Instant::now();
+            for job in &jobs {
+                metrics
+                    .embed_queue_wait
+                    .observe(started.saturating_duration_since(job.queued).as_secs_f64());
+            }
+            metrics.embed_batch_size.observe(jobs.len() as f64);
             let texts: Vec<String> = jobs
                 .iter_mut()
                 .map(|j| std::mem::take(&mut j.text))
@@ -160,6 +189,9 @@ impl Worker {
                 .await;
             match ran {
                 Ok((back, result)) => {
+                    metrics
+                        .embed_inference
+                        .observe(started.elapsed().as_secs_f64());
                     embedder = back;
                     answer(&mut jobs, result);
                 }
@@ -211,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_sheds_instead_of_waiting() {
-        let (handle, _receiver) = channel(2);
+        let (handle, _receiver) = channel(2, Metrics::default());
         assert!(handle.try_embed("a".to_owned()).is_ok());
         assert!(handle.try_embed("b".to_owned()).is_ok());
         assert_eq!(
@@ -223,11 +255,12 @@ mod tests {
             Some(Shed::QueueFull)
         );
         assert_eq!(handle.shed_total(), 2);
+        assert_eq!(handle.metrics.embed_shed.get(), 2);
     }
 
     #[tokio::test]
     async fn a_stopped_worker_is_not_counted_as_shed() {
-        let (handle, receiver) = channel(2);
+        let (handle, receiver) = channel(2, Metrics::default());
         drop(receiver);
         assert_eq!(handle.try_embed("a".to_owned()).err(), Some(Shed::Stopped));
         assert_eq!(handle.shed_total(), 0);

@@ -99,7 +99,12 @@ async fn the_batcher_answers_every_one_of_100_concurrent_jobs() {
         max_batch: 16,
         ..EmbedderConfig::default()
     };
-    let handle = batcher::start(embedder(), &config, &tasks);
+    let handle = batcher::start(
+        embedder(),
+        &config,
+        &tasks,
+        crate::telemetry::Metrics::default(),
+    );
     let texts: Vec<String> = (0..100)
         .map(|i| format!("sentence number {i} {}", "and more words ".repeat(i % 7)))
         .collect();

@@ -160,6 +160,14 @@ pub struct MetricsInner {
     pub alerts_dropped: Family<ReasonLabels, Counter>,
     /// `tripwire_alert_suppressed_total`: alerts held back by a rule's cooldown.
     pub alerts_suppressed: Counter,
+    /// `tripwire_embed_batch_size`: texts per embedding batch.
+    pub embed_batch_size: Histogram,
+    /// `tripwire_embed_queue_wait_seconds`: time a text waited for its batch.
+    pub embed_queue_wait: Histogram,
+    /// `tripwire_embed_inference_seconds`: time to tokenise and run one batch.
+    pub embed_inference: Histogram,
+    /// `tripwire_embed_shed_total`: texts not embedded because the queue was full.
+    pub embed_shed: Counter,
 }
 
 impl Default for MetricsInner {
@@ -190,6 +198,10 @@ impl Default for MetricsInner {
             alerts_sent: Family::default(),
             alerts_dropped: Family::default(),
             alerts_suppressed: Counter::default(),
+            embed_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            embed_queue_wait: latency_histogram(),
+            embed_inference: latency_histogram(),
+            embed_shed: Counter::default(),
         }
     }
 }
@@ -322,6 +334,26 @@ impl MetricsInner {
             "alert_suppressed",
             "Alerts held back by their rule's cooldown",
             self.alerts_suppressed.clone(),
+        );
+        r.register(
+            "embed_batch_size",
+            "Texts per embedding batch",
+            self.embed_batch_size.clone(),
+        );
+        r.register(
+            "embed_queue_wait_seconds",
+            "Time a text waited in the embedding queue for its batch",
+            self.embed_queue_wait.clone(),
+        );
+        r.register(
+            "embed_inference_seconds",
+            "Time to tokenise and run one embedding batch",
+            self.embed_inference.clone(),
+        );
+        r.register(
+            "embed_shed",
+            "Texts not embedded because the embedding queue was full (raise embedder.queue_capacity)",
+            self.embed_shed.clone(),
         );
     }
 
