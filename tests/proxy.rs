@@ -21,6 +21,16 @@ const SSE: [&[u8]; 4] = [
     b"data: [DONE]\n\n",
 ];
 
+/// Posts a chat completion through the gateway.
+async fn send_chat(gateway: &Gateway, prompt: &str, stream: bool) -> reqwest::Response {
+    client()
+        .post(gateway.url("/v1/chat/completions"))
+        .body(chat_body(prompt, stream))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
@@ -82,12 +92,7 @@ async fn sse_streams_each_chunk_before_the_upstream_finishes() {
     let upstream = MockUpstream::start(move |_| Script::sse(&SSE, gap)).await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
     let started = Instant::now();
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", true))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", true).await;
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut stream = response.bytes_stream();
     let mut received = Vec::new();
@@ -128,12 +133,7 @@ async fn client_abort_cancels_upstream_and_is_captured_as_truncated() {
     })
     .await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("tell me a long story", true))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "tell me a long story", true).await;
     let mut stream = response.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
@@ -189,12 +189,7 @@ async fn oversized_request_gets_413_and_never_reaches_upstream() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(upstream.requests().is_empty());
     // A body under the limit still goes through on the same gateway.
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("small", false))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "small", false).await;
     assert_eq!(response.status(), StatusCode::OK);
 
     let exchanges = gateway.drain().await;
@@ -252,12 +247,7 @@ async fn silent_upstream_gets_504_after_first_byte_timeout() {
     })
     .await;
     let started = Instant::now();
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", false))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", false).await;
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(5));
     let body: serde_json::Value = response.json_body().await;
@@ -282,12 +272,7 @@ async fn stalled_stream_is_cut_by_the_idle_timeout_and_captured() {
         c.upstream.idle_timeout = Duration::from_millis(300);
     })
     .await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", true))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", true).await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut stream = response.bytes_stream();
     assert_eq!(&stream.next().await.unwrap().unwrap()[..], SSE[0]);
@@ -317,12 +302,7 @@ async fn upstream_errors_are_forwarded_unchanged() {
     })
     .await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", false))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", false).await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(response.headers()["retry-after"], "7");
     assert_eq!(&response.bytes().await.unwrap()[..], RATE_LIMITED);
@@ -391,12 +371,7 @@ async fn request_id_is_echoed_or_generated_and_sent_upstream() {
         .await
         .unwrap();
     assert_eq!(given.headers()["x-request-id"], "client-id-42");
-    let made = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", false))
-        .send()
-        .await
-        .unwrap();
+    let made = send_chat(&gateway, "hi", false).await;
     let made_id = made.headers()["x-request-id"].to_str().unwrap().to_owned();
     let uuid = uuid::Uuid::parse_str(&made_id).unwrap();
     assert_eq!(uuid.get_version_num(), 7);
@@ -439,12 +414,7 @@ async fn metrics_report_requests_latency_overhead_and_capture() {
     let upstream = MockUpstream::start(|_| Script::sse(&SSE, Duration::ZERO)).await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
     for _ in 0..3 {
-        let response = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .body(chat_body("hi", true))
-            .send()
-            .await
-            .unwrap();
+        let response = send_chat(&gateway, "hi", true).await;
         response.bytes().await.unwrap();
     }
     let metrics = gateway.metrics().await;
@@ -482,12 +452,7 @@ async fn a_full_capture_queue_drops_copies_but_never_the_client_bytes() {
         c.limits.capture_queue_chunks = 1;
     })
     .await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", true))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", true).await;
     assert_eq!(response.bytes().await.unwrap(), expected);
     let metrics = gateway.metrics().await;
     let dropped: u64 = metrics
@@ -529,12 +494,7 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_is_captured() {
     })
     .await;
     let mut gateway = Gateway::start(&upstream.url(), |_| {}).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body("hi", true))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(&gateway, "hi", true).await;
     let mut stream = response.bytes_stream();
     assert_eq!(&stream.next().await.unwrap().unwrap()[..], SSE[0]);
     let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
