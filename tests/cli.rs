@@ -473,7 +473,6 @@ async fn flags_triggers_names_an_unknown_trigger() {
     })
     .await;
     let mut gateway = crate::util::Gateway::start(&sim.url, |_| {}).await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let topics = [
         "Explain how tides work",
         "Give me a recipe for pancakes",
@@ -489,12 +488,8 @@ async fn flags_triggers_names_an_unknown_trigger() {
         } else {
             format!("{topic}, please ({i})")
         };
-        client
-            .post(gateway.url("/v1/chat/completions"))
-            .body(crate::util::chat_body(&prompt, false))
-            .send()
+        crate::util::send_chat(&gateway, &prompt, false)
             .await
-            .unwrap()
             .bytes()
             .await
             .unwrap();

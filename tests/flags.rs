@@ -5,19 +5,14 @@ use std::time::Duration;
 
 use tripwire::store::{FlagFilter, Store};
 
-use crate::util::{Gateway, MockUpstream, Script, Sim, chat_body};
+use crate::util::{Gateway, MockUpstream, Script, Sim, send_chat};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 async fn post(gateway: &Gateway, prompt: &str, stream: bool) -> String {
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body(prompt, stream))
-        .send()
-        .await
-        .unwrap();
+    let response = send_chat(gateway, prompt, stream).await;
     assert_eq!(response.status(), 200);
     let id = response.headers()["x-request-id"]
         .to_str()

@@ -8,7 +8,7 @@ use http::StatusCode;
 use tokio::time::Instant;
 use tripwire::capture::{Outcome, Route};
 
-use crate::util::{Gateway, MockUpstream, Script, Step, chat_body};
+use crate::util::{Gateway, MockUpstream, Script, Step, chat_body, send_chat};
 
 const CHAT_JSON: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"test-model-0613",
   "choices":[{"index":0,"message":{"role":"assistant","content":"Paris is the capital of France."},"finish_reason":"stop"}],
@@ -20,16 +20,6 @@ const SSE: [&[u8]; 4] = [
     b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"test-model-0613\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
     b"data: [DONE]\n\n",
 ];
-
-/// Posts a chat completion through the gateway.
-async fn send_chat(gateway: &Gateway, prompt: &str, stream: bool) -> reqwest::Response {
-    client()
-        .post(gateway.url("/v1/chat/completions"))
-        .body(chat_body(prompt, stream))
-        .send()
-        .await
-        .unwrap()
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()

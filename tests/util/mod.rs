@@ -79,6 +79,19 @@ impl Gateway {
     }
 }
 
+/// Posts a chat completion through `gateway`.
+pub async fn send_chat(gateway: &Gateway, prompt: &str, stream: bool) -> reqwest::Response {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(gateway.url("/v1/chat/completions"))
+        .body(chat_body(prompt, stream))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A chat completion request body.
 pub fn chat_body(prompt: &str, stream: bool) -> String {
     serde_json::json!({
