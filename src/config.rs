@@ -67,6 +67,10 @@ pub struct Config {
     /// How long shutdown waits for in-flight exchanges and the store to drain.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The embedding model the drift detectors use (loaded only when a policy needs it).
+    pub embedder: crate::infer::EmbedderConfig,
+    /// The drift monitor's queue, scope cap and reference directory.
+    pub drift: crate::drift::DriftSettings,
 }
 
 impl Default for Config {
@@ -81,6 +85,8 @@ impl Default for Config {
             detect: DetectConfig::default(),
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
+            embedder: crate::infer::EmbedderConfig::default(),
+            drift: crate::drift::DriftSettings::default(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod detect;
 pub mod devset;
+pub mod drift;
 pub mod eval;
 pub mod infer;
 pub mod pipeline;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::alert::{Alert, AlertHandle};
 use crate::capture::Exchange;
+use crate::drift::DriftHandle;
 use crate::policy::{Action, Engine, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
 use crate::telemetry::{Metrics, OutcomeLabels, RouteLabels, RuleSeverityLabels};
@@ -107,6 +108,8 @@ pub struct Detection {
     pub alerts: Option<AlertHandle>,
     /// Metrics.
     pub metrics: Metrics,
+    /// The drift monitor, when a policy declares drift detectors.
+    pub drift: Option<DriftHandle>,
 }
 
 impl Detection {
@@ -123,7 +126,14 @@ impl Detection {
     /// Inspects one exchange and hands on what comes of it.
     pub fn process(&self, mut exchange: Exchange) {
         self.metrics.detect_inspected.inc();
-        let verdict = self.engine.evaluate(&exchange);
+        let verdict = match &self.drift {
+            Some(drift) => {
+                let (verdict, findings) = self.engine.evaluate_with_findings(&exchange);
+                drift.offer(&exchange, &findings, &self.engine);
+                verdict
+            }
+            None => self.engine.evaluate(&exchange),
+        };
         for error in &verdict.errors {
             tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
         }
@@ -160,6 +170,30 @@ impl Detection {
                 flagged,
             },
         );
+        if let Some(flag) = flag {
+            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
+        }
+    }
+
+    /// Records what a drift rule judged on an exchange inspected earlier (and already
+    /// stored): a flag, and alerts subject to their cooldowns.
+    pub fn record_deferred(&self, exchange: &Exchange, verdict: &Verdict) {
+        for error in &verdict.errors {
+            tracing::debug!(request_id = %exchange.request_id, %error, "drift rule error");
+        }
+        let flag = verdict
+            .flagged()
+            .then(|| self.flag(exchange, verdict))
+            .flatten();
+        if let Some(alerts) = &self.alerts {
+            for rule in verdict
+                .fired
+                .iter()
+                .filter(|r| r.actions.contains(&Action::Alert))
+            {
+                alerts.offer(Alert::new(rule, exchange, flag.as_ref()));
+            }
+        }
         if let Some(flag) = flag {
             store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
         }

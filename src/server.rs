@@ -43,6 +43,12 @@ pub enum ServerError {
     /// An alert sink could not be set up.
     #[error(transparent)]
     Alert(#[from] crate::alert::WebhookError),
+    /// The embedding model the drift detectors need could not be loaded.
+    #[error("the policy's drift detectors need the embedding model: {0}")]
+    Inference(#[from] crate::infer::InferError),
+    /// The drift monitor could not start.
+    #[error(transparent)]
+    Drift(#[from] crate::drift::monitor::MonitorError),
 }
 
 /// A running gateway.
@@ -58,6 +64,7 @@ pub struct Server {
     admin_tasks: Tasks,
     capture_tasks: Tasks,
     detect_tasks: Tasks,
+    drift_tasks: Tasks,
     writer_tasks: Tasks,
     alert_tasks: Tasks,
     metrics: Metrics,
@@ -116,6 +123,25 @@ impl Server {
             }
             None => None,
         };
+        let drift_tasks = Tasks::new();
+        let drift = match engine.drift_plan() {
+            Some(plan) => Some(
+                start_drift(
+                    plan.clone(),
+                    &config,
+                    Detection {
+                        engine: Arc::clone(&engine),
+                        store: exchanges_tx.clone(),
+                        alerts: alerts.clone(),
+                        metrics: metrics.clone(),
+                        drift: None,
+                    },
+                    &drift_tasks,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let detect_tasks = Tasks::new();
         let (detect_tx, detect_rx) = crossbeam_channel::bounded(config.detect.queue);
         // Without any rule there is nothing to detect: exchanges go straight to the store.
@@ -126,11 +152,13 @@ impl Server {
                 store: exchanges_tx.clone(),
                 alerts: alerts.clone(),
                 metrics: metrics.clone(),
+                drift: drift.clone(),
             };
             let rx = detect_rx.clone();
             detect_tasks.spawn_blocking("detect-worker", move || detection.run_worker(rx));
         }
         drop(alerts);
+        drop(drift);
         drop(detect_rx);
         tracing::info!(
             policies = engine.policies().len(),
@@ -211,6 +239,7 @@ impl Server {
             admin_tasks,
             capture_tasks,
             detect_tasks,
+            drift_tasks,
             writer_tasks,
             alert_tasks,
             metrics,
@@ -277,7 +306,15 @@ impl Server {
         {
             tracing::warn!("shutdown grace ran out with exchanges still queued for detection");
         }
-        // 5. The workers held the last store and alert senders: the writer drains its queue,
+        // 5. The detection workers held the drift queue: the drift worker tests what is queued
+        //    and exits, and the embedding batcher with it.
+        if tokio::time::timeout_at(deadline, self.drift_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace ran out with exchanges still queued for drift tests");
+        }
+        // 6. The workers held the last store and alert senders: the writer drains its queue,
         //    commits and exits; the alert sender delivers what is queued.
         if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
             .await
@@ -296,12 +333,56 @@ impl Server {
         {
             tracing::warn!("shutdown grace ran out with alerts still undelivered");
         }
-        // 6. Admin goes last so /readyz and /metrics answer throughout.
+        // 7. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
         let _admin =
             tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
         tracing::info!("tripwire stopped");
     }
+}
+
+/// Loads the embedder when the drift plan needs it and starts the drift worker (and the
+/// embedding batcher) on `tasks`.
+async fn start_drift(
+    plan: crate::drift::DriftPlan,
+    config: &Config,
+    detection: Detection,
+    tasks: &Tasks,
+) -> Result<crate::drift::DriftHandle, ServerError> {
+    let metrics = detection.metrics.clone();
+    let embedder = if plan.needs_embeddings() {
+        let embedder_config = config.embedder.clone();
+        let embedder =
+            tokio::task::spawn_blocking(move || crate::infer::Embedder::load(&embedder_config))
+                .await
+                .map_err(|e| crate::infer::InferError::Run(e.to_string()))??;
+        tracing::info!(device = ?embedder.device(), "embedding model loaded for drift detection");
+        Some(crate::infer::batcher::start(
+            embedder,
+            &config.embedder,
+            tasks,
+            metrics.clone(),
+        ))
+    } else {
+        None
+    };
+    let state_dir = config
+        .drift
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| config.store.path.with_extension("drift"));
+    let (handle, receiver) = crate::drift::DriftMonitor::start(
+        plan,
+        config.drift.clone(),
+        state_dir,
+        embedder,
+        metrics,
+    )?;
+    let monitor = Arc::clone(handle.monitor());
+    tasks.spawn_blocking("drift-worker", move || {
+        monitor.run_worker(receiver, detection)
+    });
+    Ok(handle)
 }
 
 async fn bind(

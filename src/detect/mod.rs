@@ -139,13 +139,16 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
     }
 }
 
-/// Every detector type a policy may declare.
+/// Every detector type a policy may declare (the drift kinds are built by the policy
+/// compiler, see [`crate::drift`]).
 pub const KINDS: &[&str] = &[
     "trigger_phrase",
     "gibberish",
     "recurring_span",
     "language_switch",
     "refusal",
+    "embedding_drift",
+    "feature_drift",
 ];
 
 /// Deserialises a detector's parameters, naming the field that is wrong.

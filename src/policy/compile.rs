@@ -15,6 +15,7 @@ use super::locate;
 use super::{Mode, PolicyError};
 use crate::capture::Exchange;
 use crate::detect::{self, Detector};
+use crate::drift::{DriftPlan, EmbeddingDriftConfig, FeatureDriftConfig};
 
 /// The policy compiled into the binary, used when none is configured.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -40,6 +41,8 @@ pub struct CompiledRule {
     pub program: cel::Program,
     /// Detectors the condition reads.
     pub detectors: Vec<String>,
+    /// Whether the rule reads drift detectors, judged later by the drift monitor.
+    pub deferred: bool,
 }
 
 /// A compiled policy: its detectors and rules.
@@ -57,6 +60,8 @@ pub struct CompiledPolicy {
     pub alerts: super::file::AlertsConfig,
     /// Redaction rules.
     pub redact: Vec<(Regex, String)>,
+    /// The drift detectors, when the policy declares any.
+    pub drift: Option<DriftPlan>,
 }
 
 /// Reads every policy in `path`: one file, or every `*.yaml`/`*.yml` file of a directory.
@@ -108,6 +113,11 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
     })?;
 
     let mut detectors: Vec<(String, Arc<dyn Detector>)> = Vec::new();
+    let mut drift = DriftPlan {
+        embedding: None,
+        features: None,
+        expected_run_time: file.drift.expected_run_time,
+    };
     for (name, config) in &file.detectors {
         let (line, column) = locate::map_key(text, "detectors", name);
         if !is_identifier(name) {
@@ -120,6 +130,36 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
                      (letters, digits and _, not starting with a digit)"
                 ),
             ));
+        }
+        let at = |message: String| {
+            PolicyError::at(source, line, column, format!("detectors.{name}: {message}"))
+        };
+        match config.get("type").and_then(|t| t.as_str()) {
+            Some("embedding_drift") => {
+                let parsed: EmbeddingDriftConfig =
+                    serde_yaml_ng::from_value(config.clone()).map_err(|e| at(e.to_string()))?;
+                check_embedding_drift(&parsed).map_err(at)?;
+                if drift.embedding.is_some() {
+                    return Err(at(
+                        "a policy may declare one embedding_drift detector".into()
+                    ));
+                }
+                drift.embedding = Some((name.clone(), parsed));
+                continue;
+            }
+            Some("feature_drift") => {
+                let parsed: FeatureDriftConfig =
+                    serde_yaml_ng::from_value(config.clone()).map_err(|e| at(e.to_string()))?;
+                if parsed.reference.size < 10 && parsed.reference.file.is_none() {
+                    return Err(at("reference.size must be at least 10".into()));
+                }
+                if drift.features.is_some() {
+                    return Err(at("a policy may declare one feature_drift detector".into()));
+                }
+                drift.features = Some((name.clone(), parsed));
+                continue;
+            }
+            _ => {}
         }
         let detector = detect::build(config).map_err(|err| {
             PolicyError::at(source, line, column, format!("detectors.{name}: {err}"))
@@ -136,7 +176,45 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         redact.push((regex, rule.replacement.clone()));
     }
 
-    let sample = SampleFields::new(&detectors);
+    if drift.expected_run_time.is_nan() || drift.expected_run_time < 1.0 {
+        let (line, column) = locate::nested_key(text, &["drift", "expected_run_time"]);
+        return Err(PolicyError::at(
+            source,
+            line,
+            column,
+            "drift.expected_run_time must be at least 1 (exchanges between false alarms)"
+                .to_owned(),
+        ));
+    }
+    // Feature paths must name declared detectors (checked against their sample fields).
+    if let Some((name, config)) = &drift.features {
+        for feature in &config.features {
+            let known = feature == crate::drift::LENGTH_FEATURE
+                || feature == crate::drift::PROMPT_DISTANCE_FEATURE
+                || feature
+                    .split('.')
+                    .next()
+                    .is_some_and(|d| detectors.iter().any(|(n, _)| n == d));
+            if !known {
+                let (line, column) = locate::nested_key(text, &["detectors", name, "features"]);
+                return Err(PolicyError::at(
+                    source,
+                    line,
+                    column,
+                    format!(
+                        "detectors.{name}.features: {feature:?} is neither `length`, \
+                         `prompt_distance` nor DETECTOR.FIELD of a declared detector"
+                    ),
+                ));
+            }
+        }
+    }
+    let drift_names: Vec<String> = drift
+        .detector_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let sample = SampleFields::new(&detectors, &drift_names);
     let mut rules = Vec::new();
     for (i, rule) in file.rules.iter().enumerate() {
         if file.rules[..i].iter().any(|r| r.name == rule.name) {
@@ -148,7 +226,15 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
                 format!("rules[{i}].name: rule name {:?} is used twice", rule.name),
             ));
         }
-        rules.push(compile_rule(text, source, i, rule, &detectors, &sample)?);
+        rules.push(compile_rule(
+            text,
+            source,
+            i,
+            rule,
+            &detectors,
+            &drift_names,
+            &sample,
+        )?);
     }
     if let Some(webhook) = &file.alerts.webhook {
         let url = super::expand_env(&webhook.url);
@@ -172,7 +258,33 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         rules,
         alerts: file.alerts,
         redact,
+        drift: (!drift_names.is_empty()).then_some(drift),
     })
+}
+
+fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&config.sample_rate) {
+        return Err(format!(
+            "sample_rate {} must be between 0 and 1",
+            config.sample_rate
+        ));
+    }
+    if config.window < 2 {
+        return Err("window must be at least 2".to_owned());
+    }
+    if config.reference.file.is_none() && config.reference.size < config.window + 10 {
+        return Err(format!(
+            "reference.size {} must exceed window {} by at least 10",
+            config.reference.size, config.window
+        ));
+    }
+    if config.topics > 1 && config.topic_window < 2 {
+        return Err("topic_window must be at least 2".to_owned());
+    }
+    if config.projection_dims == 0 {
+        return Err("projection_dims must be at least 1".to_owned());
+    }
+    Ok(())
 }
 
 fn compile_rule(
@@ -181,6 +293,7 @@ fn compile_rule(
     index: usize,
     rule: &RuleConfig,
     detectors: &[(String, Arc<dyn Detector>)],
+    drift: &[String],
     sample: &SampleFields,
 ) -> Result<CompiledRule, PolicyError> {
     let (line, column) = locate::list_item_key(text, "rules", index, "when");
@@ -222,10 +335,15 @@ fn compile_rule(
         if variable == "exchange" {
             continue;
         }
-        if detectors.iter().any(|(name, _)| name == variable) {
+        if detectors.iter().any(|(name, _)| name == variable) || drift.iter().any(|d| d == variable)
+        {
             used.push(variable.to_owned());
         } else {
-            let declared: Vec<&str> = detectors.iter().map(|(n, _)| n.as_str()).collect();
+            let declared: Vec<&str> = detectors
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .chain(drift.iter().map(String::as_str))
+                .collect();
             return Err(at(format!(
                 "unknown detector `{variable}`; declared detectors: {} (and `exchange`)",
                 if declared.is_empty() {
@@ -238,6 +356,15 @@ fn compile_rule(
     }
     used.sort();
     used.dedup();
+    let drift_used = used.iter().filter(|u| drift.contains(u)).count();
+    if drift_used > 1 || (drift_used == 1 && used.len() > 1) {
+        return Err(at(
+            "a rule that reads a drift detector may read only that one detector (and \
+             `exchange`): drift rules are judged later, when the statistic is ready"
+                .to_owned(),
+        ));
+    }
+    let deferred = drift_used == 1;
     for route in &rule.scope.routes {
         if !matches!(
             route.as_str(),
@@ -278,6 +405,7 @@ fn compile_rule(
         when: rule.when.clone(),
         program,
         detectors: used,
+        deferred,
     })
 }
 
@@ -287,7 +415,7 @@ struct SampleFields {
 }
 
 impl SampleFields {
-    fn new(detectors: &[(String, Arc<dyn Detector>)]) -> SampleFields {
+    fn new(detectors: &[(String, Arc<dyn Detector>)], drift: &[String]) -> SampleFields {
         let exchange = sample_exchange();
         let prompt = detect::prompt_text(&exchange);
         let input = detect::Input {
@@ -305,6 +433,12 @@ impl SampleFields {
                 .map(|f| serde_json::Value::Object(f.fields))
                 .unwrap_or(serde_json::Value::Object(serde_json::Map::new()));
             values.push((name.clone(), fields));
+        }
+        for name in drift {
+            values.push((
+                name.clone(),
+                serde_json::Value::Object(crate::drift::sample_fields()),
+            ));
         }
         SampleFields { values }
     }

@@ -126,6 +126,72 @@ impl Engine {
         out
     }
 
+    /// The drift detectors of the first policy that declares any (one drift plan per gateway:
+    /// the drift monitor keeps one set of scope states).
+    pub fn drift_plan(&self) -> Option<&crate::drift::DriftPlan> {
+        self.policies.iter().find_map(|p| p.drift.as_ref())
+    }
+
+    /// Whether any rule is judged on the spot (not by the drift monitor).
+    pub fn has_immediate_rules(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.rules.iter().any(|r| !r.deferred))
+    }
+
+    /// Judges the drift rules that read `detector`, now that it has `fields` for `exchange`
+    /// (an alarm of the drift monitor).
+    pub fn evaluate_deferred(
+        &self,
+        exchange: &Exchange,
+        detector: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Verdict {
+        let mut verdict = Verdict::default();
+        let finding = Finding {
+            fields: fields.clone(),
+            evidence: Vec::new(),
+        };
+        let findings = vec![(detector.to_owned(), finding)];
+        for policy in &self.policies {
+            let rules: Vec<&CompiledRule> = policy
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.deferred
+                        && r.detectors.iter().any(|d| d == detector)
+                        && scope_matches(&r.scope, exchange)
+                })
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let mut context = cel::Context::with_env(Arc::clone(&self.env));
+            let exchange_value = exchange_fields(exchange);
+            if !(add_variable(&mut context, "exchange", &exchange_value)
+                && add_variable(&mut context, detector, fields))
+            {
+                verdict
+                    .errors
+                    .push(format!("{}: drift fields not convertible", policy.source));
+                continue;
+            }
+            for rule in rules {
+                match rule.program.execute(&context) {
+                    Ok(cel::Value::Bool(true)) => {
+                        verdict.fired.push(fire(policy, rule, &findings));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.metrics.rule_error(&rule.name);
+                        verdict.errors.push(format!("rule {}: {err}", rule.name));
+                    }
+                }
+            }
+        }
+        verdict
+    }
+
     /// Runs the detectors and rules of every policy on `exchange`.
     pub fn evaluate(&self, exchange: &Exchange) -> Verdict {
         self.evaluate_inner(exchange, None)
@@ -151,9 +217,9 @@ impl Engine {
             let applicable: Vec<&CompiledRule> = policy
                 .rules
                 .iter()
-                .filter(|r| scope_matches(&r.scope, exchange))
+                .filter(|r| !r.deferred && scope_matches(&r.scope, exchange))
                 .collect();
-            if applicable.is_empty() {
+            if applicable.is_empty() && policy.drift.is_none() {
                 continue;
             }
             let findings = self.run_detectors(policy, &input, &mut verdict.errors);

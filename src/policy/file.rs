@@ -43,6 +43,26 @@ pub struct PolicyFile {
     /// Masks applied to prompts and outputs before anything is stored or sent.
     #[serde(default)]
     pub redact: Vec<RedactConfig>,
+    /// The false-alarm budget of the drift detectors.
+    #[serde(default)]
+    pub drift: DriftBudget,
+}
+
+/// How rarely drift detectors may raise a false alarm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct DriftBudget {
+    /// Expected exchanges between false alarms in one scope, shared by all of the scope's drift
+    /// tests.
+    pub expected_run_time: f64,
+}
+
+impl Default for DriftBudget {
+    fn default() -> DriftBudget {
+        DriftBudget {
+            expected_run_time: 1_000_000.0,
+        }
+    }
 }
 
 /// Whether rules may act on traffic.

@@ -77,6 +77,43 @@ pub struct RuleSeverityLabels {
     pub severity: &'static str,
 }
 
+/// One drift test of one detector in one scope. Scopes are capped by `drift.max_scopes`, which
+/// bounds the model names that reach these labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    /// The drift detector's name in the policy.
+    pub detector: String,
+    /// The scope's model.
+    pub model: String,
+    /// The scope's route.
+    pub route: &'static str,
+    /// `mmd`, `mmd/topic-N`, or the feature.
+    pub test: String,
+}
+
+impl DriftLabels {
+    /// Labels for `test` of `detector` in `scope`.
+    pub fn new(detector: &str, scope: &crate::drift::monitor::ScopeKey, test: &str) -> DriftLabels {
+        DriftLabels {
+            detector: detector.to_owned(),
+            model: scope.model.clone(),
+            route: scope.route,
+            test: test.to_owned(),
+        }
+    }
+}
+
+/// One drift scope.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftScopeLabels {
+    /// The scope's model.
+    pub model: String,
+    /// The scope's route.
+    pub route: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 fn detector_histogram() -> Histogram {
     // 1 µs … ~1 s, doubling.
     Histogram::new(exponential_buckets(0.000_001, 2.0, 21))
@@ -168,6 +205,20 @@ pub struct MetricsInner {
     pub embed_inference: Histogram,
     /// `tripwire_embed_shed_total`: texts not embedded because the queue was full.
     pub embed_shed: Counter,
+    /// `tripwire_drift_statistic{detector,model,route,test}`: the latest test statistic.
+    pub drift_statistic: Family<DriftLabels, FloatGauge>,
+    /// `tripwire_drift_threshold{…}`: its calibrated alarm threshold.
+    pub drift_threshold: Family<DriftLabels, FloatGauge>,
+    /// `tripwire_drift_p_value{…}`: the latest p-value-like score (small means drift).
+    pub drift_p_value: Family<DriftLabels, FloatGauge>,
+    /// `tripwire_drift_alarms_total{…}`.
+    pub drift_alarms: Family<DriftLabels, Counter>,
+    /// `tripwire_drift_reference_size{…}`: reference observations learned so far.
+    pub drift_reference_size: Family<DriftLabels, Gauge>,
+    /// `tripwire_drift_sample_rate{model,route}`: the embedding sample rate in force.
+    pub drift_sample_rate: Family<DriftScopeLabels, FloatGauge>,
+    /// `tripwire_drift_shed_total{reason}`: exchanges the drift monitor did not test.
+    pub drift_shed: Family<ReasonLabels, Counter>,
 }
 
 impl Default for MetricsInner {
@@ -202,6 +253,13 @@ impl Default for MetricsInner {
             embed_queue_wait: latency_histogram(),
             embed_inference: latency_histogram(),
             embed_shed: Counter::default(),
+            drift_statistic: Family::default(),
+            drift_threshold: Family::default(),
+            drift_p_value: Family::default(),
+            drift_alarms: Family::default(),
+            drift_reference_size: Family::default(),
+            drift_sample_rate: Family::default(),
+            drift_shed: Family::default(),
         }
     }
 }
@@ -354,6 +412,41 @@ impl MetricsInner {
             "embed_shed",
             "Texts not embedded because the embedding queue was full (raise embedder.queue_capacity)",
             self.embed_shed.clone(),
+        );
+        r.register(
+            "drift_statistic",
+            "Latest drift test statistic (MMD squared, or ln of the CUSUM e-detector)",
+            self.drift_statistic.clone(),
+        );
+        r.register(
+            "drift_threshold",
+            "Calibrated alarm threshold of each drift test",
+            self.drift_threshold.clone(),
+        );
+        r.register(
+            "drift_p_value",
+            "Latest p-value-like drift score; small means drift",
+            self.drift_p_value.clone(),
+        );
+        r.register(
+            "drift_alarms",
+            "Drift alarms raised",
+            self.drift_alarms.clone(),
+        );
+        r.register(
+            "drift_reference_size",
+            "Reference observations learned so far",
+            self.drift_reference_size.clone(),
+        );
+        r.register(
+            "drift_sample_rate",
+            "Share of a scope's exchanges embedded for drift tests",
+            self.drift_sample_rate.clone(),
+        );
+        r.register(
+            "drift_shed",
+            "Exchanges the drift monitor did not test, by reason",
+            self.drift_shed.clone(),
         );
     }
 

@@ -6,6 +6,6 @@ mod metrics;
 
 pub use logging::init_logging;
 pub use metrics::{
-    DetectorLabels, Metrics, OutcomeLabels, ReasonLabels, RouteLabels, RouteStatusLabels,
-    RuleSeverityLabels,
+    DetectorLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels, ReasonLabels,
+    RouteLabels, RouteStatusLabels, RuleSeverityLabels,
 };

@@ -1,0 +1,205 @@
+//! Sequential change detection on one per-response score (length, gibberish score, refusal
+//! score, …): each new score becomes a conformal p-value against the reference scores, and a
+//! CUSUM e-detector over those p-values raises the alarm.
+//!
+//! The randomised conformal p-value of a score among `n` reference scores is uniform when the
+//! score and the reference are exchangeable (no drift), ties included. Each p-value is turned
+//! into an e-value `e(p) = mean over κ of κ·p^(κ−1)` (a mixture of power calibrators: its
+//! mean is 1 under uniform p, and it grows as p-values pile up near 0), and the CUSUM
+//! recursion `M_t = e_t · max(M_{t−1}, 1)` alarms when `M_t ≥ ERT`. For a CUSUM e-detector
+//! the average run length before a false alarm is at least the threshold (Shin, Ramdas and
+//! Rinaldo, "E-detectors", 2023). Drift in either direction is watched by two detectors, on
+//! `p` and on `1 − p`, each with twice the ERT.
+
+use rand::RngExt;
+use rand::rngs::StdRng;
+
+/// The exponents of the power calibrators mixed into one e-value.
+const KAPPAS: [f64; 4] = [0.1, 0.25, 0.5, 0.75];
+
+/// One step's result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CusumStat {
+    /// The conformal p-value of the score being unusually high.
+    pub p_high: f64,
+    /// `ln M_t`, the larger of the two directions.
+    pub statistic: f64,
+    /// `ln` of the alarm threshold.
+    pub threshold: f64,
+    /// Which way the scores moved when the statistic is driven by one side: `"up"` or `"down"`.
+    pub direction: &'static str,
+    /// `statistic ≥ threshold`.
+    pub alarm: bool,
+}
+
+/// A two-sided CUSUM over conformal p-values of one score.
+#[derive(Debug, Clone)]
+pub struct ConformalCusum {
+    reference: Vec<f64>,
+    log_threshold: f64,
+    up: f64,
+    down: f64,
+}
+
+impl ConformalCusum {
+    /// A detector against `reference` scores (any order; NaNs dropped) alarming at an
+    /// expected run time of `ert` steps.
+    pub fn new(mut reference: Vec<f64>, ert: f64) -> ConformalCusum {
+        reference.retain(|v| !v.is_nan());
+        reference.sort_by(f64::total_cmp);
+        ConformalCusum {
+            reference,
+            log_threshold: (2.0 * ert.max(1.0)).ln(),
+            up: 0.0,
+            down: 0.0,
+        }
+    }
+
+    /// Reference size.
+    pub fn len(&self) -> usize {
+        self.reference.len()
+    }
+
+    /// Whether the reference is empty.
+    pub fn is_empty(&self) -> bool {
+        self.reference.is_empty()
+    }
+
+    /// The randomised conformal p-values of `score` being high and being low.
+    pub fn p_values(&self, score: f64, rng: &mut StdRng) -> (f64, f64) {
+        let n = self.reference.len() as f64;
+        let below = self.reference.partition_point(|&r| r < score) as f64;
+        let not_above = self.reference.partition_point(|&r| r <= score) as f64;
+        let ties = not_above - below;
+        let above = n - not_above;
+        let u: f64 = rng.random();
+        let v: f64 = rng.random();
+        let p_high = (above + u * (ties + 1.0)) / (n + 1.0);
+        let p_low = (below + v * (ties + 1.0)) / (n + 1.0);
+        (
+            p_high.clamp(f64::MIN_POSITIVE, 1.0),
+            p_low.clamp(f64::MIN_POSITIVE, 1.0),
+        )
+    }
+
+    /// Adds one score. After an alarm, call [`ConformalCusum::reset`] to start afresh.
+    pub fn observe(&mut self, score: f64, rng: &mut StdRng) -> Option<CusumStat> {
+        if score.is_nan() || self.reference.is_empty() {
+            return None;
+        }
+        let (p_high, p_low) = self.p_values(score, rng);
+        self.up = self.up.max(0.0) + log_e_value(p_high);
+        self.down = self.down.max(0.0) + log_e_value(p_low);
+        let (statistic, direction) = if self.up >= self.down {
+            (self.up, "up")
+        } else {
+            (self.down, "down")
+        };
+        Some(CusumStat {
+            p_high,
+            statistic: statistic.max(0.0),
+            threshold: self.log_threshold,
+            direction,
+            alarm: statistic >= self.log_threshold,
+        })
+    }
+
+    /// Forgets the evidence gathered so far.
+    pub fn reset(&mut self) {
+        self.up = 0.0;
+        self.down = 0.0;
+    }
+}
+
+/// `ln e(p)` for the mixture of power calibrators.
+fn log_e_value(p: f64) -> f64 {
+    let e = KAPPAS.iter().map(|k| k * p.powf(k - 1.0)).sum::<f64>() / KAPPAS.len() as f64;
+    e.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn the_e_value_has_mean_one_under_uniform_p() {
+        // ∫₀¹ κ p^(κ−1) dp = 1 for each κ; check the mixture numerically (midpoint rule on a
+        // log grid, as the integrand is singular at 0).
+        let steps = 200_000;
+        let mut integral = 0.0;
+        let lo: f64 = 1e-150;
+        for i in 0..steps {
+            let a = lo.powf(1.0 - i as f64 / steps as f64);
+            let b = lo.powf(1.0 - (i + 1) as f64 / steps as f64);
+            let mid = (a * b).sqrt();
+            integral += log_e_value(mid).exp() * (b - a);
+        }
+        assert!((integral - 1.0).abs() < 0.01, "{integral}");
+    }
+
+    #[test]
+    fn p_values_are_uniform_under_exchangeability_even_with_ties() {
+        let mut rng = StdRng::seed_from_u64(1);
+        // A score that is 0 most of the time: heavy ties.
+        let draw = |rng: &mut StdRng| {
+            if rng.random::<f64>() < 0.8 {
+                0.0
+            } else {
+                rng.random::<f64>()
+            }
+        };
+        let mut below_tenth = 0;
+        let trials = 4_000;
+        for _ in 0..trials {
+            let reference: Vec<f64> = (0..50).map(|_| draw(&mut rng)).collect();
+            let cusum = ConformalCusum::new(reference, 100.0);
+            let (p, _) = cusum.p_values(draw(&mut rng), &mut rng);
+            if p <= 0.1 {
+                below_tenth += 1;
+            }
+        }
+        let share = f64::from(below_tenth) / f64::from(trials);
+        assert!((share - 0.1).abs() < 0.02, "P(p ≤ 0.1) = {share}");
+    }
+
+    #[test]
+    fn no_alarm_without_drift_and_a_quick_alarm_after_a_shift() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let reference: Vec<f64> = (0..500).map(|_| rng.random::<f64>()).collect();
+        let mut cusum = ConformalCusum::new(reference, 1e6);
+        for _ in 0..20_000 {
+            let stat = cusum.observe(rng.random::<f64>(), &mut rng).unwrap();
+            assert!(!stat.alarm, "false alarm {stat:?}");
+        }
+        // A fifth of the scores now land above every reference score.
+        let mut delay = None;
+        for t in 1..=1_000 {
+            let score = if rng.random::<f64>() < 0.2 {
+                2.0
+            } else {
+                rng.random::<f64>()
+            };
+            if cusum.observe(score, &mut rng).unwrap().alarm {
+                delay = Some(t);
+                break;
+            }
+        }
+        let delay = delay.expect("alarm");
+        assert!(delay < 300, "delay {delay}");
+    }
+
+    #[test]
+    fn a_downward_shift_is_alarmed_too() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let reference: Vec<f64> = (0..500).map(|_| 1.0 + rng.random::<f64>()).collect();
+        let mut cusum = ConformalCusum::new(reference, 1e6);
+        let alarmed = (0..200).find_map(|t| {
+            let stat = cusum.observe(0.5, &mut rng).unwrap();
+            stat.alarm.then_some((t, stat.direction))
+        });
+        let (t, direction) = alarmed.expect("alarm");
+        assert_eq!(direction, "down");
+        assert!(t < 20, "{t}");
+    }
+}

@@ -1,0 +1,292 @@
+//! Drift detection: poisoning that shows in no single response — a swapped or fine-tuned
+//! model, answers slanted on one topic, a sentence injected into a share of outputs — shows in
+//! the statistics of many.
+//!
+//! Two detector kinds, declared in a policy like any other and read by rules like any other,
+//! but judged later, off the detection workers, once their statistic is ready:
+//!
+//! * `embedding_drift`: output embeddings (through the [`crate::infer`] batcher, on a uniform
+//!   sample) tested against a reference by online MMD, overall and per prompt topic
+//!   ([`mmd`], [`scope`]).
+//! * `feature_drift`: per-response scores (length, the other detectors' scores, the embedding
+//!   distance between prompt and output) each watched by a conformal CUSUM ([`conformal`]).
+//!
+//! Each scope (model × route) learns its reference from its first exchanges or loads one built
+//! offline ([`reference`]), and keeps it on disk. The false-alarm budget, an expected run time
+//! between false alarms, is per scope and split evenly over all its tests. The runtime side —
+//! sampling, embedding, per-scope state, flags — is [`monitor`].
+
+pub mod conformal;
+pub mod linalg;
+pub mod mmd;
+pub mod monitor;
+pub mod reference;
+pub mod scope;
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+pub use monitor::{DriftHandle, DriftMonitor, DriftSettings};
+pub use reference::{Reference, ReferenceError};
+
+/// Detector kinds handled here rather than by [`crate::detect::build`].
+pub const KINDS: &[&str] = &["embedding_drift", "feature_drift"];
+
+/// The built-in feature computed from the output's length in characters.
+pub const LENGTH_FEATURE: &str = "length";
+/// The built-in feature `1 − cos(prompt embedding, output embedding)`, on embedded exchanges.
+pub const PROMPT_DISTANCE_FEATURE: &str = "prompt_distance";
+
+/// Where a drift detector's reference comes from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReferenceSource {
+    /// Exchanges of each scope learned before testing starts (when no `file` is given).
+    pub size: usize,
+    /// A reference built offline by `tripwire baseline build`, used for every scope the
+    /// detector's rules cover.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for ReferenceSource {
+    fn default() -> ReferenceSource {
+        ReferenceSource {
+            size: 500,
+            file: None,
+        }
+    }
+}
+
+/// Parameters of an `embedding_drift` detector.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingDriftConfig {
+    /// `embedding_drift`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Share of a scope's exchanges embedded (a uniform random sample).
+    pub sample_rate: f64,
+    /// Each scope is sampled at least this many times a minute while it has the traffic, so a
+    /// quiet scope still gets tested.
+    pub min_sampled_per_minute: f64,
+    /// The reference.
+    pub reference: ReferenceSource,
+    /// Sliding-window length of the overall test.
+    pub window: usize,
+    /// Prompt topics (k-means clusters of the reference prompts); 0 or 1 turns them off.
+    pub topics: usize,
+    /// Sliding-window length of each topic's test.
+    pub topic_window: usize,
+    /// PCA dimensions of the kernel test.
+    pub projection_dims: usize,
+    /// Simulated windows for calibrating each threshold.
+    pub bootstraps: usize,
+}
+
+impl Default for EmbeddingDriftConfig {
+    fn default() -> EmbeddingDriftConfig {
+        EmbeddingDriftConfig {
+            kind: "embedding_drift".to_owned(),
+            sample_rate: 0.05,
+            min_sampled_per_minute: 6.0,
+            reference: ReferenceSource::default(),
+            window: 100,
+            topics: 8,
+            topic_window: 30,
+            projection_dims: 32,
+            bootstraps: 20_000,
+        }
+    }
+}
+
+/// Parameters of a `feature_drift` detector.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureDriftConfig {
+    /// `feature_drift`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Scores watched: `length`, `prompt_distance`, or `DETECTOR.FIELD` paths into the other
+    /// detectors' findings (numbers, or booleans as 0/1).
+    pub features: Vec<String>,
+    /// The reference.
+    pub reference: ReferenceSource,
+}
+
+impl Default for FeatureDriftConfig {
+    fn default() -> FeatureDriftConfig {
+        FeatureDriftConfig {
+            kind: "feature_drift".to_owned(),
+            features: vec![
+                LENGTH_FEATURE.to_owned(),
+                PROMPT_DISTANCE_FEATURE.to_owned(),
+            ],
+            reference: ReferenceSource::default(),
+        }
+    }
+}
+
+/// The drift detectors of one policy and its false-alarm budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftPlan {
+    /// The `embedding_drift` detector, by name.
+    pub embedding: Option<(String, EmbeddingDriftConfig)>,
+    /// The `feature_drift` detector, by name.
+    pub features: Option<(String, FeatureDriftConfig)>,
+    /// Expected exchanges between false alarms of a scope, all its tests together.
+    pub expected_run_time: f64,
+}
+
+impl DriftPlan {
+    /// How many tests share a scope's budget: the overall and per-topic embedding tests and one
+    /// per feature.
+    pub fn tests(&self) -> usize {
+        let embedding = self
+            .embedding
+            .as_ref()
+            .map_or(0, |(_, c)| 1 + if c.topics > 1 { c.topics } else { 0 });
+        let features = self.features.as_ref().map_or(0, |(_, c)| c.features.len());
+        (embedding + features).max(1)
+    }
+
+    /// Each test's share of the budget, as its own expected run time (Bonferroni on rates).
+    pub fn test_ert(&self) -> f64 {
+        self.expected_run_time * self.tests() as f64
+    }
+
+    /// Whether any detector needs embeddings.
+    pub fn needs_embeddings(&self) -> bool {
+        self.embedding.is_some()
+            || self
+                .features
+                .as_ref()
+                .is_some_and(|(_, c)| c.features.iter().any(|f| f == PROMPT_DISTANCE_FEATURE))
+    }
+
+    /// Names of the drift detectors.
+    pub fn detector_names(&self) -> Vec<&str> {
+        self.embedding
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(self.features.iter().map(|(n, _)| n.as_str()))
+            .collect()
+    }
+}
+
+/// The fields a drift detector hands its rules: what the policy compiler checks conditions
+/// against, and what an alarm carries into the flag.
+pub fn sample_fields() -> serde_json::Map<String, serde_json::Value> {
+    let value = serde_json::json!({
+        "alarm": false,
+        "test": "mmd",
+        "statistic": 0.0,
+        "threshold": 1.0,
+        "p_value": 1.0,
+        "direction": "",
+        "sample_rate": 1.0,
+        "reference": {"source": "learned", "size": 0, "created_at": ""},
+    });
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Reads the scores `features` names from an exchange's findings. Missing fields and
+/// non-numeric values are skipped; booleans count as 0 or 1; `prompt_distance` is added by
+/// the monitor once embeddings exist.
+pub fn feature_scores(
+    features: &[String],
+    findings: &[(String, serde_json::Map<String, serde_json::Value>)],
+    output_chars: usize,
+) -> Vec<(String, f64)> {
+    let mut scores = Vec::with_capacity(features.len());
+    for feature in features {
+        if feature == LENGTH_FEATURE {
+            scores.push((feature.clone(), output_chars as f64));
+            continue;
+        }
+        let mut path = feature.split('.');
+        let Some(detector) = path.next() else {
+            continue;
+        };
+        let Some((_, fields)) = findings.iter().find(|(name, _)| name == detector) else {
+            continue;
+        };
+        let mut value = None;
+        let mut map = Some(fields);
+        for key in path {
+            let next = map.and_then(|m| m.get(key));
+            map = next.and_then(|v| v.as_object());
+            value = next;
+        }
+        let score = match value {
+            Some(serde_json::Value::Number(n)) => n.as_f64(),
+            Some(serde_json::Value::Bool(b)) => Some(f64::from(u8::from(*b))),
+            _ => None,
+        };
+        if let Some(score) = score {
+            scores.push((feature.clone(), score));
+        }
+    }
+    scores
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_paths_read_numbers_and_booleans_and_skip_the_rest() {
+        let fields = |v: serde_json::Value| match v {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let findings = vec![
+            (
+                "gibberish".to_owned(),
+                fields(serde_json::json!({"score": 0.25})),
+            ),
+            (
+                "recurring".to_owned(),
+                fields(serde_json::json!({"span": {"count": 3, "matched": true}, "text": "x"})),
+            ),
+        ];
+        let features: Vec<String> = [
+            "length",
+            "gibberish.score",
+            "recurring.span.count",
+            "recurring.span.matched",
+            "recurring.text",
+            "missing.score",
+            "prompt_distance",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let scores = feature_scores(&features, &findings, 42);
+        assert_eq!(
+            scores,
+            vec![
+                ("length".to_owned(), 42.0),
+                ("gibberish.score".to_owned(), 0.25),
+                ("recurring.span.count".to_owned(), 3.0),
+                ("recurring.span.matched".to_owned(), 1.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_budget_is_split_over_every_test() {
+        let plan = DriftPlan {
+            embedding: Some(("output_drift".to_owned(), EmbeddingDriftConfig::default())),
+            features: Some(("feature_drift".to_owned(), FeatureDriftConfig::default())),
+            expected_run_time: 1e6,
+        };
+        // 1 overall + 8 topics + 2 features.
+        assert_eq!(plan.tests(), 11);
+        assert_eq!(plan.test_ert(), 11e6);
+        assert!(plan.needs_embeddings());
+    }
+}

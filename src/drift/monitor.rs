@@ -1,0 +1,510 @@
+//! The drift monitor at run time: the detection workers offer it every inspected exchange;
+//! it samples some for embedding, queues them (bounded: a full queue sheds, counted), and one
+//! drift worker thread feeds each scope's tests in arrival order. An alarm is judged by the
+//! policy's drift rules and, when one fires, becomes a flag on the exchange that tripped it,
+//! through the same store and alert queues as every other flag.
+//!
+//! Scope state lives here, not in the policy engine, so it outlives a policy reload; each
+//! scope's learned reference is written under `drift.state_dir` so a restart does not
+//! relearn. Scopes are capped (`drift.max_scopes`): model names come from callers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use dashmap::DashMap;
+use rand::RngExt;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use super::reference::Reference;
+use super::scope::{EmbeddingDrift, ScopeTests, TestResult, scope_seed};
+use super::{DriftPlan, feature_scores};
+use crate::capture::Exchange;
+use crate::infer::{EmbedderHandle, batcher::EmbedResult};
+use crate::pipeline::Detection;
+use crate::policy::Engine;
+use crate::telemetry::{DriftLabels, DriftScopeLabels, Metrics, ReasonLabels};
+
+/// The gateway config's `drift:` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct DriftSettings {
+    /// Where learned references are kept, one file per detector and scope; default: beside
+    /// the store, `<store.path>.drift/`.
+    pub state_dir: Option<PathBuf>,
+    /// Exchanges waiting for the drift worker; more are shed (counted).
+    pub queue: usize,
+    /// Most scopes (model × route) tracked; exchanges of further scopes are not tested.
+    pub max_scopes: usize,
+}
+
+impl Default for DriftSettings {
+    fn default() -> DriftSettings {
+        DriftSettings {
+            state_dir: None,
+            queue: 4096,
+            max_scopes: 64,
+        }
+    }
+}
+
+/// A scope: the request's model and the route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScopeKey {
+    /// The model the caller asked for (empty when none).
+    pub model: String,
+    /// The route.
+    pub route: &'static str,
+}
+
+impl ScopeKey {
+    /// The scope of `exchange`.
+    pub fn of(exchange: &Exchange) -> ScopeKey {
+        ScopeKey {
+            model: exchange.model.clone().unwrap_or_default(),
+            route: exchange.route.as_str(),
+        }
+    }
+
+    /// A file name for this scope: readable, and unique through a hash suffix.
+    pub fn file_name(&self) -> String {
+        let readable: String = format!("{}__{}", self.model, self.route)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(100)
+            .collect();
+        let hash = scope_seed(&[&self.model, self.route]);
+        format!("{readable}-{:08x}.json", hash as u32)
+    }
+}
+
+/// Sampling state of one scope: the rate in force for the current minute.
+#[derive(Debug)]
+struct Sampler {
+    minute_started: Instant,
+    seen: u64,
+    rate: f64,
+}
+
+/// One exchange on its way to the drift worker.
+struct DriftJob {
+    exchange: Exchange,
+    engine: Arc<Engine>,
+    scores: Vec<(String, f64)>,
+    embeddings: Option<(
+        oneshot::Receiver<EmbedResult>,
+        oneshot::Receiver<EmbedResult>,
+    )>,
+    sample_rate: f64,
+}
+
+/// Shared by the detection workers (which offer) and the drift worker (which tests).
+#[derive(Debug)]
+pub struct DriftMonitor {
+    plan: DriftPlan,
+    settings: DriftSettings,
+    state_dir: PathBuf,
+    embedder: Option<EmbedderHandle>,
+    offline_embedding: Option<Arc<Reference>>,
+    offline_features: Option<Arc<Reference>>,
+    samplers: DashMap<ScopeKey, Sampler>,
+    scopes: DashMap<ScopeKey, ScopeTests>,
+    shed: AtomicU64,
+    metrics: Metrics,
+}
+
+/// Why the monitor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// A reference file named in the policy could not be read.
+    #[error(transparent)]
+    Reference(#[from] super::ReferenceError),
+    /// The policy needs embeddings and no embedder is running.
+    #[error("the policy's drift detectors need the embedding model; configure `embedder:`")]
+    NoEmbedder,
+}
+
+impl DriftMonitor {
+    /// A monitor for `plan`: the handle the detection workers offer exchanges through, and the
+    /// receiving end the drift worker drains ([`DriftMonitor::run_worker`]). The queue closes,
+    /// and the worker ends, when every handle is dropped.
+    pub fn start(
+        plan: DriftPlan,
+        settings: DriftSettings,
+        state_dir: PathBuf,
+        embedder: Option<EmbedderHandle>,
+        metrics: Metrics,
+    ) -> Result<(DriftHandle, DriftReceiver), MonitorError> {
+        if plan.needs_embeddings() && embedder.is_none() {
+            return Err(MonitorError::NoEmbedder);
+        }
+        let load = |file: Option<&PathBuf>| -> Result<Option<Arc<Reference>>, MonitorError> {
+            Ok(match file {
+                Some(path) => Some(Arc::new(Reference::load(path)?)),
+                None => None,
+            })
+        };
+        let offline_embedding = load(
+            plan.embedding
+                .as_ref()
+                .and_then(|(_, c)| c.reference.file.as_ref()),
+        )?;
+        let offline_features = load(
+            plan.features
+                .as_ref()
+                .and_then(|(_, c)| c.reference.file.as_ref()),
+        )?;
+        let (jobs, receiver) = crossbeam_channel::bounded(settings.queue.max(1));
+        let monitor = Arc::new(DriftMonitor {
+            plan,
+            settings,
+            state_dir,
+            embedder,
+            offline_embedding,
+            offline_features,
+            samplers: DashMap::new(),
+            scopes: DashMap::new(),
+            shed: AtomicU64::new(0),
+            metrics,
+        });
+        Ok((DriftHandle { monitor, jobs }, DriftReceiver(receiver)))
+    }
+
+    /// The drift detectors and budget in force.
+    pub fn plan(&self) -> &DriftPlan {
+        &self.plan
+    }
+
+    /// Exchanges shed because the drift queue was full, since start.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+
+    fn count_shed(&self, reason: &'static str) {
+        let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics
+            .drift_shed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        if shed == 1 || shed.is_multiple_of(1000) {
+            tracing::warn!(
+                shed_total = shed,
+                reason,
+                "drift monitor shed an exchange; raise drift.queue or drift.max_scopes"
+            );
+        }
+    }
+
+    /// The embedding sample rate in force for `scope`, counting this exchange: at least
+    /// `sample_rate`, raised so that `min_sampled_per_minute` are sampled given the previous
+    /// minute's traffic (everything in a scope's first minute).
+    fn sample_rate(&self, scope: &ScopeKey) -> f64 {
+        let Some((_, config)) = &self.plan.embedding else {
+            return if self.plan.needs_embeddings() {
+                1.0
+            } else {
+                0.0
+            };
+        };
+        let now = Instant::now();
+        let mut sampler = self.samplers.entry(scope.clone()).or_insert(Sampler {
+            minute_started: now,
+            seen: 0,
+            rate: 1.0,
+        });
+        if now.duration_since(sampler.minute_started) >= Duration::from_secs(60) {
+            let floor = config.min_sampled_per_minute / sampler.seen.max(1) as f64;
+            sampler.rate = config.sample_rate.max(floor).min(1.0);
+            sampler.minute_started = now;
+            sampler.seen = 0;
+            self.metrics
+                .drift_sample_rate
+                .get_or_create(&DriftScopeLabels {
+                    model: scope.model.clone(),
+                    route: scope.route,
+                })
+                .set(sampler.rate);
+        }
+        sampler.seen += 1;
+        sampler.rate
+    }
+
+    fn reference_path(&self, detector: &str, scope: &ScopeKey) -> PathBuf {
+        self.state_dir.join(detector).join(scope.file_name())
+    }
+
+    /// Runs the drift worker until every sender is gone and the queue is empty. Blocks: run it
+    /// on a blocking thread.
+    pub fn run_worker(self: Arc<DriftMonitor>, receiver: DriftReceiver, detection: Detection) {
+        while let Ok(job) = receiver.0.recv() {
+            self.process(job, &detection);
+        }
+        tracing::debug!("drift queue closed; drift worker done");
+    }
+
+    fn process(&self, job: DriftJob, detection: &Detection) {
+        let DriftJob {
+            exchange,
+            engine,
+            scores,
+            embeddings,
+            sample_rate,
+        } = job;
+        let scope = ScopeKey::of(&exchange);
+        let embedded = match embeddings {
+            Some((prompt, output)) => match (wait(prompt), wait(output)) {
+                (Some(prompt), Some(output)) => Some((prompt, output)),
+                _ => {
+                    self.count_shed("embedding_failed");
+                    None
+                }
+            },
+            None => None,
+        };
+        if embedded.is_none() && scores.is_empty() {
+            return;
+        }
+        let step = {
+            let mut tests = self.scopes.entry(scope.clone()).or_insert_with(|| {
+                let started = Instant::now();
+                let tests = ScopeTests::new(&self.plan, &[&scope.model, scope.route], |name| {
+                    self.offline(name)
+                        .or_else(|| load_stored(&self.reference_path(name, &scope)))
+                });
+                if tests.embedding().is_some_and(EmbeddingDrift::is_testing) {
+                    tracing::info!(model = %scope.model, route = scope.route,
+                        fit_ms = started.elapsed().as_millis() as u64, "drift reference loaded");
+                }
+                tests
+            });
+            let step = tests.observe(
+                &scores,
+                embedded.as_ref().map(|(p, o)| (p.as_slice(), o.as_slice())),
+            );
+            if let Some((name, _)) = &self.plan.embedding
+                && let Some(embedding) = tests.embedding()
+            {
+                self.metrics
+                    .drift_reference_size
+                    .get_or_create(&DriftLabels::new(name, &scope, "mmd"))
+                    .set(i64::try_from(embedding.reference_len()).unwrap_or(i64::MAX));
+            }
+            step
+        };
+        for (detector, reference) in &step.learned {
+            self.persist(detector, &scope, reference);
+        }
+        for (detector, result, reference) in step.results {
+            self.record(&detector, &scope, &result);
+            if !result.alarm {
+                continue;
+            }
+            let fields = alarm_fields(&result, reference.as_deref(), sample_rate);
+            tracing::info!(
+                detector = %detector,
+                test = %result.test,
+                model = %scope.model,
+                route = scope.route,
+                statistic = result.statistic,
+                threshold = result.threshold,
+                "drift alarm"
+            );
+            let verdict = engine.evaluate_deferred(&exchange, &detector, &fields);
+            detection.record_deferred(&exchange, &verdict);
+        }
+    }
+
+    /// The offline reference the policy names for `detector`, if any.
+    fn offline(&self, detector: &str) -> Option<Arc<Reference>> {
+        match (&self.plan.embedding, &self.plan.features) {
+            (Some((name, _)), _) if name == detector => self.offline_embedding.clone(),
+            (_, Some((name, _))) if name == detector => self.offline_features.clone(),
+            _ => None,
+        }
+    }
+
+    fn persist(&self, detector: &str, scope: &ScopeKey, reference: &Reference) {
+        let path = self.reference_path(detector, scope);
+        match reference.save(&path) {
+            Ok(()) => tracing::info!(
+                detector,
+                model = %scope.model,
+                route = scope.route,
+                path = %path.display(),
+                "drift reference learned and saved"
+            ),
+            Err(err) => tracing::warn!(
+                detector,
+                error = %err,
+                "drift reference learned but not saved; it will be relearned after a restart"
+            ),
+        }
+    }
+
+    fn record(&self, detector: &str, scope: &ScopeKey, result: &TestResult) {
+        let labels = DriftLabels::new(detector, scope, &result.test);
+        self.metrics
+            .drift_statistic
+            .get_or_create(&labels)
+            .set(result.statistic);
+        self.metrics
+            .drift_threshold
+            .get_or_create(&labels)
+            .set(result.threshold);
+        self.metrics
+            .drift_p_value
+            .get_or_create(&labels)
+            .set(result.p_value);
+        if result.alarm {
+            self.metrics.drift_alarms.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// What the detection workers hold: offers exchanges to the drift worker without waiting.
+#[derive(Debug, Clone)]
+pub struct DriftHandle {
+    monitor: Arc<DriftMonitor>,
+    jobs: Sender<DriftJob>,
+}
+
+impl DriftHandle {
+    /// The monitor, for its worker and for reading its state.
+    pub fn monitor(&self) -> &Arc<DriftMonitor> {
+        &self.monitor
+    }
+
+    /// Offers an inspected exchange, with its detectors' fields, without waiting.
+    pub fn offer(
+        &self,
+        exchange: &Exchange,
+        findings: &[(String, serde_json::Map<String, serde_json::Value>)],
+        engine: &Arc<Engine>,
+    ) {
+        let scope = ScopeKey::of(exchange);
+        if !self.monitor.samplers.contains_key(&scope)
+            && self.monitor.samplers.len() >= self.monitor.settings.max_scopes
+        {
+            self.monitor.count_shed("max_scopes");
+            return;
+        }
+        let scores = self
+            .monitor
+            .plan
+            .features
+            .as_ref()
+            .map(|(_, c)| feature_scores(&c.features, findings, exchange.output().chars().count()))
+            .unwrap_or_default();
+        let sample_rate = self.monitor.sample_rate(&scope);
+        let embeddings = match &self.monitor.embedder {
+            Some(embedder) if rand::rng().random_bool(sample_rate.clamp(0.0, 1.0)) => {
+                let prompt = crate::detect::prompt_text(exchange);
+                match (
+                    embedder.try_embed(prompt),
+                    embedder.try_embed(exchange.output().to_owned()),
+                ) {
+                    (Ok(prompt), Ok(output)) => Some((prompt, output)),
+                    // The batcher counted what it shed.
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if embeddings.is_none() && scores.is_empty() {
+            return;
+        }
+        let job = DriftJob {
+            exchange: exchange.clone(),
+            engine: Arc::clone(engine),
+            scores,
+            embeddings,
+            sample_rate,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.monitor.count_shed("queue_full"),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// The receiving end of the drift queue.
+#[derive(Debug)]
+pub struct DriftReceiver(Receiver<DriftJob>);
+
+impl std::fmt::Debug for DriftJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriftJob")
+            .field("request_id", &self.exchange.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn wait(receiver: oneshot::Receiver<EmbedResult>) -> Option<Vec<f32>> {
+    match receiver.blocking_recv() {
+        Ok(Ok(embedding)) => Some(embedding),
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "embedding failed; exchange not tested for drift");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn load_stored(path: &Path) -> Option<Arc<Reference>> {
+    if !path.is_file() {
+        return None;
+    }
+    match Reference::load(path) {
+        Ok(reference) => Some(Arc::new(reference)),
+        Err(err) => {
+            tracing::warn!(error = %err, "stored drift reference unreadable; relearning");
+            None
+        }
+    }
+}
+
+/// The detector fields an alarm hands the drift rules (the shape of
+/// [`super::sample_fields`]).
+pub fn alarm_fields(
+    result: &TestResult,
+    reference: Option<&Reference>,
+    sample_rate: f64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let size = reference.map_or(0, |r| {
+        if result.test.starts_with("mmd") {
+            r.outputs.len()
+        } else {
+            r.features.get(&result.test).map_or(0, Vec::len)
+        }
+    });
+    let value = serde_json::json!({
+        "alarm": result.alarm,
+        "test": result.test,
+        "statistic": result.statistic,
+        "threshold": result.threshold,
+        "p_value": result.p_value,
+        "direction": result.direction.unwrap_or(""),
+        "sample_rate": sample_rate,
+        "reference": {
+            "source": reference.map_or("", |r| r.source.as_str()),
+            "size": size,
+            "created_at": reference.map_or("", |r| r.created_at.as_str()),
+        },
+    });
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
