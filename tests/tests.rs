@@ -8,6 +8,7 @@
 
 mod cli;
 mod clients;
+mod drift;
 mod flags;
 mod proxy;
 mod sim;

@@ -1,10 +1,12 @@
 //! The command line: one file per subcommand. `anyhow` stops here; the library below returns
 //! typed errors. Exit codes: 0 success (also on a closed stdout pipe), 2 error.
 
+mod baseline;
 mod demo;
 mod devset;
 mod embed;
 mod eval;
+mod eval_drift;
 mod exchanges;
 mod flags;
 mod output;
@@ -46,6 +48,11 @@ enum Command {
     Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),
+    /// Measure drift detection on the development data: false alarms, delays.
+    EvalDrift(eval_drift::EvalDriftArgs),
+    /// Build drift references offline.
+    #[command(subcommand)]
+    Baseline(baseline::BaselineCommand),
     /// Embed texts through the batcher and report throughput.
     Embed(embed::EmbedArgs),
     /// Train the character n-gram language model the gibberish detector uses.
@@ -66,6 +73,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Flags(command) => flags::run(command),
         Command::Eval(args) => eval::run(args),
         Command::Devset(args) => devset::run(args),
+        Command::EvalDrift(args) => eval_drift::run(args),
+        Command::Baseline(command) => baseline::run(command),
         Command::Embed(args) => with_runtime(embed::run(args)),
         Command::TrainLm(args) => train_lm::run(args),
         Command::Policy(command) => policy::run(command),

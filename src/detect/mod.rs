@@ -17,6 +17,7 @@ pub mod language_switch;
 pub mod normalize;
 pub mod recurring_span;
 pub mod refusal;
+pub mod style;
 pub mod trigger_phrase;
 
 /// Which text a piece of evidence points into.
@@ -132,6 +133,9 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
         "language_switch" => Ok(std::sync::Arc::new(language_switch::LanguageSwitch::new(
             &parameters(config)?,
         )?)),
+        "style" => Ok(std::sync::Arc::new(style::Style::new(&parameters(
+            config,
+        )?)?)),
         other => Err(DetectError::Config(format!(
             "unknown detector type `{other}`; one of: {}",
             KINDS.join(", ")
@@ -147,6 +151,7 @@ pub const KINDS: &[&str] = &[
     "recurring_span",
     "language_switch",
     "refusal",
+    "style",
     "embedding_drift",
     "feature_drift",
 ];

@@ -86,6 +86,29 @@ impl Projection {
         }
     }
 
+    /// A random Gaussian projection of `width`-wide rows onto `dims` dimensions (entries
+    /// N(0, 1/dims)): distances are kept up to a small factor (Johnson–Lindenstrauss), and,
+    /// unlike PCA fitted on the reference, it favours no sample over another.
+    pub fn random(width: usize, dims: usize, rng: &mut StdRng) -> Projection {
+        let scale = 1.0 / (dims.max(1) as f64).sqrt();
+        let components = (0..dims)
+            .map(|_| {
+                (0..width)
+                    .map(|_| {
+                        let u1: f64 = rng.random::<f64>().max(1e-300);
+                        let u2: f64 = rng.random();
+                        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                        (z * scale) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        Projection {
+            mean: vec![0.0; width],
+            components,
+        }
+    }
+
     /// Projects one row.
     pub fn apply(&self, row: &[f32]) -> Vec<f32> {
         self.components

@@ -68,6 +68,19 @@ impl MmdReference {
         bootstraps: usize,
         rng: &mut StdRng,
     ) -> Option<MmdReference> {
+        MmdReference::fit_scaled(points, window, ert, bootstraps, 1.0, rng)
+    }
+
+    /// Like [`MmdReference::fit`], with the median-heuristic bandwidth multiplied by
+    /// `bandwidth_scale`.
+    pub fn fit_scaled(
+        points: Vec<Vec<f32>>,
+        window: usize,
+        ert: f64,
+        bootstraps: usize,
+        bandwidth_scale: f64,
+        rng: &mut StdRng,
+    ) -> Option<MmdReference> {
         let n = points.len();
         if window < 2 || n < window + 10 {
             return None;
@@ -83,7 +96,7 @@ impl MmdReference {
             // On a copy: selection reorders, and `distances` is read in pair order below.
             let mut sorted = distances.clone();
             let (_, median, _) = sorted.select_nth_unstable_by(mid, f64::total_cmp);
-            median.max(1e-12)
+            (*median * bandwidth_scale).max(1e-12)
         };
         // Kernel matrix and row sums (diagonal excluded).
         let mut kernel = vec![0f64; n * n];

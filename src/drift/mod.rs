@@ -17,6 +17,7 @@
 //! sampling, embedding, per-scope state, flags — is [`monitor`].
 
 pub mod conformal;
+pub mod evaluate;
 pub mod linalg;
 pub mod mmd;
 pub mod monitor;
@@ -82,6 +83,11 @@ pub struct EmbeddingDriftConfig {
     pub projection_dims: usize,
     /// Simulated windows for calibrating each threshold.
     pub bootstraps: usize,
+    /// Multiplies the median-heuristic RBF bandwidth (smaller: more local differences count).
+    pub bandwidth_scale: f64,
+    /// Test `output − prompt` embeddings, so a change in what users ask does not read as
+    /// drift, and how the model answers does.
+    pub subtract_prompt: bool,
 }
 
 impl Default for EmbeddingDriftConfig {
@@ -96,6 +102,8 @@ impl Default for EmbeddingDriftConfig {
             topic_window: 30,
             projection_dims: 32,
             bootstraps: 20_000,
+            bandwidth_scale: 0.25,
+            subtract_prompt: true,
         }
     }
 }
@@ -194,8 +202,9 @@ pub fn sample_fields() -> serde_json::Map<String, serde_json::Value> {
 }
 
 /// Reads the scores `features` names from an exchange's findings. Missing fields and
-/// non-numeric values are skipped; booleans count as 0 or 1; `prompt_distance` is added by
-/// the monitor once embeddings exist.
+/// non-numeric values are skipped, and so is every field of a detector that reports
+/// `warming_up: true`; booleans count as 0 or 1; `prompt_distance` is added by the monitor
+/// once embeddings exist.
 pub fn feature_scores(
     features: &[String],
     findings: &[(String, serde_json::Map<String, serde_json::Value>)],
@@ -214,6 +223,15 @@ pub fn feature_scores(
         let Some((_, fields)) = findings.iter().find(|(name, _)| name == detector) else {
             continue;
         };
+        // A stateful detector still filling its history scores differently from later on; its
+        // scores would make a reference that later traffic drifts from.
+        if fields
+            .get("warming_up")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
+        {
+            continue;
+        }
         let mut value = None;
         let mut map = Some(fields);
         for key in path {
@@ -252,6 +270,10 @@ mod tests {
                 "recurring".to_owned(),
                 fields(serde_json::json!({"span": {"count": 3, "matched": true}, "text": "x"})),
             ),
+            (
+                "warm".to_owned(),
+                fields(serde_json::json!({"count": 2, "warming_up": true})),
+            ),
         ];
         let features: Vec<String> = [
             "length",
@@ -260,6 +282,7 @@ mod tests {
             "recurring.span.matched",
             "recurring.text",
             "missing.score",
+            "warm.count",
             "prompt_distance",
         ]
         .iter()

@@ -281,6 +281,9 @@ fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String> {
     if config.topics > 1 && config.topic_window < 2 {
         return Err("topic_window must be at least 2".to_owned());
     }
+    if config.bandwidth_scale.is_nan() || config.bandwidth_scale <= 0.0 {
+        return Err("bandwidth_scale must be positive".to_owned());
+    }
     if config.projection_dims == 0 {
         return Err("projection_dims must be at least 1".to_owned());
     }
