@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench bench-infer eval models clean
+.PHONY: all build run demo test lint check-fmt unit bench bench-drift bench-infer eval eval-drift models clean
 
 all: build
 
@@ -69,6 +69,22 @@ test: check-fmt lint unit
 bench: build
 	$(CARGO) bench --locked --bench gateway
 	$(CARGO) bench --locked --bench detect
+
+# The gateway benchmark's fixed-rate section with the default policy, drift on and off
+# (docs/benchmarks.md): the no-drift policy is the default one without its drift detectors.
+bench-drift: build models
+	mkdir -p target/bench-drift
+	sed '/# >>> drift/,/# <<< drift/d' policies/default.yaml > target/bench-drift/no-drift.yaml
+	for policy in policies/default.yaml target/bench-drift/no-drift.yaml; do \
+		echo "## policies: $$policy"; \
+		BENCH_POLICIES=$$policy BENCH_SECTIONS=$${BENCH_SECTIONS:-open} BENCH_MODES=$${BENCH_MODES:-json} \
+			$(CARGO) bench --locked --bench gateway; \
+	done
+
+# Drift detection on the development data: false alarms on clean streams, delays after model
+# swaps and sentence injection (docs/detection.md). Embeddings are cached in target/drift-eval.
+eval-drift: build models
+	$(BIN) eval-drift
 
 # tripwire embed against ONNX Runtime's own Python API, same files and texts (docs/benchmarks.md).
 .venv-infer/.ok:

@@ -15,7 +15,8 @@
 //! `BENCH_SECS`, `BENCH_WARMUP_SECS`, `BENCH_ROUNDS`, `BENCH_CONNS`, `BENCH_WORKERS`,
 //! `BENCH_MAX_SECS`, `BENCH_SLOW_RATE`, `BENCH_SLOW_CONNS`, `BENCH_SLOW_SECS`,
 //! `BENCH_SLOW_ROUNDS`, `BENCH_CLIENT_THREADS`, `BENCH_SECTIONS` (any of `open,max,slow`),
-//! `BENCH_MODES` (any of `json,sse`).
+//! `BENCH_MODES` (any of `json,sse`), `BENCH_POLICIES` (the gateway's `--policies`; default:
+//! the built-in policy).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -313,21 +314,23 @@ fn start_gateway(upstream: SocketAddr) -> anyhow::Result<Gateway> {
         .ok_or_else(|| anyhow!("temporary path is not UTF-8"))?
         .to_owned();
     let upstream = format!("http://{upstream}");
-    let (proc, line) = Proc::start(
-        "gateway",
-        &[
-            "serve",
-            "--upstream",
-            &upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--store",
-            &db,
-        ],
-        "tripwire serving",
-    )?;
+    let mut args = vec![
+        "serve",
+        "--upstream",
+        &upstream,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--store",
+        &db,
+    ];
+    // `BENCH_POLICIES`: the gateway's policies (default: the built-in policy, drift included).
+    let policies = std::env::var("BENCH_POLICIES").unwrap_or_default();
+    if !policies.trim().is_empty() {
+        args.extend(["--policies", policies.trim()]);
+    }
+    let (proc, line) = Proc::start("gateway", &args, "tripwire serving")?;
     Ok(Gateway {
         listen: field(&line, "listen")?,
         admin: field(&line, "admin")?,
