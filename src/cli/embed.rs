@@ -45,6 +45,10 @@ pub struct EmbedArgs {
     /// Keep the head and the tail of long texts instead of the head only.
     #[arg(long)]
     pub head_tail: bool,
+    /// Split a long text into up to this many windows of `--max-tokens` and average their
+    /// embeddings.
+    #[arg(long, default_value_t = 1)]
+    pub chunks: usize,
     /// The ONNX Runtime library (default: $ORT_DYLIB_PATH, then models/).
     #[arg(long)]
     pub onnxruntime: Option<PathBuf>,
@@ -77,6 +81,7 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
         } else {
             Truncation::Head
         },
+        chunks: args.chunks,
         max_batch: args.max_batch,
         max_wait: args.max_wait,
         queue_capacity: args.max_batch.max(1) * 4,
