@@ -303,11 +303,7 @@ impl Embedder {
         let lengths: Vec<usize> = order.iter().map(|&w| windows[w].1.len()).collect();
         let mut pooled: Vec<Option<Embedding>> = vec![None; windows.len()];
         let mut start = 0;
-        let call_tokens = std::env::var("TRIPWIRE_CALL_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(self.model.call_tokens());
-        for end in tokenize::length_buckets(&lengths, call_tokens) {
+        for end in tokenize::length_buckets(&lengths, self.model.call_tokens()) {
             let members = &order[start..end];
             let batch = tokenize::pad_batch(
                 members.iter().map(|&w| &windows[w].1),

@@ -254,9 +254,10 @@ impl OnnxModel {
     }
 }
 
-/// A model call's fixed cost on the CPU provider, in tokens: measured on the 2-core machine
-/// (see docs/benchmarks.md); between ~8 and ~64 changes throughput by a few per cent.
-const CPU_CALL_TOKENS: f64 = 32.0;
+/// A model call's fixed cost on the CPU provider, in tokens. Tuned on the 2-core machine
+/// (docs/benchmarks.md): 8 to 32 are within noise of each other, 96 is ~8% slower on long
+/// outputs, and one call per batch (no split) is half as fast.
+const CPU_CALL_TOKENS: f64 = 16.0;
 /// A model call's fixed cost on the CUDA provider, in tokens: large enough that a batch runs
 /// as one call unless its lengths differ wildly.
 const CUDA_CALL_TOKENS: f64 = 16_384.0;
