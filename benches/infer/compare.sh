@@ -5,7 +5,8 @@
 # round), each in a fresh process with one untimed warm-up batch and one timed pass over all
 # texts. Prints the median over the rounds of items/s and p99 batch latency of each side, the
 # ratio at the same batch size, and the ratio to ONNX Runtime Python at its best batch size
-# (the acceptance baseline).
+# (the acceptance baseline); ratios are taken within a round (the two sides ran back to back,
+# so a load change on the shared machine hits both) and their median is reported.
 #
 #   benches/infer/compare.sh [TEXTS (400)] [THREADS (2)] [ROUNDS (5)] [MODEL (int8)]
 #   BATCHES="1 8 32 64" (default) picks the batch sizes.
@@ -48,6 +49,7 @@ measure() {
 }
 
 started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for spec in "instruction 256" "output 128" "output 256"; do
   set -- $spec
   for round in $(seq 1 "$rounds"); do
@@ -61,32 +63,31 @@ for spec in "instruction 256" "output 128" "output 256"; do
   done
 done
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average at the start $load_before, at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "model: $model; $texts texts of gpt-3.5-turbo-1106; $threads intra-op threads; median of $rounds alternating rounds; $(( $(date +%s) - started )) s"
 echo
 python3 - "$results" <<'PY'
 import collections, json, statistics, sys
-rows = collections.defaultdict(list)
+# runs[(field, max_tokens)][round][(side, batch)] = result
+runs = collections.defaultdict(lambda: collections.defaultdict(dict))
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    rows[(r["field"], r["max_tokens"], r["batch"], r["side"])].append(r["result"])
-def med(key, field):
-    return statistics.median(x[field] for x in rows[key])
-specs = sorted({k[:2] for k in rows}, key=lambda s: (s[0] != "instruction", s[1]))
+    runs[(r["field"], r["max_tokens"])][r["round"]][(r["side"], r["batch"])] = r["result"]
 print("| field | max tokens | batch | tripwire items/s | tripwire batch p99 ms | ORT Python items/s | ORT Python batch p99 ms | ratio, same batch | ratio to ORT Python's best |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 summary = []
-for field, max_tokens in specs:
-    sizes = sorted({k[2] for k in rows if k[:2] == (field, max_tokens)})
-    py = {b: med((field, max_tokens, b, "python"), "items_per_s") for b in sizes}
-    rust = {b: med((field, max_tokens, b, "tripwire"), "items_per_s") for b in sizes}
-    best_b = max(py, key=py.get)
+for (field, max_tokens), rounds in sorted(runs.items(), key=lambda kv: (kv[0][0] != "instruction", kv[0][1])):
+    sizes = sorted({b for rnd in rounds.values() for (_, b) in rnd})
+    med = lambda side, b, key: statistics.median(rnd[(side, b)][key] for rnd in rounds.values())
+    # Ratios are paired within a round (the two sides ran back to back), then the median is taken.
+    same = lambda b: statistics.median(rnd[("tripwire", b)]["items_per_s"] / rnd[("python", b)]["items_per_s"] for rnd in rounds.values())
+    best_py = lambda rnd: max(rnd[("python", s)]["items_per_s"] for s in sizes)
+    to_best = lambda b: statistics.median(rnd[("tripwire", b)]["items_per_s"] / best_py(rnd) for rnd in rounds.values())
     for b in sizes:
-        print(f"| {field} | {max_tokens} | {b} | {rust[b]:.1f} | {med((field, max_tokens, b, 'tripwire'), 'batch_p99_ms'):.1f} "
-              f"| {py[b]:.1f} | {med((field, max_tokens, b, 'python'), 'batch_p99_ms'):.1f} | {rust[b] / py[b]:.3f} | {rust[b] / py[best_b]:.3f} |")
-    rust_b = max(rust, key=rust.get)
-    summary.append(f"- {field} @ {max_tokens} tokens: tripwire best {rust[rust_b]:.1f} items/s (batch {rust_b}) vs ORT Python best "
-                   f"{py[best_b]:.1f} (batch {best_b}): {rust[rust_b] / py[best_b]:.3f}; at batch 32: {rust.get(32, float('nan')) / py[best_b]:.3f}")
+        print(f"| {field} | {max_tokens} | {b} | {med('tripwire', b, 'items_per_s'):.1f} | {med('tripwire', b, 'batch_p99_ms'):.1f} "
+              f"| {med('python', b, 'items_per_s'):.1f} | {med('python', b, 'batch_p99_ms'):.1f} | {same(b):.3f} | {to_best(b):.3f} |")
+    best_rust = statistics.median(max(rnd[("tripwire", s)]["items_per_s"] for s in sizes) / best_py(rnd) for rnd in rounds.values())
+    summary.append(f"- {field} @ {max_tokens} tokens: tripwire at its best batch size / ORT Python at its best, paired per round, median: {best_rust:.3f}")
 print()
 print("\n".join(summary))
 PY
