@@ -5,8 +5,9 @@
 //! unit-norm [`Embedding`]. Nothing here reaches the network: the ONNX Runtime library, the
 //! model and its tokenizer are files that `make models` fetched into `models/`.
 //!
-//! * [`tokenize`] turns texts into token ids, truncated to `max_tokens` and padded per batch
-//!   to the longest text (never the fixed padding the tokenizer file asks for).
+//! * [`tokenize`] turns texts into token ids, truncated to `max_tokens` (or split into up to
+//!   `chunks` windows, whose embeddings are averaged) and padded per sub-batch to its longest
+//!   text (never the fixed padding the tokenizer file asks for).
 //! * [`onnx`] loads ONNX Runtime, runs the model on a padded batch, mean-pools the last hidden
 //!   state with the attention mask and L2-normalises.
 //! * [`batcher`] gathers jobs from many callers into batches, sorted and split by length, and

@@ -3,8 +3,8 @@
 //!
 //! The MiniLM `tokenizer.json` pads every text to a fixed 128 tokens. That padding is switched
 //! off here: each text is encoded on its own, truncated to `max_tokens`, and a batch is padded
-//! only to its longest member ([`pad_batch`]). Texts of similar length are grouped first
-//! ([`length_buckets`]) so little padding is run through the model.
+//! only to its longest member ([`pad_batch`]). A batch's texts are sorted by length and split
+//! where a separate model call costs less than the padding it saves ([`length_buckets`]).
 
 use std::path::Path;
 
