@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench bench-drift bench-infer eval eval-drift models clean
+.PHONY: all build run demo test lint check-fmt unit bench bench-drift bench-infer bench-gpu eval eval-drift models models-gpu clean
 
 all: build
 
@@ -61,7 +61,7 @@ check-fmt:
 lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-unit: models $(VENV)/.openai-$(OPENAI_VERSION)
+unit: models models-gpu $(VENV)/.openai-$(OPENAI_VERSION)
 	$(CARGO) test --locked
 
 test: check-fmt lint unit
@@ -86,14 +86,30 @@ bench-drift: build models
 eval-drift: build models
 	$(BIN) eval-drift
 
-# tripwire embed against ONNX Runtime's own Python API, same files and texts (docs/benchmarks.md).
-.venv-infer/.ok:
+# Python for the inference work: ONNX Runtime's own API (the benchmark's reference) and the
+# `onnx` package (the float exports). The stamp names the pins, so changing one rebuilds it.
+INFER_PINS := onnxruntime==1.32.0 tokenizers==0.23.3 numpy==2.4.6 onnx==1.23.2
+INFER_VENV := .venv-infer/.ok-$(shell echo '$(INFER_PINS)' | sha256sum | cut -c1-12)
+$(INFER_VENV):
+	rm -rf .venv-infer
 	$(PYTHON) -m venv .venv-infer
-	.venv-infer/bin/python -m pip install --quiet --disable-pip-version-check onnxruntime==1.32.0 tokenizers==0.23.3 numpy==2.4.6
+	.venv-infer/bin/python -m pip install --quiet --disable-pip-version-check $(INFER_PINS)
 	touch $@
 
-bench-infer: build models .venv-infer/.ok
+# fp32 and fp16 ONNX exports of the same MiniLM for the CUDA provider, built from the
+# safetensors weights and checked against the int8 model (scripts/export_minilm.py); skipped
+# when the recorded sha256s match.
+models-gpu: models $(INFER_VENV)
+	.venv-infer/bin/python scripts/export_minilm.py
+
+# tripwire embed against ONNX Runtime's own Python API, same files and texts (docs/benchmarks.md).
+bench-infer: build models $(INFER_VENV)
 	benches/infer/compare.sh
+
+# On a machine with an NVIDIA GPU: ORT_GPU_LIB=dir holding libonnxruntime.so* and
+# libonnxruntime_providers_{cuda,shared}.so (from the onnxruntime-gpu wheel).
+bench-gpu: build models-gpu
+	benches/infer/gpu.sh $(ORT_GPU_LIB)
 
 # Detection quality on the development set (docs/detection.md).
 eval: build

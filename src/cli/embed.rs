@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -45,10 +46,21 @@ pub struct EmbedArgs {
     /// Keep the head and the tail of long texts instead of the head only.
     #[arg(long)]
     pub head_tail: bool,
+    /// Split a long text into up to this many windows of `--max-tokens` and average their
+    /// embeddings.
+    #[arg(long, default_value_t = 1)]
+    pub chunks: usize,
+    /// Embed this many texts first, untimed (ONNX Runtime's first runs allocate).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Print the report as one JSON object (for benches/infer/).
+    #[arg(long)]
+    pub json: bool,
     /// The ONNX Runtime library (default: $ORT_DYLIB_PATH, then models/).
     #[arg(long)]
     pub onnxruntime: Option<PathBuf>,
-    /// The ONNX model (default: models/all-MiniLM-L6-v2-int8.onnx).
+    /// The ONNX model (default: models/all-MiniLM-L6-v2-int8.onnx on the CPU,
+    /// models/all-MiniLM-L6-v2-fp16.onnx on CUDA).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The tokenizer.json (default: models/all-MiniLM-L6-v2-tokenizer.json).
@@ -77,6 +89,7 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
         } else {
             Truncation::Head
         },
+        chunks: args.chunks,
         max_batch: args.max_batch,
         max_wait: args.max_wait,
         queue_capacity: args.max_batch.max(1) * 4,
@@ -84,12 +97,31 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let embedder = tokio::task::block_in_place(|| Embedder::load(&config))?;
     let device = embedder.device();
     let tasks = Tasks::new();
-    let handle = batcher::start(
+    let batches: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let observed = Arc::clone(&batches);
+    let observer: batcher::BatchObserver = Arc::new(move |_texts, elapsed| {
+        observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(elapsed);
+    });
+    let handle = batcher::start_observed(
         embedder,
         &config,
         &tasks,
         crate::telemetry::Metrics::default(),
+        Some(observer),
     );
+    if args.warmup > 0 {
+        let mut warming = Vec::new();
+        for (_, text) in records.iter().take(args.warmup) {
+            warming.push(handle.submit(text.clone()).await?);
+        }
+        for receiver in warming {
+            receiver.await.context("the embedding worker stopped")??;
+        }
+        batches.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 
     // A producer fills the queue as fast as it drains; answers are awaited here in order, and
     // each latency runs from submission to answer.
@@ -139,7 +171,15 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.output {
         write_output(path, &records, &embeddings)?;
     }
-    report(&args, device, embeddings.len(), elapsed, &mut latencies)
+    let mut batches = std::mem::take(&mut *batches.lock().unwrap_or_else(|p| p.into_inner()));
+    report(
+        &args,
+        device,
+        embeddings.len(),
+        elapsed,
+        &mut latencies,
+        &mut batches,
+    )
 }
 
 /// Each line that has the field (its object and the text), up to `--limit`.
@@ -197,23 +237,52 @@ fn report(
     items: usize,
     elapsed: Duration,
     latencies: &mut [Duration],
+    batches: &mut [Duration],
 ) -> anyhow::Result<()> {
     latencies.sort_unstable();
-    let at = |q: f64| {
-        let index = ((latencies.len() as f64 - 1.0) * q).round() as usize;
-        latencies.get(index).copied().unwrap_or_default()
-    };
+    batches.sort_unstable();
+    let (latencies, batches) = (&*latencies, &*batches);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let item = |q| ms(quantile(latencies, q));
+    let batch = |q| ms(quantile(batches, q));
     let per_second = items as f64 / elapsed.as_secs_f64().max(1e-9);
+    if args.json {
+        let report = serde_json::json!({
+            "items": items,
+            "seconds": elapsed.as_secs_f64(),
+            "items_per_s": per_second,
+            "batches": batches.len(),
+            "batch_p50_ms": batch(0.5),
+            "batch_p99_ms": batch(0.99),
+            "item_p50_ms": item(0.5),
+            "item_p99_ms": item(0.99),
+            "device": device.as_str(),
+            "threads": args.threads,
+            "max_batch": args.max_batch,
+            "max_tokens": args.max_tokens,
+        });
+        return super::output::emit(&format!("{report}\n"));
+    }
     super::output::emit(&format!(
-        "embedded {items} texts in {:.2} s: {per_second:.1} items/s; latency per item p50 {:.1} ms, p99 {:.1} ms \
+        "embedded {items} texts in {:.2} s: {per_second:.1} items/s; latency per item p50 {:.1} ms, p99 {:.1} ms; \
+         per batch ({} batches) p50 {:.1} ms, p99 {:.1} ms \
          (device {:?}, {} intra-op threads, max batch {}, max wait {:?}, max tokens {})\n",
         elapsed.as_secs_f64(),
-        at(0.5).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
+        item(0.5),
+        item(0.99),
+        batches.len(),
+        batch(0.5),
+        batch(0.99),
         device,
         args.threads,
         args.max_batch,
         args.max_wait,
         args.max_tokens,
     ))
+}
+
+/// The `q` quantile of sorted `values` (nearest rank), zero when empty.
+fn quantile(values: &[Duration], q: f64) -> Duration {
+    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values.get(index).copied().unwrap_or_default()
 }

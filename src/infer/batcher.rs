@@ -114,6 +114,10 @@ fn channel(capacity: usize, metrics: Metrics) -> (EmbedderHandle, mpsc::Receiver
     (handle, receiver)
 }
 
+/// Called after each batch with its number of texts and the time it took to tokenise, run
+/// and pool (exact per-batch figures, where the metrics only have histogram buckets).
+pub type BatchObserver = Arc<dyn Fn(usize, Duration) + Send + Sync>;
+
 /// Starts the `embed-batcher` worker on `tasks` with the batching knobs of `config`; batch
 /// sizes, queue waits, inference times and shed texts go to `metrics`.
 pub fn start(
@@ -121,6 +125,18 @@ pub fn start(
     config: &EmbedderConfig,
     tasks: &Tasks,
     metrics: Metrics,
+) -> EmbedderHandle {
+    start_observed(embedder, config, tasks, metrics, None)
+}
+
+/// [`start`], also telling `observer` about every batch (`tripwire embed` reports batch
+/// latency from it).
+pub fn start_observed(
+    embedder: Embedder,
+    config: &EmbedderConfig,
+    tasks: &Tasks,
+    metrics: Metrics,
+    observer: Option<BatchObserver>,
 ) -> EmbedderHandle {
     let (handle, receiver) = channel(config.queue_capacity, metrics.clone());
     let worker = Worker {
@@ -130,6 +146,7 @@ pub fn start(
         max_wait: config.max_wait,
         tasks: tasks.clone(),
         metrics,
+        observer,
     };
     tasks.spawn("embed-batcher", worker.run());
     handle
@@ -142,6 +159,7 @@ struct Worker {
     max_wait: Duration,
     tasks: Tasks,
     metrics: Metrics,
+    observer: Option<BatchObserver>,
 }
 
 impl Worker {
@@ -153,6 +171,7 @@ impl Worker {
             max_wait,
             tasks,
             metrics,
+            observer,
         } = self;
         let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
         while let Some(first) = receiver.recv().await {
@@ -177,6 +196,7 @@ impl Worker {
                     .observe(started.saturating_duration_since(job.queued).as_secs_f64());
             }
             metrics.embed_batch_size.observe(jobs.len() as f64);
+            let texts_in_batch = jobs.len();
             let texts: Vec<String> = jobs
                 .iter_mut()
                 .map(|j| std::mem::take(&mut j.text))
@@ -189,9 +209,11 @@ impl Worker {
                 .await;
             match ran {
                 Ok((back, result)) => {
-                    metrics
-                        .embed_inference
-                        .observe(started.elapsed().as_secs_f64());
+                    let elapsed = started.elapsed();
+                    metrics.embed_inference.observe(elapsed.as_secs_f64());
+                    if let Some(observer) = &observer {
+                        observer(texts_in_batch, elapsed);
+                    }
                     embedder = back;
                     answer(&mut jobs, result);
                 }

@@ -5,8 +5,9 @@
 //! unit-norm [`Embedding`]. Nothing here reaches the network: the ONNX Runtime library, the
 //! model and its tokenizer are files that `make models` fetched into `models/`.
 //!
-//! * [`tokenize`] turns texts into token ids, truncated to `max_tokens` and padded per batch
-//!   to the longest text (never the fixed padding the tokenizer file asks for).
+//! * [`tokenize`] turns texts into token ids, truncated to `max_tokens` (or split into up to
+//!   `chunks` windows, whose embeddings are averaged) and padded per sub-batch to its longest
+//!   text (never the fixed padding the tokenizer file asks for).
 //! * [`onnx`] loads ONNX Runtime, runs the model on a padded batch, mean-pools the last hidden
 //!   state with the attention mask and L2-normalises.
 //! * [`batcher`] gathers jobs from many callers into batches, sorted and split by length, and
@@ -35,8 +36,12 @@ pub const MINILM_DIM: usize = 384;
 
 /// File name of the pinned ONNX Runtime library inside `models/`.
 pub const ONNXRUNTIME_FILE: &str = "libonnxruntime.so.1.32.0";
-/// File name of the int8 all-MiniLM-L6-v2 model inside `models/`.
+/// File name of the int8 all-MiniLM-L6-v2 model inside `models/` (the CPU default).
 pub const MODEL_FILE: &str = "all-MiniLM-L6-v2-int8.onnx";
+/// File name of the fp16 export inside `models/` (the CUDA default; `make models-gpu`).
+pub const FP16_MODEL_FILE: &str = "all-MiniLM-L6-v2-fp16.onnx";
+/// File name of the fp32 export inside `models/` (`make models-gpu`).
+pub const FP32_MODEL_FILE: &str = "all-MiniLM-L6-v2-fp32.onnx";
 /// File name of the all-MiniLM-L6-v2 tokenizer inside `models/`.
 pub const TOKENIZER_FILE: &str = "all-MiniLM-L6-v2-tokenizer.json";
 
@@ -70,7 +75,7 @@ pub enum InferError {
     },
     /// `device: cuda` was asked for and the CUDA execution provider could not be registered.
     #[error(
-        "device cuda: the CUDA execution provider is unavailable ({message}); set `device: cpu` or `device: auto`"
+        "device cuda: the CUDA execution provider is unavailable ({message}); point `onnxruntime` (or ORT_DYLIB_PATH) at the onnxruntime-gpu library with libonnxruntime_providers_cuda.so beside it, or set `device: cpu` or `device: auto`"
     )]
     CudaUnavailable {
         /// ONNX Runtime's message.
@@ -131,9 +136,18 @@ impl ModelPaths {
 
     /// The paths a config asks for: each one given wins; otherwise the ONNX Runtime library
     /// comes from `ORT_DYLIB_PATH` when set, and everything else from `models/` under the
-    /// current directory.
+    /// current directory: the fp16 export on `cuda`, the int8 model on `cpu` and `auto` (where
+    /// [`Embedder::load`] tries the fp16 export on CUDA first).
     pub fn resolve(config: &EmbedderConfig) -> ModelPaths {
-        let defaults = ModelPaths::default_in(Path::new("."));
+        ModelPaths::resolve_for(config, config.device)
+    }
+
+    /// [`ModelPaths::resolve`] as if the config asked for `device`.
+    pub fn resolve_for(config: &EmbedderConfig, device: Device) -> ModelPaths {
+        let mut defaults = ModelPaths::default_in(Path::new("."));
+        if device == Device::Cuda {
+            defaults.model = Path::new("models").join(FP16_MODEL_FILE);
+        }
         let onnxruntime = config
             .onnxruntime
             .clone()
@@ -170,7 +184,8 @@ impl ModelPaths {
 pub struct EmbedderConfig {
     /// The ONNX Runtime library; default `ORT_DYLIB_PATH`, then `models/libonnxruntime.so.1.32.0`.
     pub onnxruntime: Option<PathBuf>,
-    /// The ONNX model; default `models/all-MiniLM-L6-v2-int8.onnx`.
+    /// The ONNX model; default `models/all-MiniLM-L6-v2-int8.onnx` on the CPU,
+    /// `models/all-MiniLM-L6-v2-fp16.onnx` on CUDA.
     pub model: Option<PathBuf>,
     /// The tokenizer.json; default `models/all-MiniLM-L6-v2-tokenizer.json`.
     pub tokenizer: Option<PathBuf>,
@@ -182,6 +197,9 @@ pub struct EmbedderConfig {
     pub max_tokens: usize,
     /// Which part of a long text is kept.
     pub truncation: Truncation,
+    /// Windows of `max_tokens` a long text is split into; their embeddings are averaged
+    /// (weighted by their tokens) and normalised. 1 embeds the first window only.
+    pub chunks: usize,
     /// Most texts in one batch.
     pub max_batch: usize,
     /// Longest a batch waits to fill once its first job has arrived.
@@ -201,6 +219,7 @@ impl Default for EmbedderConfig {
             intra_threads: 1,
             max_tokens: 256,
             truncation: Truncation::Head,
+            chunks: 1,
             max_batch: 32,
             max_wait: Duration::from_millis(2),
             queue_capacity: 1024,
@@ -212,6 +231,7 @@ impl Default for EmbedderConfig {
 pub struct Embedder {
     tokenizer: TextTokenizer,
     model: OnnxModel,
+    chunks: usize,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -224,7 +244,27 @@ impl std::fmt::Debug for Embedder {
 
 impl Embedder {
     /// Loads ONNX Runtime, the model and the tokenizer from the paths `config` resolves to.
+    /// With `device: auto` and no model configured, the fp16 export is tried on CUDA first,
+    /// then the int8 model on the CPU (with one warning).
     pub fn load(config: &EmbedderConfig) -> Result<Embedder, InferError> {
+        if config.device == Device::Auto && config.model.is_none() {
+            let on = |device| EmbedderConfig {
+                device,
+                ..config.clone()
+            };
+            let cuda = on(Device::Cuda);
+            return match Embedder::load_from(&ModelPaths::resolve(&cuda), &cuda) {
+                Ok(embedder) => Ok(embedder),
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        "device auto: CUDA is unavailable, running the embedding model on the CPU"
+                    );
+                    let cpu = on(Device::Cpu);
+                    Embedder::load_from(&ModelPaths::resolve(&cpu), &cpu)
+                }
+            };
+        }
         Embedder::load_from(&ModelPaths::resolve(config), config)
     }
 
@@ -239,39 +279,44 @@ impl Embedder {
             config.device,
             config.intra_threads,
         )?;
-        Ok(Embedder { tokenizer, model })
+        Ok(Embedder {
+            tokenizer,
+            model,
+            chunks: config.chunks.max(1),
+        })
     }
 
-    /// Embeds `texts`, answering in their order. The texts are sorted by token length and run
-    /// in sub-batches of similar length, each padded only to its own longest text.
+    /// Embeds `texts`, answering in their order. The texts (or their windows, with `chunks`
+    /// above 1) are sorted by token length and run in sub-batches of similar length, each
+    /// padded only to its own longest member.
     pub fn embed_batch<S: AsRef<str>>(
         &mut self,
         texts: &[S],
     ) -> Result<Vec<Embedding>, InferError> {
-        let encoded = texts
-            .iter()
-            .map(|text| self.tokenizer.encode(text.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| encoded[i].len());
-        let lengths: Vec<usize> = order.iter().map(|&i| encoded[i].len()).collect();
-        let mut out: Vec<Option<Embedding>> = vec![None; texts.len()];
+        // Every window, with the index of its text.
+        let mut windows: Vec<(usize, tokenize::Encoded)> = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let encoded = self.tokenizer.encode_windows(text.as_ref(), self.chunks)?;
+            windows.extend(encoded.into_iter().map(|e| (i, e)));
+        }
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&w| windows[w].1.len());
+        let lengths: Vec<usize> = order.iter().map(|&w| windows[w].1.len()).collect();
+        let mut pooled: Vec<Option<Embedding>> = vec![None; windows.len()];
         let mut start = 0;
-        for end in tokenize::length_buckets(&lengths) {
+        for end in tokenize::length_buckets(&lengths, self.model.call_tokens()) {
             let members = &order[start..end];
             let batch = tokenize::pad_batch(
-                members.iter().map(|&i| &encoded[i]),
+                members.iter().map(|&w| &windows[w].1),
                 self.tokenizer.pad_id(),
             );
             let embeddings = self.model.embed(&batch)?;
-            for (&i, embedding) in members.iter().zip(embeddings) {
-                out[i] = Some(embedding);
+            for (&w, embedding) in members.iter().zip(embeddings) {
+                pooled[w] = Some(embedding);
             }
             start = end;
         }
-        out.into_iter()
-            .map(|e| e.ok_or_else(|| InferError::Run("a text got no embedding".to_owned())))
-            .collect()
+        combine_windows(texts.len(), &windows, pooled)
     }
 
     /// Embeds one text.
@@ -293,6 +338,92 @@ impl Embedder {
     }
 }
 
+/// One embedding per text from the embeddings of its windows: their average, weighted by
+/// each window's tokens, normalised again (a text with one window keeps its embedding).
+fn combine_windows(
+    texts: usize,
+    windows: &[(usize, tokenize::Encoded)],
+    pooled: Vec<Option<Embedding>>,
+) -> Result<Vec<Embedding>, InferError> {
+    let mut sums: Vec<Option<Embedding>> = vec![None; texts];
+    for ((text, encoded), embedding) in windows.iter().zip(pooled) {
+        let embedding =
+            embedding.ok_or_else(|| InferError::Run("a window got no embedding".to_owned()))?;
+        let slot = sums
+            .get_mut(*text)
+            .ok_or_else(|| InferError::Run("a window of no text".to_owned()))?;
+        let weight = encoded.len() as f32;
+        match slot {
+            None => *slot = Some(embedding.iter().map(|v| v * weight).collect()),
+            Some(sum) => sum
+                .iter_mut()
+                .zip(&embedding)
+                .for_each(|(s, v)| *s += weight * v),
+        }
+    }
+    sums.into_iter()
+        .map(|sum| {
+            let mut sum =
+                sum.ok_or_else(|| InferError::Run("a text got no embedding".to_owned()))?;
+            normalise(&mut sum);
+            Ok(sum)
+        })
+        .collect()
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+fn normalise(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+/// Labels of `tripwire_embed_device`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// `cpu` or `cuda`: where the embedding model runs.
+    pub device: &'static str,
+}
+
+impl Device {
+    /// The metric label value: `cpu`, `cuda` or `auto` (unresolved).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+/// Registers the gauge `tripwire_embed_device{device="cpu"|"cuda"}`, 1 for the device the
+/// loaded embedder runs on ([`Embedder::device`]), so a dashboard shows whether the model-based
+/// detectors run on the GPU or fell back to the CPU. The server calls it once the embedder is
+/// loaded, before the registry is handed to the admin endpoint; it lives here rather than in
+/// `telemetry::Metrics` because the device is only known after loading.
+pub fn register_device_metric(
+    registry: &mut prometheus_client::registry::Registry,
+    device: Device,
+) -> prometheus_client::metrics::family::Family<
+    DeviceLabels,
+    prometheus_client::metrics::gauge::Gauge,
+> {
+    let family = prometheus_client::metrics::family::Family::<
+        DeviceLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    family
+        .get_or_create(&DeviceLabels {
+            device: device.as_str(),
+        })
+        .set(1);
+    registry.sub_registry_with_prefix("tripwire").register(
+        "embed_device",
+        "Where the embedding model runs: 1 for the device serving (cpu or cuda)",
+        family.clone(),
+    );
+    family
+}
+
 /// Cosine similarity of two embeddings (their dot product, as both are unit-norm).
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -307,6 +438,21 @@ pub(crate) fn test_models() -> ModelPaths {
         panic!("the inference tests need the pinned models: {err}");
     }
     paths
+}
+
+/// The float exports of `make models-gpu` in this checkout, for tests; fails with the fix when
+/// they are absent.
+#[cfg(test)]
+pub(crate) fn test_export(file: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "the inference tests need {}: run `make models-gpu`",
+        path.display()
+    );
+    path
 }
 
 #[cfg(test)]

@@ -4,14 +4,21 @@
 //! The library is loaded once per process (`ort` allows one environment), from the path the
 //! config names, `ORT_DYLIB_PATH`, or `models/` (see [`super::ModelPaths::resolve`]). A
 //! session runs on the calling thread: the [`super::batcher`] calls it from blocking threads.
+//!
+//! On `cuda` the session registers ONNX Runtime's CUDA provider and proves at start-up that it
+//! is really used: one profiled batch must run its matrix multiplications on the GPU (an int8
+//! model, say, registers fine and then runs on the CPU). The model's output may be float32 or
+//! float16 (the fp16 export); pooling is done in float32 either way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use half::f16;
 use ort::environment::Environment;
 use ort::ep;
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::{TensorElementType, TensorRef};
 use serde::Deserialize;
 
 use super::tokenize::PaddedBatch;
@@ -83,7 +90,9 @@ impl std::fmt::Debug for OnnxModel {
 
 impl OnnxModel {
     /// Loads ONNX Runtime from `library` and builds a session for `model` on `device`, using
-    /// `intra_threads` threads inside each operator.
+    /// `intra_threads` threads inside each operator. `cuda` fails when the CUDA provider cannot
+    /// be registered or does not run the model; `auto` then falls back to the CPU, with one
+    /// warning.
     pub fn load(
         library: &Path,
         model: &Path,
@@ -97,57 +106,115 @@ impl OnnxModel {
                 path: model.to_path_buf(),
             });
         }
-        let session_error = |message: String| InferError::Session {
-            path: model.to_path_buf(),
-            message,
-        };
-        let builder = || {
-            Session::builder(&env)
-                .and_then(|b| {
-                    b.with_intra_threads(intra_threads.max(1))
-                        .map_err(Into::into)
-                })
-                .map_err(|err| session_error(err.to_string()))
-        };
-        let (builder, used) = match device {
-            Device::Cpu => (builder()?, Device::Cpu),
-            Device::Cuda => {
-                let cuda = ep::CUDA::default().build().error_on_failure();
-                let builder = builder()?.with_execution_providers([cuda]).map_err(|err| {
-                    InferError::CudaUnavailable {
-                        message: err.to_string(),
-                    }
-                })?;
-                (builder, Device::Cuda)
-            }
-            Device::Auto => {
-                let cuda = ep::CUDA::default().build().error_on_failure();
-                match builder()?.with_execution_providers([cuda]) {
-                    Ok(builder) => (builder, Device::Cuda),
-                    Err(err) => {
-                        tracing::warn!(
-                            error = %err,
-                            "device auto: CUDA is unavailable, running the embedding model on the CPU"
-                        );
-                        (builder()?, Device::Cpu)
-                    }
+        let loaded = match device {
+            Device::Cpu => OnnxModel::load_cpu(&env, model, intra_threads)?,
+            Device::Cuda => OnnxModel::load_cuda(&env, model, intra_threads)?,
+            Device::Auto => match OnnxModel::load_cuda(&env, model, intra_threads) {
+                Ok(loaded) => loaded,
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        "device auto: CUDA is unavailable, running the embedding model on the CPU"
+                    );
+                    OnnxModel::load_cpu(&env, model, intra_threads)?
                 }
-            }
+            },
         };
-        let mut builder = builder;
-        let session = builder
+        tracing::info!(model = %model.display(), device = ?loaded.device, intra_threads, "embedding model loaded");
+        Ok(loaded)
+    }
+
+    /// A session on ONNX Runtime's CPU provider.
+    fn load_cpu(
+        env: &Environment,
+        model: &Path,
+        intra_threads: usize,
+    ) -> Result<OnnxModel, InferError> {
+        let session = builder(env, model, intra_threads)?
             .commit_from_file(model)
-            .map_err(|err| session_error(err.to_string()))?;
-        tracing::info!(model = %model.display(), device = ?used, intra_threads, "embedding model loaded");
+            .map_err(|err| session_error(model, err))?;
         Ok(OnnxModel {
             session,
-            device: used,
+            device: Device::Cpu,
         })
+    }
+
+    /// A session on the CUDA provider, checked by one profiled batch.
+    fn load_cuda(
+        env: &Environment,
+        model: &Path,
+        intra_threads: usize,
+    ) -> Result<OnnxModel, InferError> {
+        let unavailable = |message: String| InferError::CudaUnavailable { message };
+        let cuda = ep::CUDA::default().build().error_on_failure();
+        let profile =
+            std::env::temp_dir().join(format!("tripwire-cuda-check-{}", std::process::id()));
+        let builder = builder(env, model, intra_threads)?
+            .with_execution_providers([cuda])
+            .map_err(|err| unavailable(err.to_string()))?
+            .with_profiling(&profile)
+            .map_err(|err| session_error(model, err))?;
+        let mut builder = builder;
+        let session = builder.commit_from_file(model).map_err(|err| {
+            unavailable(format!(
+                "building the session for {}: {err}",
+                model.display()
+            ))
+        })?;
+        let mut loaded = OnnxModel {
+            session,
+            device: Device::Cuda,
+        };
+        // One small batch, profiled; ending the profile also stops profiling.
+        let probe = super::tokenize::pad_batch(
+            [&super::tokenize::Encoded {
+                ids: vec![101, 7592, 2088, 102],
+            }],
+            0,
+        );
+        let ran = loaded.embed(&probe);
+        let written = loaded
+            .session
+            .end_profiling()
+            .map_err(|err| unavailable(format!("ending the start-up profile: {err}")));
+        ran.map_err(|err| unavailable(format!("running one batch: {err}")))?;
+        let written = PathBuf::from(written?);
+        let profile = std::fs::read_to_string(&written);
+        // The profile was only for this check.
+        if let Err(err) = std::fs::remove_file(&written) {
+            tracing::debug!(path = %written.display(), error = %err, "removing the start-up profile");
+        }
+        let profile = profile.map_err(|err| {
+            unavailable(format!(
+                "reading the start-up profile {}: {err}",
+                written.display()
+            ))
+        })?;
+        let placement = NodePlacement::from_profile(&profile)
+            .map_err(|err| unavailable(format!("reading the start-up profile: {err}")))?;
+        placement.check_cuda().map_err(unavailable)?;
+        tracing::info!(
+            cuda_nodes = placement.cuda,
+            cpu_nodes = placement.cpu,
+            "device cuda: the start-up batch ran on the CUDA provider"
+        );
+        Ok(loaded)
     }
 
     /// The device the session runs on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// What one model call costs beyond its tokens, in tokens' worth of work: how much padding
+    /// is worth a call saved when a batch is split by length
+    /// ([`super::tokenize::length_buckets`]). On a CPU a call is cheap next to a padded token;
+    /// on a GPU, a kernel launch per operator makes a call dear and padding nearly free.
+    pub fn call_tokens(&self) -> f64 {
+        match self.device {
+            Device::Cpu | Device::Auto => CPU_CALL_TOKENS,
+            Device::Cuda => CUDA_CALL_TOKENS,
+        }
     }
 
     /// Runs a padded batch and returns one mean-pooled, L2-normalised embedding per row.
@@ -174,38 +241,168 @@ impl OnnxModel {
         let hidden = outputs.get("last_hidden_state").ok_or_else(|| {
             InferError::Run("the model has no `last_hidden_state` output".to_owned())
         })?;
-        let (out_shape, values) = hidden.try_extract_tensor::<f32>().map_err(run_error)?;
-        let dims: &[i64] = out_shape;
-        let [rows, seq, dim] = dims else {
-            return Err(InferError::Run(format!(
-                "last_hidden_state has shape {dims:?}, expected [rows, seq, dim]"
-            )));
-        };
-        let (rows, seq, dim) = (*rows as usize, *seq as usize, *dim as usize);
-        if rows != batch.rows || seq != batch.seq || values.len() != rows * seq * dim {
-            return Err(InferError::Run(format!(
-                "last_hidden_state has shape {dims:?} for a batch of [{}, {}]",
-                batch.rows, batch.seq
-            )));
+        match hidden.data_type() {
+            TensorElementType::Float16 => {
+                let (shape, values) = hidden.try_extract_tensor::<f16>().map_err(run_error)?;
+                pool_checked(shape, values, batch)
+            }
+            _ => {
+                let (shape, values) = hidden.try_extract_tensor::<f32>().map_err(run_error)?;
+                pool_checked(shape, values, batch)
+            }
         }
-        Ok(mean_pool_normalise(
-            values,
-            &batch.attention_mask,
-            rows,
-            seq,
-            dim,
-        ))
+    }
+}
+
+/// A model call's fixed cost on the CPU provider, in tokens. Tuned on the 2-core machine
+/// (docs/benchmarks.md): 8 to 32 are within noise of each other, 96 is ~8% slower on long
+/// outputs, and one call per batch (no split) is half as fast.
+const CPU_CALL_TOKENS: f64 = 16.0;
+/// A model call's fixed cost on the CUDA provider, in tokens: large enough that a batch runs
+/// as one call unless its lengths differ wildly.
+const CUDA_CALL_TOKENS: f64 = 16_384.0;
+
+/// A session builder with the options every device shares.
+fn builder(
+    env: &Environment,
+    model: &Path,
+    intra_threads: usize,
+) -> Result<SessionBuilder, InferError> {
+    Session::builder(env)
+        .map_err(|err| session_error(model, err))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|err| session_error(model, err))?
+        .with_intra_threads(intra_threads.max(1))
+        .map_err(|err| session_error(model, err))?
+        .with_inter_threads(1)
+        .map_err(|err| session_error(model, err))
+}
+
+fn session_error(model: &Path, err: impl std::fmt::Display) -> InferError {
+    InferError::Session {
+        path: model.to_path_buf(),
+        message: err.to_string(),
+    }
+}
+
+/// Checks the output's shape against the batch, then pools it.
+fn pool_checked<T>(
+    dims: &[i64],
+    values: &[T],
+    batch: &PaddedBatch,
+) -> Result<Vec<Embedding>, InferError>
+where
+    T: Copy,
+    f32: From<T>,
+{
+    let [rows, seq, dim] = dims else {
+        return Err(InferError::Run(format!(
+            "last_hidden_state has shape {dims:?}, expected [rows, seq, dim]"
+        )));
+    };
+    let (rows, seq, dim) = (*rows as usize, *seq as usize, *dim as usize);
+    if rows != batch.rows || seq != batch.seq || values.len() != rows * seq * dim {
+        return Err(InferError::Run(format!(
+            "last_hidden_state has shape {dims:?} for a batch of [{}, {}]",
+            batch.rows, batch.seq
+        )));
+    }
+    Ok(mean_pool_normalise(
+        values,
+        &batch.attention_mask,
+        rows,
+        seq,
+        dim,
+    ))
+}
+
+/// Which provider ran the nodes of one profiled run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct NodePlacement {
+    /// Nodes run by the CUDA provider.
+    pub cuda: usize,
+    /// Nodes run by the CPU provider.
+    pub cpu: usize,
+    /// Operator types of the matrix multiplications that ran on the CPU.
+    pub cpu_matmuls: Vec<String>,
+}
+
+/// Operators that carry the model's work: on the CPU, the GPU is not really used.
+const HEAVY_OPS: &[&str] = &[
+    "MatMul",
+    "FusedMatMul",
+    "Gemm",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "Attention",
+    "MultiHeadAttention",
+];
+
+impl NodePlacement {
+    /// Reads an ONNX Runtime profile (a JSON array of events; node events have `cat: "Node"`
+    /// and `args.provider` and `args.op_name`).
+    pub(crate) fn from_profile(profile: &str) -> Result<NodePlacement, String> {
+        let events: Vec<serde_json::Value> =
+            serde_json::from_str(profile).map_err(|err| err.to_string())?;
+        let mut placement = NodePlacement::default();
+        for event in &events {
+            if event.get("cat").and_then(|c| c.as_str()) != Some("Node") {
+                continue;
+            }
+            let args = event.get("args");
+            let field = |name: &str| {
+                args.and_then(|a| a.get(name))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+            };
+            match field("provider") {
+                "CUDAExecutionProvider" => placement.cuda += 1,
+                "CPUExecutionProvider" => {
+                    placement.cpu += 1;
+                    let op = field("op_name");
+                    if HEAVY_OPS.contains(&op) {
+                        placement.cpu_matmuls.push(op.to_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(placement)
+    }
+
+    /// Ok when the CUDA provider ran nodes and no heavy operator fell back to the CPU.
+    pub(crate) fn check_cuda(&self) -> Result<(), String> {
+        if self.cuda == 0 {
+            return Err(format!(
+                "the CUDA provider registered but ran none of the model's nodes ({} ran on the CPU)",
+                self.cpu
+            ));
+        }
+        if !self.cpu_matmuls.is_empty() {
+            return Err(format!(
+                "the CUDA provider registered but {} matrix multiplications ran on the CPU ({}); \
+                 use the fp16 or fp32 export (`make models-gpu`): the int8 model's operators have no CUDA kernels",
+                self.cpu_matmuls.len(),
+                self.cpu_matmuls.join(", ")
+            ));
+        }
+        Ok(())
     }
 }
 
 /// Averages each row's hidden states over its real tokens, then scales to unit length.
-pub fn mean_pool_normalise(
-    hidden: &[f32],
+pub fn mean_pool_normalise<T>(
+    hidden: &[T],
     mask: &[i64],
     rows: usize,
     seq: usize,
     dim: usize,
-) -> Vec<Embedding> {
+) -> Vec<Embedding>
+where
+    T: Copy,
+    f32: From<T>,
+{
     (0..rows)
         .map(|row| {
             let mut sum = vec![0f32; dim];
@@ -216,8 +413,8 @@ pub fn mean_pool_normalise(
                 }
                 count += 1.0;
                 let start = (row * seq + t) * dim;
-                for (acc, v) in sum.iter_mut().zip(&hidden[start..start + dim]) {
-                    *acc += v;
+                for (acc, &v) in sum.iter_mut().zip(&hidden[start..start + dim]) {
+                    *acc += f32::from(v);
                 }
             }
             let count = count.max(1e-9);

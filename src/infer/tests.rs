@@ -130,3 +130,242 @@ async fn the_batcher_answers_every_one_of_100_concurrent_jobs() {
         .await
         .unwrap();
 }
+
+/// Texts whose beginning and end are about different things, with filler between.
+fn head_and_tail_text() -> String {
+    format!(
+        "Bake the bread at 220 degrees until the crust is golden and the loaf sounds hollow. {} \
+         The volcano erupted at dawn and lava flowed down into the valley below.",
+        "Then some unrelated filler words follow here. ".repeat(40)
+    )
+}
+
+#[test]
+fn head_tail_truncation_keeps_the_end_of_a_long_text() {
+    let load = |truncation| {
+        let config = EmbedderConfig {
+            max_tokens: 48,
+            truncation,
+            ..EmbedderConfig::default()
+        };
+        Embedder::load_from(&test_models(), &config).unwrap()
+    };
+    let (mut head, mut head_tail) = (load(Truncation::Head), load(Truncation::HeadTail));
+    let text = head_and_tail_text();
+    let volcano = "The volcano erupted at dawn and lava flowed down into the valley below.";
+    // The tokens of the last sentence survive only with head and tail.
+    let tail_ids = head.tokenizer().encode(volcano).unwrap().ids;
+    let tail_ids = &tail_ids[1..tail_ids.len() - 1];
+    let kept = head_tail.tokenizer().encode(&text).unwrap().ids;
+    assert_eq!(kept.len(), 48);
+    assert_eq!(
+        &kept[kept.len() - 1 - tail_ids.len()..kept.len() - 1],
+        tail_ids
+    );
+    let cut = head.tokenizer().encode(&text).unwrap().ids;
+    assert!(!cut.windows(tail_ids.len()).any(|w| w == tail_ids));
+    // And the embedding moves towards the end's topic.
+    let reference = head.embed(volcano).unwrap();
+    let from_head = cosine(&head.embed(&text).unwrap(), &reference);
+    let from_head_tail = cosine(&head_tail.embed(&text).unwrap(), &reference);
+    assert!(
+        from_head_tail > from_head + 0.1,
+        "head+tail {from_head_tail} vs head {from_head}"
+    );
+}
+
+#[test]
+fn chunks_average_the_windows_of_a_long_text() {
+    let config = EmbedderConfig {
+        max_tokens: 48,
+        chunks: 3,
+        ..EmbedderConfig::default()
+    };
+    let mut chunked = Embedder::load_from(&test_models(), &config).unwrap();
+    let text = head_and_tail_text();
+    let windows = chunked.tokenizer().encode_windows(&text, 3).unwrap();
+    assert_eq!(windows.len(), 3);
+    assert!(windows.iter().all(|w| w.len() <= 48 && w.len() >= 40));
+    // The expected embedding: each window alone, weighted by its tokens, normalised.
+    let pad = chunked.tokenizer().pad_id();
+    let mut expected = vec![0f32; MINILM_DIM];
+    for window in &windows {
+        let alone = chunked
+            .model
+            .embed(&tokenize::pad_batch([window], pad))
+            .unwrap();
+        for (e, v) in expected.iter_mut().zip(&alone[0]) {
+            *e += window.len() as f32 * v;
+        }
+    }
+    normalise(&mut expected);
+    let short = "A short sentence fits in one window.";
+    let got = chunked.embed_batch(&[short, text.as_str(), short]).unwrap();
+    assert!(cosine(&got[1], &expected) > 0.9999);
+    let norm = got[1].iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    // Differs from the first window alone; a short text is unchanged by chunking.
+    let single = Embedder::load_from(
+        &test_models(),
+        &EmbedderConfig {
+            max_tokens: 48,
+            ..EmbedderConfig::default()
+        },
+    )
+    .unwrap()
+    .embed_batch(&[short, text.as_str()])
+    .unwrap();
+    assert!(cosine(&got[1], &single[1]) < 0.99);
+    assert!(cosine(&got[0], &single[0]) > 0.9999);
+    assert!(cosine(&got[2], &single[0]) > 0.9999);
+}
+
+/// The first `n` outputs of the development texts.
+fn dev_outputs(n: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let path = crate::devset::test_data_dir().join("alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz");
+    let file = std::fs::File::open(&path).unwrap();
+    std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file))
+        .lines()
+        .take(n)
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            value["output"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn float_exports_match_the_int8_model_on_development_texts() {
+    let texts = dev_outputs(50);
+    let config = EmbedderConfig {
+        max_tokens: 128,
+        ..EmbedderConfig::default()
+    };
+    let reference = Embedder::load_from(&test_models(), &config)
+        .unwrap()
+        .embed_batch(&texts)
+        .unwrap();
+    // fp32 has a float32 output; fp16 a float16 one, pooled through the f16 path.
+    for file in [FP32_MODEL_FILE, FP16_MODEL_FILE] {
+        let paths = ModelPaths {
+            model: test_export(file),
+            ..test_models()
+        };
+        let mut embedder = Embedder::load_from(&paths, &config).unwrap();
+        let got = embedder.embed_batch(&texts).unwrap();
+        let cosines: Vec<f32> = got
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| cosine(a, b))
+            .collect();
+        let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!(min >= 0.99, "{file}: min cosine {min} against int8");
+    }
+}
+
+#[test]
+fn device_cuda_fails_fast_without_the_cuda_provider() {
+    let config = EmbedderConfig {
+        device: Device::Cuda,
+        ..EmbedderConfig::default()
+    };
+    let started = tokio::time::Instant::now();
+    let err = Embedder::load_from(&test_models(), &config).unwrap_err();
+    assert!(matches!(err, InferError::CudaUnavailable { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("device cuda") && message.contains("device: cpu"),
+        "{message}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn device_auto_falls_back_to_the_cpu_and_the_int8_model() {
+    let models = test_models();
+    // No model configured: auto tries the fp16 export on CUDA, then int8 on the CPU.
+    let config = EmbedderConfig {
+        device: Device::Auto,
+        onnxruntime: Some(models.onnxruntime.clone()),
+        tokenizer: Some(models.tokenizer.clone()),
+        ..EmbedderConfig::default()
+    };
+    assert!(ModelPaths::resolve(&config).model.ends_with(MODEL_FILE));
+    assert!(
+        ModelPaths::resolve_for(&config, Device::Cuda)
+            .model
+            .ends_with(FP16_MODEL_FILE)
+    );
+    let mut embedder = Embedder::load(&config).unwrap();
+    assert_eq!(embedder.device(), Device::Cpu);
+    assert_eq!(embedder.embed("still works").unwrap().len(), MINILM_DIM);
+    // An explicit model on auto falls back the same way.
+    let explicit = EmbedderConfig {
+        model: Some(models.model.clone()),
+        ..config
+    };
+    assert_eq!(Embedder::load(&explicit).unwrap().device(), Device::Cpu);
+}
+
+#[test]
+fn the_device_gauge_names_the_serving_device() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let _family = register_device_metric(&mut registry, Device::Cpu);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("tripwire_embed_device{device=\"cpu\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("device=\"cuda\""), "{text}");
+}
+
+#[test]
+fn a_profile_proves_where_the_nodes_ran() {
+    let on_gpu = r#"[
+        {"cat": "Session", "name": "model_run", "args": {}},
+        {"cat": "Node", "name": "MatMul_1_kernel_time", "args": {"op_name": "MatMul", "provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "Shape_kernel_time", "args": {"op_name": "Shape", "provider": "CPUExecutionProvider"}}
+    ]"#;
+    let placement = onnx::NodePlacement::from_profile(on_gpu).unwrap();
+    assert_eq!((placement.cuda, placement.cpu), (1, 1));
+    assert!(placement.check_cuda().is_ok());
+    let fell_back = r#"[
+        {"cat": "Node", "name": "a", "args": {"op_name": "Add", "provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "b", "args": {"op_name": "MatMulInteger", "provider": "CPUExecutionProvider"}}
+    ]"#;
+    let err = onnx::NodePlacement::from_profile(fell_back)
+        .unwrap()
+        .check_cuda()
+        .unwrap_err();
+    assert!(
+        err.contains("MatMulInteger") && err.contains("make models-gpu"),
+        "{err}"
+    );
+    let nothing = onnx::NodePlacement::from_profile("[]").unwrap();
+    assert!(
+        nothing
+            .check_cuda()
+            .unwrap_err()
+            .contains("none of the model's nodes")
+    );
+    assert!(onnx::NodePlacement::from_profile("not json").is_err());
+}
+
+#[test]
+fn pooling_reads_float16_like_float32() {
+    let hidden: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 100.0, 100.0];
+    let halves: Vec<half::f16> = hidden.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let mask = [1, 1, 0];
+    let a = onnx::mean_pool_normalise(&hidden, &mask, 1, 3, 2);
+    let b = onnx::mean_pool_normalise(&halves, &mask, 1, 3, 2);
+    // Mean of [1,2] and [3,4] is [2,3]; the masked [100,100] is ignored.
+    let expected = [2.0 / 13f32.sqrt(), 3.0 / 13f32.sqrt()];
+    for got in [&a[0], &b[0]] {
+        assert!(
+            (got[0] - expected[0]).abs() < 1e-3 && (got[1] - expected[1]).abs() < 1e-3,
+            "{got:?}"
+        );
+    }
+}

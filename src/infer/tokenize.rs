@@ -3,8 +3,8 @@
 //!
 //! The MiniLM `tokenizer.json` pads every text to a fixed 128 tokens. That padding is switched
 //! off here: each text is encoded on its own, truncated to `max_tokens`, and a batch is padded
-//! only to its longest member ([`pad_batch`]). Texts of similar length are grouped first
-//! ([`length_buckets`]) so little padding is run through the model.
+//! only to its longest member ([`pad_batch`]). A batch's texts are sorted by length and split
+//! where a separate model call costs less than the padding it saves ([`length_buckets`]).
 
 use std::path::Path;
 
@@ -110,6 +110,17 @@ impl TextTokenizer {
 
     /// Encodes one text with its special tokens, truncated to `max_tokens`.
     pub fn encode(&self, text: &str) -> Result<Encoded, InferError> {
+        let mut windows = self.encode_windows(text, 1)?;
+        windows
+            .pop()
+            .ok_or_else(|| InferError::Run("the tokenizer returned no window".to_owned()))
+    }
+
+    /// Encodes one text into up to `chunks` windows of at most `max_tokens` each, special
+    /// tokens included. A text that fits one window gets one; a longer text is cut to
+    /// `chunks` windows' worth of tokens (the head, or the head and the tail, by
+    /// [`Truncation`]) and split into as few windows as hold it, of near-equal length.
+    pub fn encode_windows(&self, text: &str, chunks: usize) -> Result<Vec<Encoded>, InferError> {
         let encoding = self
             .inner
             .encode(text, true)
@@ -118,11 +129,8 @@ impl TextTokenizer {
                 message: err.to_string(),
             })?;
         let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
-        Ok(Encoded {
-            ids: truncate(ids, self.max_tokens, self.truncation),
-        })
+        Ok(windows(ids, self.max_tokens, chunks, self.truncation))
     }
-
     /// The padding token id.
     pub fn pad_id(&self) -> i64 {
         self.pad_id
@@ -136,28 +144,54 @@ impl TextTokenizer {
 
 /// Cuts `ids` (which start with `[CLS]` and end with `[SEP]`) to `max` tokens, keeping both
 /// special tokens.
+#[cfg(test)]
 fn truncate(ids: Vec<i64>, max: usize, truncation: Truncation) -> Vec<i64> {
+    let mut windows = windows(ids, max, 1, truncation);
+    windows.pop().map(|w| w.ids).unwrap_or_default()
+}
+
+/// Splits `ids` (which start with `[CLS]` and end with `[SEP]`) into at most `chunks` windows
+/// of at most `max` tokens, each with both special tokens. Tokens beyond what `chunks` windows
+/// hold are dropped as `truncation` says; the rest is spread evenly over the fewest windows.
+fn windows(ids: Vec<i64>, max: usize, chunks: usize, truncation: Truncation) -> Vec<Encoded> {
     let len = ids.len();
     if len <= max || len < 2 {
-        return ids;
+        return vec![Encoded { ids }];
     }
     let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
-        return ids;
+        return vec![Encoded { ids }];
     };
     let body = &ids[1..len - 1];
-    let budget = max.saturating_sub(2);
-    let mut out = Vec::with_capacity(max);
-    out.push(first);
-    match truncation {
-        Truncation::Head => out.extend_from_slice(&body[..budget]),
-        Truncation::HeadTail => {
-            let head = budget.div_ceil(2);
-            let tail = budget - head;
-            out.extend_from_slice(&body[..head]);
-            out.extend_from_slice(&body[body.len() - tail..]);
+    let window = max.saturating_sub(2).max(1);
+    let budget = window * chunks.max(1);
+    let kept: Vec<i64> = if body.len() <= budget {
+        body.to_vec()
+    } else {
+        match truncation {
+            Truncation::Head => body[..budget].to_vec(),
+            Truncation::HeadTail => {
+                let head = budget.div_ceil(2);
+                let tail = budget - head;
+                let mut kept = Vec::with_capacity(budget);
+                kept.extend_from_slice(&body[..head]);
+                kept.extend_from_slice(&body[body.len() - tail..]);
+                kept
+            }
         }
+    };
+    let count = kept.len().div_ceil(window).max(1);
+    let (size, extra) = (kept.len() / count, kept.len() % count);
+    let mut out = Vec::with_capacity(count);
+    let mut start = 0;
+    for i in 0..count {
+        let end = start + size + usize::from(i < extra);
+        let mut ids = Vec::with_capacity(end - start + 2);
+        ids.push(first);
+        ids.extend_from_slice(&kept[start..end]);
+        ids.push(last);
+        out.push(Encoded { ids });
+        start = end;
     }
-    out.push(last);
     out
 }
 
@@ -183,36 +217,40 @@ pub fn pad_batch<'a>(texts: impl IntoIterator<Item = &'a Encoded>, pad_id: i64) 
     }
 }
 
-/// Lengths up to this are batched together whatever the padding: runs this short cost less
-/// than a separate model call.
-const SHORT_TOKENS: usize = 16;
-/// Most padding, as a share of a sub-batch's padded tokens, before a new sub-batch starts.
-const MAX_PADDING_SHARE: f64 = 0.25;
+/// Tokens of context at which attention costs as much per token as the dense layers: for a
+/// 384-wide, 6-layer BERT a token's dense work is ~10.6 M multiply-adds and its attention ~4.6 K
+/// per token of context.
+const ATTENTION_TOKENS: f64 = 2300.0;
 
-/// Splits lengths sorted in ascending order into runs of similar length; returns each run's
-/// end (exclusive). A text joins the current run while padding the run to its length wastes
-/// at most a quarter of the padded tokens, or while it is short.
-pub fn length_buckets(sorted_lengths: &[usize]) -> Vec<usize> {
-    let mut ends = Vec::new();
-    let mut count = 0usize;
-    let mut sum = 0usize;
-    for (i, &len) in sorted_lengths.iter().enumerate() {
-        let padded = len * (count + 1);
-        let waste = padded - (sum + len).min(padded);
-        let fits = count == 0
-            || len <= SHORT_TOKENS
-            || (waste as f64) <= MAX_PADDING_SHARE * padded as f64;
-        if !fits {
-            ends.push(i);
-            count = 0;
-            sum = 0;
+/// Splits lengths sorted in ascending order into runs, one model call each, padded to the
+/// run's longest; returns each run's end (exclusive). The split minimises the estimated cost:
+/// per run `call_tokens` (a call's fixed cost, in tokens' worth of work) plus its padded
+/// tokens, each weighted for attention over the run's length. Exact (dynamic programming over
+/// the sorted lengths), O(n²) for n texts.
+pub fn length_buckets(sorted_lengths: &[usize], call_tokens: f64) -> Vec<usize> {
+    let n = sorted_lengths.len();
+    // best[j]: the cheapest cost of the first j lengths; cut[j]: where its last run starts.
+    let mut best = vec![f64::INFINITY; n + 1];
+    let mut cut = vec![0usize; n + 1];
+    best[0] = 0.0;
+    for j in 1..=n {
+        let longest = sorted_lengths[j - 1] as f64;
+        let per_text = longest * (1.0 + longest / ATTENTION_TOKENS);
+        for i in 0..j {
+            let cost = best[i] + call_tokens + (j - i) as f64 * per_text;
+            if cost < best[j] {
+                best[j] = cost;
+                cut[j] = i;
+            }
         }
-        count += 1;
-        sum += len;
     }
-    if count > 0 {
-        ends.push(sorted_lengths.len());
+    let mut ends = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        ends.push(j);
+        j = cut[j];
     }
+    ends.reverse();
     ends
 }
 
@@ -238,6 +276,68 @@ mod tests {
         assert_eq!(truncate(ids.clone(), 10, Truncation::Head), ids);
     }
 
+    fn window_ids(ids: Vec<i64>, max: usize, chunks: usize, t: Truncation) -> Vec<Vec<i64>> {
+        windows(ids, max, chunks, t)
+            .into_iter()
+            .map(|w| w.ids)
+            .collect()
+    }
+
+    #[test]
+    fn long_texts_split_into_even_windows_up_to_the_chunk_count() {
+        // [CLS]=100, body 1..=10, [SEP]=200; windows of 6 hold 4 body tokens.
+        let ids: Vec<i64> = std::iter::once(100)
+            .chain(1..=10)
+            .chain(std::iter::once(200))
+            .collect();
+        // Fits in one window: unchanged, whatever the chunk count.
+        let short = vec![100, 1, 2, 200];
+        assert_eq!(
+            window_ids(short.clone(), 6, 3, Truncation::Head),
+            vec![short]
+        );
+        // 10 body tokens, 3 windows of 4 allowed: 3 windows of 4, 3, 3.
+        assert_eq!(
+            window_ids(ids.clone(), 6, 3, Truncation::Head),
+            vec![
+                vec![100, 1, 2, 3, 4, 200],
+                vec![100, 5, 6, 7, 200],
+                vec![100, 8, 9, 10, 200],
+            ]
+        );
+        // Only 2 windows allowed: the first 8 body tokens, split 4 and 4.
+        assert_eq!(
+            window_ids(ids.clone(), 6, 2, Truncation::Head),
+            vec![vec![100, 1, 2, 3, 4, 200], vec![100, 5, 6, 7, 8, 200]]
+        );
+        // Head and tail with 2 windows: the first 4 and the last 4 body tokens.
+        assert_eq!(
+            window_ids(ids.clone(), 6, 2, Truncation::HeadTail),
+            vec![vec![100, 1, 2, 3, 4, 200], vec![100, 7, 8, 9, 10, 200]]
+        );
+        // 5 body tokens in windows of 4: two windows of 3 and 2, not 4 and 1.
+        let five: Vec<i64> = vec![100, 1, 2, 3, 4, 5, 200];
+        assert_eq!(
+            window_ids(five, 6, 4, Truncation::Head),
+            vec![vec![100, 1, 2, 3, 200], vec![100, 4, 5, 200]]
+        );
+        // Every window fits, and no body token is lost or repeated when all fit.
+        for chunks in 1..=4 {
+            for max in 3..=12 {
+                let w = window_ids(ids.clone(), max, chunks, Truncation::HeadTail);
+                assert!(w.len() <= chunks && w.iter().all(|w| w.len() <= max));
+                let body: Vec<i64> = w.iter().flat_map(|w| w[1..w.len() - 1].to_vec()).collect();
+                if (max - 2) * chunks >= 10 {
+                    assert_eq!(
+                        body,
+                        (1..=10).collect::<Vec<i64>>(),
+                        "max {max} chunks {chunks}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn padding_goes_to_the_longest_in_the_batch() {
         let a = Encoded {
@@ -255,14 +355,26 @@ mod tests {
 
     #[test]
     fn buckets_split_where_padding_would_be_wasted() {
-        assert_eq!(length_buckets(&[]), Vec::<usize>::new());
-        assert_eq!(length_buckets(&[5, 9, 16]), vec![3]);
-        assert_eq!(length_buckets(&[20, 22, 24, 200, 210, 250]), vec![3, 6]);
+        assert_eq!(length_buckets(&[], 32.0), Vec::<usize>::new());
+        // Short texts: padding costs less than another call.
+        assert_eq!(length_buckets(&[5, 9, 16], 32.0), vec![3]);
+        assert_eq!(
+            length_buckets(&[20, 22, 24, 200, 210, 250], 200.0),
+            vec![3, 6]
+        );
+        // A cheap call splits off the 250 (2 x 40 padded tokens > 12); a dear one does not.
+        assert_eq!(length_buckets(&[200, 210, 250], 12.0), vec![2, 3]);
+        assert_eq!(length_buckets(&[200, 210, 250], 1000.0), vec![3]);
         // Every run ends in order and covers everything.
         let lengths = [3, 4, 30, 31, 60, 120, 121, 256];
-        let ends = length_buckets(&lengths);
-        assert_eq!(ends.last(), Some(&lengths.len()));
-        assert!(ends.windows(2).all(|w| w[0] < w[1]));
+        for call in [0.0, 16.0, 256.0, 1e9] {
+            let ends = length_buckets(&lengths, call);
+            assert_eq!(ends.last(), Some(&lengths.len()));
+            assert!(ends.windows(2).all(|w| w[0] < w[1]));
+        }
+        // Free calls: one run per distinct length; a huge call cost: one run.
+        assert_eq!(length_buckets(&[7, 7, 9], 0.0), vec![2, 3]);
+        assert_eq!(length_buckets(&lengths, 1e9), vec![lengths.len()]);
     }
 
     #[test]
