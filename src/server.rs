@@ -137,6 +137,7 @@ impl Server {
                         drift: None,
                     },
                     &drift_tasks,
+                    &mut registry,
                 )
                 .await?,
             ),
@@ -348,6 +349,7 @@ async fn start_drift(
     config: &Config,
     detection: Detection,
     tasks: &Tasks,
+    registry: &mut Registry,
 ) -> Result<crate::drift::DriftHandle, ServerError> {
     let metrics = detection.metrics.clone();
     let embedder = if plan.needs_embeddings() {
@@ -357,6 +359,7 @@ async fn start_drift(
                 .await
                 .map_err(|e| crate::infer::InferError::Run(e.to_string()))??;
         tracing::info!(device = ?embedder.device(), "embedding model loaded for drift detection");
+        let _device = crate::infer::register_device_metric(registry, embedder.device());
         Some(crate::infer::batcher::start(
             embedder,
             &config.embedder,

@@ -218,7 +218,9 @@ impl Default for EmbedderConfig {
             device: Device::Cpu,
             intra_threads: 1,
             max_tokens: 256,
-            truncation: Truncation::Head,
+            // Drift tests must see an answer's end too: an injected sentence or a changed
+            // sign-off sits there (docs/detection.md measured drift with head+tail).
+            truncation: Truncation::HeadTail,
             chunks: 1,
             max_batch: 32,
             max_wait: Duration::from_millis(2),
