@@ -68,7 +68,7 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// The embedding model the drift detectors use (loaded only when a policy needs it).
-    pub embedder: crate::infer::EmbedderConfig,
+    pub inference: crate::infer::EmbedderConfig,
     /// The drift monitor's queue, scope cap and reference directory.
     pub drift: crate::drift::DriftSettings,
 }
@@ -85,7 +85,7 @@ impl Default for Config {
             detect: DetectConfig::default(),
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
-            embedder: crate::infer::EmbedderConfig::default(),
+            inference: crate::infer::EmbedderConfig::default(),
             drift: crate::drift::DriftSettings::default(),
         }
     }
@@ -337,6 +337,20 @@ pub fn yaml_error_parts(err: &serde_yaml_ng::Error) -> (usize, usize, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configuration_reference_in_the_docs_parses() {
+        // docs/operations.md shows every key: it must stay a valid configuration.
+        let doc = include_str!("../docs/operations.md");
+        let (_, after) = doc.split_once("```yaml\n").unwrap();
+        let (block, _) = after.split_once("```").unwrap();
+        let config = Config::parse(block, Path::new("docs/operations.md")).unwrap();
+        assert_eq!(
+            config.inference.truncation,
+            crate::infer::Truncation::HeadTail
+        );
+        assert_eq!(config.drift.max_scopes, 64);
+    }
 
     #[test]
     fn empty_text_is_the_default() {

@@ -353,7 +353,7 @@ async fn start_drift(
 ) -> Result<crate::drift::DriftHandle, ServerError> {
     let metrics = detection.metrics.clone();
     let embedder = if plan.needs_embeddings() {
-        let embedder_config = config.embedder.clone();
+        let embedder_config = config.inference.clone();
         let embedder =
             tokio::task::spawn_blocking(move || crate::infer::Embedder::load(&embedder_config))
                 .await
@@ -362,7 +362,7 @@ async fn start_drift(
         let _device = crate::infer::register_device_metric(registry, embedder.device());
         Some(crate::infer::batcher::start(
             embedder,
-            &config.embedder,
+            &config.inference,
             tasks,
             metrics.clone(),
         ))

@@ -44,7 +44,7 @@ pub struct BuildArgs {
     /// built-in policy).
     #[arg(long)]
     policies: Option<PathBuf>,
-    /// Gateway config whose `embedder:` section to use, so the reference matches what the
+    /// Gateway config whose `inference:` section to use, so the reference matches what the
     /// gateway embeds.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -77,7 +77,7 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
         .map(|(_, c)| c.features.clone())
         .unwrap_or_default();
     let embedder_config = match &args.config {
-        Some(path) => crate::config::Config::load(path)?.embedder,
+        Some(path) => crate::config::Config::load(path)?.inference,
         None => crate::infer::EmbedderConfig::default(),
     };
     let mut embedder = Embedder::load(&embedder_config)?;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::time::Instant;
 
-use crate::infer::{Device, Embedder, EmbedderConfig, Truncation, batcher};
+use crate::infer::{Device, Embedder, EmbedderConfig, Pooling, Truncation, batcher};
 use crate::runtime::Tasks;
 
 /// Arguments of `tripwire embed`.
@@ -66,6 +66,9 @@ pub struct EmbedArgs {
     /// The tokenizer.json (default: models/all-MiniLM-L6-v2-tokenizer.json).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// How token states are pooled: mean, or cls (the first token).
+    #[arg(long, value_enum, default_value_t = Pooling::Mean)]
+    pub pooling: Pooling,
 }
 
 /// Runs `tripwire embed`.
@@ -93,6 +96,7 @@ pub async fn run(args: EmbedArgs) -> anyhow::Result<()> {
         max_batch: args.max_batch,
         max_wait: args.max_wait,
         queue_capacity: args.max_batch.max(1) * 4,
+        pooling: args.pooling,
     };
     let embedder = tokio::task::block_in_place(|| Embedder::load(&config))?;
     let device = embedder.device();

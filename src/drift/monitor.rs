@@ -131,7 +131,7 @@ pub enum MonitorError {
     #[error(transparent)]
     Reference(#[from] super::ReferenceError),
     /// The policy needs embeddings and no embedder is running.
-    #[error("the policy's drift detectors need the embedding model; configure `embedder:`")]
+    #[error("the policy's drift detectors need the embedding model; configure `inference:`")]
     NoEmbedder,
 }
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use batcher::{EmbedderHandle, Shed};
-pub use onnx::{Device, OnnxModel};
+pub use onnx::{Device, OnnxModel, Pooling};
 pub use tokenize::{TextTokenizer, Truncation};
 
 /// One L2-normalised sentence embedding (384 values for all-MiniLM-L6-v2).
@@ -178,7 +178,7 @@ impl ModelPaths {
     }
 }
 
-/// The embedder's configuration (`embedder:` in the gateway config).
+/// The embedding model's configuration (`inference:` in the gateway config).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct EmbedderConfig {
@@ -200,6 +200,9 @@ pub struct EmbedderConfig {
     /// Windows of `max_tokens` a long text is split into; their embeddings are averaged
     /// (weighted by their tokens) and normalised. 1 embeds the first window only.
     pub chunks: usize,
+    /// How token states become one vector: `mean` (MiniLM and most sentence-transformers) or
+    /// `cls` (BGE and other CLS-pooled encoders), for a model configured by path.
+    pub pooling: Pooling,
     /// Most texts in one batch.
     pub max_batch: usize,
     /// Longest a batch waits to fill once its first job has arrived.
@@ -222,6 +225,7 @@ impl Default for EmbedderConfig {
             // sign-off sits there (docs/detection.md measured drift with head+tail).
             truncation: Truncation::HeadTail,
             chunks: 1,
+            pooling: Pooling::Mean,
             max_batch: 32,
             max_wait: Duration::from_millis(2),
             queue_capacity: 1024,
@@ -275,12 +279,13 @@ impl Embedder {
         paths.check()?;
         let tokenizer =
             TextTokenizer::from_file(&paths.tokenizer, config.max_tokens, config.truncation)?;
-        let model = OnnxModel::load(
+        let mut model = OnnxModel::load(
             &paths.onnxruntime,
             &paths.model,
             config.device,
             config.intra_threads,
         )?;
+        model.set_pooling(config.pooling);
         Ok(Embedder {
             tokenizer,
             model,

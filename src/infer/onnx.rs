@@ -78,6 +78,18 @@ pub fn environment(library: &Path) -> Result<Environment, InferError> {
 pub struct OnnxModel {
     session: Session,
     device: Device,
+    pooling: Pooling,
+}
+
+/// How token states become one sentence vector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The mean over the real (unmasked) tokens: sentence-transformers' MiniLM, MPNet, E5.
+    #[default]
+    Mean,
+    /// The first token (`[CLS]`): BGE and other CLS-pooled encoders.
+    Cls,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -89,6 +101,11 @@ impl std::fmt::Debug for OnnxModel {
 }
 
 impl OnnxModel {
+    /// Sets how token states are pooled (mean by default).
+    pub fn set_pooling(&mut self, pooling: Pooling) {
+        self.pooling = pooling;
+    }
+
     /// Loads ONNX Runtime from `library` and builds a session for `model` on `device`, using
     /// `intra_threads` threads inside each operator. `cuda` fails when the CUDA provider cannot
     /// be registered or does not run the model; `auto` then falls back to the CPU, with one
@@ -134,6 +151,7 @@ impl OnnxModel {
             .commit_from_file(model)
             .map_err(|err| session_error(model, err))?;
         Ok(OnnxModel {
+            pooling: Pooling::Mean,
             session,
             device: Device::Cpu,
         })
@@ -162,6 +180,7 @@ impl OnnxModel {
             ))
         })?;
         let mut loaded = OnnxModel {
+            pooling: Pooling::Mean,
             session,
             device: Device::Cuda,
         };
@@ -244,11 +263,11 @@ impl OnnxModel {
         match hidden.data_type() {
             TensorElementType::Float16 => {
                 let (shape, values) = hidden.try_extract_tensor::<f16>().map_err(run_error)?;
-                pool_checked(shape, values, batch)
+                pool_checked(shape, values, batch, self.pooling)
             }
             _ => {
                 let (shape, values) = hidden.try_extract_tensor::<f32>().map_err(run_error)?;
-                pool_checked(shape, values, batch)
+                pool_checked(shape, values, batch, self.pooling)
             }
         }
     }
@@ -290,6 +309,7 @@ fn pool_checked<T>(
     dims: &[i64],
     values: &[T],
     batch: &PaddedBatch,
+    pooling: Pooling,
 ) -> Result<Vec<Embedding>, InferError>
 where
     T: Copy,
@@ -307,13 +327,30 @@ where
             batch.rows, batch.seq
         )));
     }
-    Ok(mean_pool_normalise(
-        values,
-        &batch.attention_mask,
-        rows,
-        seq,
-        dim,
-    ))
+    Ok(match pooling {
+        Pooling::Mean => mean_pool_normalise(values, &batch.attention_mask, rows, seq, dim),
+        Pooling::Cls => cls_pool_normalise(values, rows, seq, dim),
+    })
+}
+
+/// Takes each row's first token state, scaled to unit length.
+pub fn cls_pool_normalise<T>(hidden: &[T], rows: usize, seq: usize, dim: usize) -> Vec<Embedding>
+where
+    T: Copy,
+    f32: From<T>,
+{
+    (0..rows)
+        .map(|row| {
+            let start = row * seq * dim;
+            let mut v: Vec<f32> = hidden[start..start + dim]
+                .iter()
+                .map(|&x| f32::from(x))
+                .collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        })
+        .collect()
 }
 
 /// Which provider ran the nodes of one profiled run.

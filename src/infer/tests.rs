@@ -369,3 +369,31 @@ fn pooling_reads_float16_like_float32() {
         );
     }
 }
+
+#[test]
+fn cls_pooling_takes_the_first_token_and_normalises() {
+    // 2 rows × 2 tokens × 2 dims.
+    let hidden = [3.0f32, 4.0, 9.0, 9.0, 0.0, 2.0, 1.0, 1.0];
+    let pooled = onnx::cls_pool_normalise(&hidden, 2, 2, 2);
+    assert_eq!(pooled, vec![vec![0.6, 0.8], vec![0.0, 1.0]]);
+}
+
+#[test]
+fn cls_pooling_gives_unit_vectors_unlike_mean_pooling() {
+    let paths = test_models();
+    let config = EmbedderConfig {
+        pooling: Pooling::Cls,
+        ..EmbedderConfig::default()
+    };
+    let mut cls = Embedder::load_from(&paths, &config).unwrap();
+    let mut mean = embedder();
+    let text = "The cat sat on the mat.";
+    let a = cls.embed(text).unwrap();
+    let b = mean.embed(text).unwrap();
+    let norm = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    assert!(
+        cosine(&a, &b) < 0.999,
+        "CLS and mean pooling gave the same vector"
+    );
+}
