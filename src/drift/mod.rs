@@ -71,6 +71,9 @@ pub struct EmbeddingDriftConfig {
     /// Each scope is sampled at least this many times a minute while it has the traffic, so a
     /// quiet scope still gets tested.
     pub min_sampled_per_minute: f64,
+    /// Each scope is sampled at most this many times a minute: on a CPU, embedding costs far
+    /// more than forwarding, and this bounds what it takes from the gateway.
+    pub max_sampled_per_minute: f64,
     /// The reference.
     pub reference: ReferenceSource,
     /// Sliding-window length of the overall test.
@@ -96,6 +99,7 @@ impl Default for EmbeddingDriftConfig {
             kind: "embedding_drift".to_owned(),
             sample_rate: 0.05,
             min_sampled_per_minute: 6.0,
+            max_sampled_per_minute: 600.0,
             reference: ReferenceSource::default(),
             window: 100,
             topics: 8,

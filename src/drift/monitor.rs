@@ -94,6 +94,7 @@ impl ScopeKey {
 struct Sampler {
     minute_started: Instant,
     seen: u64,
+    sampled: u64,
     rate: f64,
 }
 
@@ -206,28 +207,30 @@ impl DriftMonitor {
         }
     }
 
-    /// The embedding sample rate in force for `scope`, counting this exchange: at least
-    /// `sample_rate`, raised so that `min_sampled_per_minute` are sampled given the previous
-    /// minute's traffic (everything in a scope's first minute).
-    fn sample_rate(&self, scope: &ScopeKey) -> f64 {
+    /// Whether to embed this exchange of `scope`, and the sample rate in force. The rate is
+    /// `sample_rate`, raised so that `min_sampled_per_minute` are sampled and lowered so that
+    /// no more than `max_sampled_per_minute` are, given the previous minute's traffic; a
+    /// minute's sample also stops at `max_sampled_per_minute` (a scope's first minute, or a
+    /// burst), which bounds the CPU the embedder takes from the gateway.
+    fn sample(&self, scope: &ScopeKey) -> (bool, f64) {
         let Some((_, config)) = &self.plan.embedding else {
-            return if self.plan.needs_embeddings() {
-                1.0
-            } else {
-                0.0
-            };
+            return (self.plan.needs_embeddings(), 1.0);
         };
         let now = Instant::now();
         let mut sampler = self.samplers.entry(scope.clone()).or_insert(Sampler {
             minute_started: now,
             seen: 0,
+            sampled: 0,
             rate: 1.0,
         });
         if now.duration_since(sampler.minute_started) >= Duration::from_secs(60) {
-            let floor = config.min_sampled_per_minute / sampler.seen.max(1) as f64;
-            sampler.rate = config.sample_rate.max(floor).min(1.0);
+            let seen = sampler.seen.max(1) as f64;
+            let floor = config.min_sampled_per_minute / seen;
+            let cap = config.max_sampled_per_minute / seen;
+            sampler.rate = config.sample_rate.max(floor).min(cap).min(1.0);
             sampler.minute_started = now;
             sampler.seen = 0;
+            sampler.sampled = 0;
             self.metrics
                 .drift_sample_rate
                 .get_or_create(&DriftScopeLabels {
@@ -237,7 +240,13 @@ impl DriftMonitor {
                 .set(sampler.rate);
         }
         sampler.seen += 1;
-        sampler.rate
+        let rate = sampler.rate;
+        let take = (sampler.sampled as f64) < config.max_sampled_per_minute
+            && rand::rng().random_bool(rate.clamp(0.0, 1.0));
+        if take {
+            sampler.sampled += 1;
+        }
+        (take, rate)
     }
 
     fn reference_path(&self, detector: &str, scope: &ScopeKey) -> PathBuf {
@@ -406,9 +415,9 @@ impl DriftHandle {
             .as_ref()
             .map(|(_, c)| feature_scores(&c.features, findings, exchange.output().chars().count()))
             .unwrap_or_default();
-        let sample_rate = self.monitor.sample_rate(&scope);
+        let (sampled, sample_rate) = self.monitor.sample(&scope);
         let embeddings = match &self.monitor.embedder {
-            Some(embedder) if rand::rng().random_bool(sample_rate.clamp(0.0, 1.0)) => {
+            Some(embedder) if sampled => {
                 let prompt = crate::detect::prompt_text(exchange);
                 match (
                     embedder.try_embed(prompt),

@@ -25,7 +25,7 @@ pub type EmbedResult = Result<Embedding, InferError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Shed {
     /// The queue is full (counted in [`EmbedderHandle::shed_total`]).
-    #[error("the embedding queue is full; raise `embedder.queue_capacity` or sample fewer texts")]
+    #[error("the embedding queue is full; raise `inference.queue_capacity` or sample fewer texts")]
     QueueFull,
     /// The worker has stopped.
     #[error("the embedding worker has stopped")]
@@ -65,7 +65,7 @@ impl EmbedderHandle {
                 if shed == 1 || shed.is_multiple_of(1000) {
                     tracing::warn!(
                         shed_total = shed,
-                        "embedding queue full, text shed; raise `embedder.queue_capacity`"
+                        "embedding queue full, text shed; raise `inference.queue_capacity`"
                     );
                 }
                 Err(Shed::QueueFull)

@@ -272,6 +272,17 @@ fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String> {
     if config.window < 2 {
         return Err("window must be at least 2".to_owned());
     }
+    if config.min_sampled_per_minute.is_nan()
+        || config.max_sampled_per_minute.is_nan()
+        || config.min_sampled_per_minute < 0.0
+        || config.max_sampled_per_minute < config.min_sampled_per_minute
+    {
+        return Err(format!(
+            "max_sampled_per_minute ({}) must be at least min_sampled_per_minute ({}), both \
+             non-negative",
+            config.max_sampled_per_minute, config.min_sampled_per_minute
+        ));
+    }
     if config.reference.file.is_none() && config.reference.size < config.window + 10 {
         return Err(format!(
             "reference.size {} must exceed window {} by at least 10",

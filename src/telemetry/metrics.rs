@@ -410,7 +410,7 @@ impl MetricsInner {
         );
         r.register(
             "embed_shed",
-            "Texts not embedded because the embedding queue was full (raise embedder.queue_capacity)",
+            "Texts not embedded because the embedding queue was full (raise inference.queue_capacity)",
             self.embed_shed.clone(),
         );
         r.register(
