@@ -98,6 +98,16 @@ struct Sampler {
     rate: f64,
 }
 
+/// How often a scope's drift gauges are refreshed, in observations.
+const PUBLISH_EVERY: u64 = 64;
+
+/// A scope's tests and how many observations they have had.
+#[derive(Debug)]
+struct ScopeState {
+    tests: ScopeTests,
+    observed: u64,
+}
+
 /// One exchange on its way to the drift worker.
 struct DriftJob {
     exchange: Exchange,
@@ -120,7 +130,7 @@ pub struct DriftMonitor {
     offline_embedding: Option<Arc<Reference>>,
     offline_features: Option<Arc<Reference>>,
     samplers: DashMap<ScopeKey, Sampler>,
-    scopes: DashMap<ScopeKey, ScopeTests>,
+    scopes: DashMap<ScopeKey, ScopeState>,
     shed: AtomicU64,
     metrics: Metrics,
 }
@@ -284,8 +294,8 @@ impl DriftMonitor {
         if embedded.is_none() && scores.is_empty() {
             return;
         }
-        let step = {
-            let mut tests = self.scopes.entry(scope.clone()).or_insert_with(|| {
+        let (step, publish) = {
+            let mut state = self.scopes.entry(scope.clone()).or_insert_with(|| {
                 let started = Instant::now();
                 let tests = ScopeTests::new(&self.plan, &[&scope.model, scope.route], |name| {
                     self.offline(name)
@@ -295,27 +305,35 @@ impl DriftMonitor {
                     tracing::info!(model = %scope.model, route = scope.route,
                         fit_ms = started.elapsed().as_millis() as u64, "drift reference loaded");
                 }
-                tests
+                ScopeState { tests, observed: 0 }
             });
+            state.observed += 1;
+            // Gauges are refreshed every PUBLISH_EVERY observations (and on every alarm): a
+            // scrape wants the latest value, not each one, and labelled gauges cost a lookup.
+            let publish = state.observed % PUBLISH_EVERY == 1;
+            let tests = &mut state.tests;
             let step = tests.observe(
                 &scores,
                 embedded.as_ref().map(|(p, o)| (p.as_slice(), o.as_slice())),
             );
             if let Some((name, _)) = &self.plan.embedding
                 && let Some(embedding) = tests.embedding()
+                && (publish || !embedding.is_testing())
             {
                 self.metrics
                     .drift_reference_size
                     .get_or_create(&DriftLabels::new(name, &scope, "mmd"))
                     .set(i64::try_from(embedding.reference_len()).unwrap_or(i64::MAX));
             }
-            step
+            (step, publish)
         };
         for (detector, reference) in &step.learned {
             self.persist(detector, &scope, reference);
         }
         for (detector, result, reference) in step.results {
-            self.record(&detector, &scope, &result);
+            if publish || result.alarm {
+                self.record(&detector, &scope, &result);
+            }
             if !result.alarm {
                 continue;
             }
