@@ -17,6 +17,7 @@ detectors:
   output_drift:
     type: embedding_drift
     sample_rate: 1.0
+    max_sampled_per_minute: 600000
     reference: { size: 40 }
     window: 10
     topics: 0

@@ -94,7 +94,9 @@ impl ScopeKey {
 struct Sampler {
     minute_started: Instant,
     seen: u64,
-    sampled: u64,
+    /// Token bucket: samples allowed now, and when it was last refilled.
+    tokens: f64,
+    refilled: Instant,
     rate: f64,
 }
 
@@ -219,18 +221,21 @@ impl DriftMonitor {
 
     /// Whether to embed this exchange of `scope`, and the sample rate in force. The rate is
     /// `sample_rate`, raised so that `min_sampled_per_minute` are sampled and lowered so that
-    /// no more than `max_sampled_per_minute` are, given the previous minute's traffic; a
-    /// minute's sample also stops at `max_sampled_per_minute` (a scope's first minute, or a
-    /// burst), which bounds the CPU the embedder takes from the gateway.
+    /// no more than `max_sampled_per_minute` are, given the previous minute's traffic; a token
+    /// bucket (`max_sampled_per_minute / 60` a second, a second's worth of burst) also caps it
+    /// in a scope's first minute and in bursts, which bounds the CPU the embedder takes from
+    /// the gateway.
     fn sample(&self, scope: &ScopeKey) -> (bool, f64) {
         let Some((_, config)) = &self.plan.embedding else {
             return (self.plan.needs_embeddings(), 1.0);
         };
         let now = Instant::now();
+        let per_second = config.max_sampled_per_minute / 60.0;
         let mut sampler = self.samplers.entry(scope.clone()).or_insert(Sampler {
             minute_started: now,
             seen: 0,
-            sampled: 0,
+            tokens: per_second.max(1.0),
+            refilled: now,
             rate: 1.0,
         });
         if now.duration_since(sampler.minute_started) >= Duration::from_secs(60) {
@@ -240,7 +245,6 @@ impl DriftMonitor {
             sampler.rate = config.sample_rate.max(floor).min(cap).min(1.0);
             sampler.minute_started = now;
             sampler.seen = 0;
-            sampler.sampled = 0;
             self.metrics
                 .drift_sample_rate
                 .get_or_create(&DriftScopeLabels {
@@ -250,11 +254,13 @@ impl DriftMonitor {
                 .set(sampler.rate);
         }
         sampler.seen += 1;
+        let elapsed = now.duration_since(sampler.refilled).as_secs_f64();
+        sampler.tokens = (sampler.tokens + elapsed * per_second).min(per_second.max(1.0));
+        sampler.refilled = now;
         let rate = sampler.rate;
-        let take = (sampler.sampled as f64) < config.max_sampled_per_minute
-            && rand::rng().random_bool(rate.clamp(0.0, 1.0));
+        let take = sampler.tokens >= 1.0 && rand::rng().random_bool(rate.clamp(0.0, 1.0));
         if take {
-            sampler.sampled += 1;
+            sampler.tokens -= 1.0;
         }
         (take, rate)
     }
