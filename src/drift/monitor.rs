@@ -8,6 +8,7 @@
 //! scope's learned reference is written under `drift.state_dir` so a restart does not
 //! relearn. Scopes are capped (`drift.max_scopes`): model names come from callers.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,13 +273,36 @@ impl DriftMonitor {
     /// Runs the drift worker until every sender is gone and the queue is empty. Blocks: run it
     /// on a blocking thread.
     pub fn run_worker(self: Arc<DriftMonitor>, receiver: DriftReceiver, detection: Detection) {
-        while let Ok(job) = receiver.0.recv() {
-            self.process(job, &detection);
+        // Exchanges waiting for their embeddings, in arrival order. Their feature scores are
+        // tested on arrival, so a slow embedding batch never holds the queue up.
+        let mut pending: VecDeque<PendingEmbedding> = VecDeque::new();
+        loop {
+            self.finish_ready(&mut pending, &detection, false);
+            let job = if pending.is_empty() {
+                match receiver.0.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            } else {
+                match receiver.0.recv_timeout(Duration::from_millis(2)) {
+                    Ok(job) => job,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            self.accept(job, &mut pending, &detection);
         }
+        self.finish_ready(&mut pending, &detection, true);
         tracing::debug!("drift queue closed; drift worker done");
     }
 
-    fn process(&self, job: DriftJob, detection: &Detection) {
+    /// Tests a job's feature scores now and keeps its embeddings, if any, for later.
+    fn accept(
+        &self,
+        job: DriftJob,
+        pending: &mut VecDeque<PendingEmbedding>,
+        detection: &Detection,
+    ) {
         let DriftJob {
             exchange,
             engine,
@@ -286,17 +310,62 @@ impl DriftMonitor {
             embeddings,
             sample_rate,
         } = job;
-        let scope = ScopeKey::of(&exchange);
-        let embedded = match embeddings {
-            Some((prompt, output)) => match (wait(prompt), wait(output)) {
-                (Some(prompt), Some(output)) => Some((prompt, output)),
-                _ => {
-                    self.count_shed("embedding_failed");
-                    None
-                }
-            },
-            None => None,
-        };
+        if !scores.is_empty() {
+            self.observe(&exchange, &engine, &scores, None, sample_rate, detection);
+        }
+        if let Some((prompt, output)) = embeddings {
+            if pending.len() >= MAX_PENDING_EMBEDDINGS {
+                self.count_shed("embedding_backlog");
+                return;
+            }
+            pending.push_back(PendingEmbedding {
+                exchange,
+                engine,
+                prompt: Slot::Waiting(prompt),
+                output: Slot::Waiting(output),
+                sample_rate,
+            });
+        }
+    }
+
+    /// Tests the embeddings that have arrived, oldest first; with `block`, waits for all.
+    fn finish_ready(
+        &self,
+        pending: &mut VecDeque<PendingEmbedding>,
+        detection: &Detection,
+        block: bool,
+    ) {
+        while let Some(front) = pending.front_mut() {
+            if !(front.prompt.poll(block) && front.output.poll(block)) {
+                break;
+            }
+            let Some(done) = pending.pop_front() else {
+                break;
+            };
+            match (done.prompt.take(), done.output.take()) {
+                (Some(prompt), Some(output)) => self.observe(
+                    &done.exchange,
+                    &done.engine,
+                    &[],
+                    Some((prompt, output)),
+                    done.sample_rate,
+                    detection,
+                ),
+                _ => self.count_shed("embedding_failed"),
+            }
+        }
+    }
+
+    fn observe(
+        &self,
+        exchange: &Exchange,
+        engine: &Arc<Engine>,
+        scores: &[(String, f64)],
+        embedded: Option<(Vec<f32>, Vec<f32>)>,
+        sample_rate: f64,
+        detection: &Detection,
+    ) {
+        let scope = ScopeKey::of(exchange);
         if embedded.is_none() && scores.is_empty() {
             return;
         }
@@ -319,7 +388,7 @@ impl DriftMonitor {
             let publish = state.observed % PUBLISH_EVERY == 1;
             let tests = &mut state.tests;
             let step = tests.observe(
-                &scores,
+                scores,
                 embedded.as_ref().map(|(p, o)| (p.as_slice(), o.as_slice())),
             );
             if let Some((name, _)) = &self.plan.embedding
@@ -353,8 +422,8 @@ impl DriftMonitor {
                 threshold = result.threshold,
                 "drift alarm"
             );
-            let verdict = engine.evaluate_deferred(&exchange, &detector, &fields);
-            detection.record_deferred(&exchange, &verdict);
+            let verdict = engine.evaluate_deferred(exchange, &detector, &fields);
+            detection.record_deferred(exchange, &verdict);
         }
     }
 
@@ -484,14 +553,55 @@ impl std::fmt::Debug for DriftJob {
     }
 }
 
-fn wait(receiver: oneshot::Receiver<EmbedResult>) -> Option<Vec<f32>> {
-    match receiver.blocking_recv() {
-        Ok(Ok(embedding)) => Some(embedding),
-        Ok(Err(err)) => {
-            tracing::debug!(error = %err, "embedding failed; exchange not tested for drift");
-            None
+/// Most exchanges waiting for their embeddings in the drift worker; more are not tested.
+const MAX_PENDING_EMBEDDINGS: usize = 4096;
+
+/// A sampled exchange whose embeddings are being computed.
+struct PendingEmbedding {
+    exchange: Exchange,
+    engine: Arc<Engine>,
+    prompt: Slot,
+    output: Slot,
+    sample_rate: f64,
+}
+
+/// One embedding on its way.
+enum Slot {
+    Waiting(oneshot::Receiver<EmbedResult>),
+    Done(Option<Vec<f32>>),
+}
+
+impl Slot {
+    /// Whether the answer is in (waiting for it with `block`).
+    fn poll(&mut self, block: bool) -> bool {
+        let answer = match self {
+            Slot::Done(_) => return true,
+            Slot::Waiting(receiver) if !block => match receiver.try_recv() {
+                Ok(answer) => Some(answer),
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            },
+            Slot::Waiting(_) => match std::mem::replace(self, Slot::Done(None)) {
+                Slot::Waiting(receiver) => receiver.blocking_recv().ok(),
+                Slot::Done(_) => None,
+            },
+        };
+        *self = Slot::Done(match answer {
+            Some(Ok(embedding)) => Some(embedding),
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "embedding failed; exchange not tested for drift");
+                None
+            }
+            None => None,
+        });
+        true
+    }
+
+    fn take(self) -> Option<Vec<f32>> {
+        match self {
+            Slot::Done(embedding) => embedding,
+            Slot::Waiting(_) => None,
         }
-        Err(_) => None,
     }
 }
 
