@@ -99,7 +99,7 @@ impl Default for EmbeddingDriftConfig {
             kind: "embedding_drift".to_owned(),
             sample_rate: 0.05,
             min_sampled_per_minute: 6.0,
-            max_sampled_per_minute: 600.0,
+            max_sampled_per_minute: 120.0,
             reference: ReferenceSource::default(),
             window: 100,
             topics: 8,
