@@ -1,6 +1,7 @@
-//! The little linear algebra the drift tests need, on plain `Vec<f32>` rows: a PCA projection
-//! (the kernel test works in ~32 dimensions, where distances mean more than in 384) and k-means
-//! (topics of the reference prompts). Both are deterministic given their random generator.
+//! The little linear algebra the drift tests need, on plain `Vec<f32>` rows: a random
+//! projection (the kernel test works in ~32 dimensions, where distances mean more than in 384;
+//! a PCA fitted on the reference was tried and biased the test, see docs/detection.md) and
+//! k-means (topics of the reference prompts). Both are deterministic given their generator.
 
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -10,82 +11,14 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-/// A linear projection onto the top principal components of a set of rows.
+/// A linear projection of rows onto fewer dimensions.
 #[derive(Debug, Clone)]
 pub struct Projection {
-    mean: Vec<f32>,
-    /// `dims` rows of the input width, orthonormal.
+    /// `dims` rows of the input width.
     components: Vec<Vec<f32>>,
 }
 
 impl Projection {
-    /// Fits the top `dims` principal components of `rows` by orthogonal (subspace) iteration on
-    /// their covariance. `rows` must be non-empty and of equal width.
-    pub fn fit(rows: &[Vec<f32>], dims: usize, rng: &mut StdRng) -> Projection {
-        let width = rows.first().map_or(0, Vec::len);
-        let n = rows.len().max(1) as f64;
-        let mut mean = vec![0f64; width];
-        for row in rows {
-            for (m, v) in mean.iter_mut().zip(row) {
-                *m += f64::from(*v);
-            }
-        }
-        for m in &mut mean {
-            *m /= n;
-        }
-        // Covariance, width × width, row-major.
-        let mut cov = vec![0f64; width * width];
-        let mut centred = vec![0f64; width];
-        for row in rows {
-            for ((c, v), m) in centred.iter_mut().zip(row).zip(&mean) {
-                *c = f64::from(*v) - m;
-            }
-            for i in 0..width {
-                let ci = centred[i];
-                if ci == 0.0 {
-                    continue;
-                }
-                let line = &mut cov[i * width..(i + 1) * width];
-                for (slot, cj) in line.iter_mut().zip(&centred) {
-                    *slot += ci * cj;
-                }
-            }
-        }
-        for c in &mut cov {
-            *c /= n;
-        }
-        let dims = dims.min(width);
-        let mut basis: Vec<Vec<f64>> = (0..dims)
-            .map(|_| (0..width).map(|_| rng.random::<f64>() - 0.5).collect())
-            .collect();
-        orthonormalise(&mut basis);
-        for _ in 0..60 {
-            let mut next: Vec<Vec<f64>> = basis
-                .iter()
-                .map(|v| {
-                    (0..width)
-                        .map(|i| {
-                            cov[i * width..(i + 1) * width]
-                                .iter()
-                                .zip(v)
-                                .map(|(a, b)| a * b)
-                                .sum()
-                        })
-                        .collect()
-                })
-                .collect();
-            orthonormalise(&mut next);
-            basis = next;
-        }
-        Projection {
-            mean: mean.iter().map(|&m| m as f32).collect(),
-            components: basis
-                .into_iter()
-                .map(|v| v.into_iter().map(|x| x as f32).collect())
-                .collect(),
-        }
-    }
-
     /// A random Gaussian projection of `width`-wide rows onto `dims` dimensions (entries
     /// N(0, 1/dims)): distances are kept up to a small factor (Johnson–Lindenstrauss), and,
     /// unlike PCA fitted on the reference, it favours no sample over another.
@@ -103,54 +36,20 @@ impl Projection {
                     .collect()
             })
             .collect();
-        Projection {
-            mean: vec![0.0; width],
-            components,
-        }
+        Projection { components }
     }
 
     /// Projects one row.
     pub fn apply(&self, row: &[f32]) -> Vec<f32> {
         self.components
             .iter()
-            .map(|c| {
-                c.iter()
-                    .zip(row)
-                    .zip(&self.mean)
-                    .map(|((w, x), m)| w * (x - m))
-                    .sum()
-            })
+            .map(|c| c.iter().zip(row).map(|(w, x)| w * x).sum())
             .collect()
     }
 
     /// Output width.
     pub fn dims(&self) -> usize {
         self.components.len()
-    }
-}
-
-/// Modified Gram–Schmidt; a vector that collapses is replaced by a unit axis not yet spanned.
-fn orthonormalise(vectors: &mut [Vec<f64>]) {
-    for i in 0..vectors.len() {
-        let (done, rest) = vectors.split_at_mut(i);
-        let v = &mut rest[0];
-        for u in done.iter() {
-            let dot: f64 = u.iter().zip(v.iter()).map(|(a, b)| a * b).sum();
-            for (x, y) in v.iter_mut().zip(u) {
-                *x -= dot * y;
-            }
-        }
-        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm > 1e-12 {
-            for x in v.iter_mut() {
-                *x /= norm;
-            }
-        } else {
-            let axis = i % v.len().max(1);
-            v.iter_mut().enumerate().for_each(|(j, x)| {
-                *x = if j == axis { 1.0 } else { 0.0 };
-            });
-        }
     }
 }
 
@@ -244,32 +143,21 @@ mod tests {
     use rand::SeedableRng;
 
     #[test]
-    fn pca_finds_the_direction_of_largest_variance() {
+    fn a_random_projection_keeps_distances_roughly() {
         let mut rng = StdRng::seed_from_u64(1);
-        // Variance 9 along (1,1,0)/√2, 1 along z, tiny elsewhere.
-        let rows: Vec<Vec<f32>> = (0..2000)
-            .map(|_| {
-                let a = (rng.random::<f32>() - 0.5) * 3.0 * 12f32.sqrt();
-                let b = (rng.random::<f32>() - 0.5) * 12f32.sqrt();
-                let c = (rng.random::<f32>() - 0.5) * 0.01;
-                vec![a / 2f32.sqrt() + c, a / 2f32.sqrt() - c, b]
-            })
-            .collect();
-        let p = Projection::fit(&rows, 2, &mut rng);
-        let first = &p.components[0];
-        assert!(
-            (first[0].abs() - std::f32::consts::FRAC_1_SQRT_2).abs() < 0.02
-                && first[2].abs() < 0.05,
-            "{first:?}"
-        );
-        assert!(p.components[1][2].abs() > 0.98, "{:?}", p.components[1]);
-        let dot: f32 = p.components[0]
-            .iter()
-            .zip(&p.components[1])
-            .map(|(a, b)| a * b)
-            .sum();
-        assert!(dot.abs() < 1e-4);
-        assert_eq!(p.apply(&rows[0]).len(), 2);
+        let p = Projection::random(384, 64, &mut rng);
+        assert_eq!(p.dims(), 64);
+        let mut ratios = Vec::new();
+        for _ in 0..50 {
+            let a: Vec<f32> = (0..384).map(|_| rng.random::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..384).map(|_| rng.random::<f32>() - 0.5).collect();
+            let before = squared_distance(&a, &b);
+            let after = squared_distance(&p.apply(&a), &p.apply(&b));
+            ratios.push(after / before);
+        }
+        let mean = ratios.iter().sum::<f32>() / ratios.len() as f32;
+        assert!((mean - 1.0).abs() < 0.15, "mean ratio {mean}");
+        assert!(ratios.iter().all(|r| (0.4..1.8).contains(r)), "{ratios:?}");
     }
 
     #[test]
