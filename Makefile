@@ -32,7 +32,7 @@ all: build
 build:
 	$(CARGO) build --release --locked
 
-run: build
+run: build models
 ifeq ($(strip $(UPSTREAM)),)
 	$(BIN) serve --sim $(if $(SIM_CORPUS),--sim-corpus $(SIM_CORPUS)) \
 		--listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE) $(if $(POLICIES),--policies $(POLICIES))
@@ -40,7 +40,7 @@ else
 	$(BIN) serve --upstream $(UPSTREAM) --listen $(LISTEN) --admin-listen $(ADMIN_LISTEN) --store $(STORE) $(if $(POLICIES),--policies $(POLICIES))
 endif
 
-demo: build
+demo: build models
 	$(BIN) demo $(if $(SIM_CORPUS),--corpus $(SIM_CORPUS))
 
 # Pinned ONNX Runtime library and embedding model (models/manifest.toml), checked by sha256 and
