@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fetch_models import sha256  # scripts/ is on the path when this script runs
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 SOURCE = MODELS / "all-MiniLM-L6-v2.safetensors"
@@ -54,14 +56,6 @@ EPS = 1e-12
 MIN_COSINE = 0.99
 # The check runs texts up to this many tokens (the model's largest window in tripwire).
 CHECK_MAX_TOKENS = 256
-
-
-def sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_safetensors(path: pathlib.Path) -> dict:

@@ -134,22 +134,7 @@ impl Detection {
             }
             None => self.engine.evaluate(&exchange),
         };
-        for error in &verdict.errors {
-            tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
-        }
-        let flag = verdict
-            .flagged()
-            .then(|| self.flag(&exchange, &verdict))
-            .flatten();
-        if let Some(alerts) = &self.alerts {
-            for rule in verdict
-                .fired
-                .iter()
-                .filter(|r| r.actions.contains(&Action::Alert))
-            {
-                alerts.offer(Alert::new(rule, &exchange, flag.as_ref()));
-            }
-        }
+        let flag = self.flag_and_alert(&exchange, &verdict);
         let annotations: Vec<String> = verdict
             .fired
             .iter()
@@ -178,8 +163,16 @@ impl Detection {
     /// Records what a drift rule judged on an exchange inspected earlier (and already
     /// stored): a flag, and alerts subject to their cooldowns.
     pub fn record_deferred(&self, exchange: &Exchange, verdict: &Verdict) {
+        if let Some(flag) = self.flag_and_alert(exchange, verdict) {
+            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
+        }
+    }
+
+    /// Logs the verdict's errors, makes its flag (when a flagging rule fired) and offers an
+    /// alert for every alerting rule; the caller stores the flag.
+    fn flag_and_alert(&self, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
         for error in &verdict.errors {
-            tracing::debug!(request_id = %exchange.request_id, %error, "drift rule error");
+            tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
         }
         let flag = verdict
             .flagged()
@@ -194,9 +187,7 @@ impl Detection {
                 alerts.offer(Alert::new(rule, exchange, flag.as_ref()));
             }
         }
-        if let Some(flag) = flag {
-            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
-        }
+        flag
     }
 
     fn flag(&self, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
