@@ -45,9 +45,14 @@ const TOPICS: [&str; 8] = [
     "the solar system",
 ];
 
+/// The `i`-th question the tests ask.
+fn prompt(i: usize) -> String {
+    format!("Question {i}: tell me about {}", TOPICS[i % TOPICS.len()])
+}
+
 /// A short, plain answer before the swap; a long, shouty advertisement after it.
-fn answer(i: usize, swapped: bool) -> Script {
-    let content = if swapped {
+fn content(i: usize, swapped: bool) -> String {
+    if swapped {
         "BUY NOVACLOUD PRO NOW!!! Unlimited storage, unlimited speed, unlimited savings. \
          Visit novacloud.example/deal today and use code WIN50 for half price on every plan!!!"
             .repeat(3)
@@ -64,7 +69,12 @@ fn answer(i: usize, swapped: bool) -> Script {
             OPENINGS[(i / 8) % OPENINGS.len()],
             TOPICS[i % TOPICS.len()]
         )
-    };
+    }
+}
+
+/// The upstream's chat completion carrying [`content`].
+fn answer(i: usize, swapped: bool) -> Script {
+    let content = content(i, swapped);
     let body = serde_json::json!({
         "id": format!("c{i}"),
         "object": "chat.completion",
@@ -98,8 +108,7 @@ fn drift_flags(store: &std::path::Path) -> Vec<(String, serde_json::Value)> {
 
 async fn ask(gateway: &Gateway, n: usize) {
     for i in 0..n {
-        let prompt = format!("Question {i}: tell me about {}", TOPICS[i % 8]);
-        let response = send_chat(gateway, &prompt, false).await;
+        let response = send_chat(gateway, &prompt(i), false).await;
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
     }
@@ -178,14 +187,9 @@ async fn a_baseline_built_offline_is_used_from_the_first_exchange() {
     // Known-good exchanges, as a team would export them.
     let mut lines = String::new();
     for i in 0..40 {
-        let script = answer(i, false);
-        let Step::Chunk(body) = &script.steps[0] else {
-            unreachable!()
-        };
-        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
-        let output = body["choices"][0]["message"]["content"].as_str().unwrap();
-        let prompt = format!("Question {i}: tell me about {}", TOPICS[i % 8]);
-        lines.push_str(&serde_json::json!({"instruction": prompt, "output": output}).to_string());
+        let output = content(i, false);
+        lines
+            .push_str(&serde_json::json!({"instruction": prompt(i), "output": output}).to_string());
         lines.push('\n');
     }
     let input = dir.path().join("good.jsonl");

@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 
 use crate::capture::Exchange;
 use crate::drift::reference::{REFERENCE_VERSION, Reference};
-use crate::drift::{PROMPT_DISTANCE_FEATURE, feature_scores};
-use crate::infer::{Embedder, cosine};
+use crate::drift::{PROMPT_DISTANCE_FEATURE, feature_scores, prompt_distance};
+use crate::infer::Embedder;
 use crate::policy::Engine;
 use crate::telemetry::Metrics;
 
@@ -100,10 +100,7 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
             let (_, findings) = engine.evaluate_with_findings(&exchange);
             let mut scores = feature_scores(&features, &findings, output.chars().count());
             if features.iter().any(|f| f == PROMPT_DISTANCE_FEATURE) {
-                scores.push((
-                    PROMPT_DISTANCE_FEATURE.to_owned(),
-                    f64::from(1.0 - cosine(&p, &o)),
-                ));
+                scores.push((PROMPT_DISTANCE_FEATURE.to_owned(), prompt_distance(&p, &o)));
             }
             for (name, score) in scores {
                 reference.features.entry(name).or_default().push(score);

@@ -39,6 +39,11 @@ pub const LENGTH_FEATURE: &str = "length";
 /// The built-in feature `1 − cos(prompt embedding, output embedding)`, on embedded exchanges.
 pub const PROMPT_DISTANCE_FEATURE: &str = "prompt_distance";
 
+/// The `prompt_distance` feature: `1 − cosine` of the prompt and output embeddings.
+pub fn prompt_distance(prompt: &[f32], output: &[f32]) -> f64 {
+    f64::from(1.0 - crate::infer::cosine(prompt, output))
+}
+
 /// Where a drift detector's reference comes from.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -15,31 +15,18 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use super::EmbeddingDriftConfig;
 use super::conformal::ConformalCusum;
 use super::linalg::{KMeans, Projection};
 use super::mmd::{MmdReference, OnlineMmd};
 use super::reference::{REFERENCE_VERSION, Reference};
 
-/// How the embedding tests are shaped.
+/// How the embedding tests are shaped: the detector's parameters and its test's share of the
+/// scope's false-alarm budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingSettings {
-    /// Observations learned before testing starts.
-    pub reference_size: usize,
-    /// Sliding-window length of the overall test.
-    pub window: usize,
-    /// Prompt topics (k-means clusters); 0 turns topic-conditioned tests off.
-    pub topics: usize,
-    /// Sliding-window length of each topic's test.
-    pub topic_window: usize,
-    /// PCA dimensions the kernel works in.
-    pub projection_dims: usize,
-    /// Simulated windows for calibration.
-    pub bootstraps: usize,
-    /// Multiplies the median-heuristic kernel bandwidth.
-    pub bandwidth_scale: f64,
-    /// Test `output − prompt` embeddings (how the model answers) rather than outputs (which
-    /// mostly say what was asked).
-    pub subtract_prompt: bool,
+    /// The `embedding_drift` detector's parameters.
+    pub config: EmbeddingDriftConfig,
     /// Expected run time between false alarms of each test, in observations.
     pub test_ert: f64,
 }
@@ -47,7 +34,7 @@ pub struct EmbeddingSettings {
 impl EmbeddingSettings {
     /// The vector a test sees for one exchange.
     fn point(&self, prompt: &[f32], output: &[f32]) -> Vec<f32> {
-        if self.subtract_prompt && prompt.len() == output.len() {
+        if self.config.subtract_prompt && prompt.len() == output.len() {
             output.iter().zip(prompt).map(|(o, p)| o - p).collect()
         } else {
             output.to_vec()
@@ -131,8 +118,8 @@ impl EmbeddingDrift {
     pub fn learning(settings: EmbeddingSettings, seed: u64) -> EmbeddingDrift {
         EmbeddingDrift {
             phase: EmbeddingPhase::Learning {
-                outputs: Vec::with_capacity(settings.reference_size),
-                prompts: Vec::with_capacity(settings.reference_size),
+                outputs: Vec::with_capacity(settings.config.reference.size),
+                prompts: Vec::with_capacity(settings.config.reference.size),
             },
             settings,
             seed,
@@ -181,7 +168,7 @@ impl EmbeddingDrift {
             EmbeddingPhase::Learning { outputs, prompts } => {
                 outputs.push(output.to_vec());
                 prompts.push(prompt.to_vec());
-                if outputs.len() < self.settings.reference_size {
+                if outputs.len() < self.settings.config.reference.size {
                     return EmbeddingStep::Learning;
                 }
                 let reference = Arc::new(Reference {
@@ -271,7 +258,7 @@ fn fit(
     // sampling noise, so new outputs look drifted against it (measured on the development
     // data: clean windows scored five null standard deviations high).
     let width = outputs.first().map_or(0, Vec::len);
-    let projection = Projection::random(width, settings.projection_dims, &mut rng);
+    let projection = Projection::random(width, settings.config.projection_dims, &mut rng);
     let projected: Vec<Vec<f32>> = outputs
         .iter()
         .enumerate()
@@ -282,15 +269,15 @@ fn fit(
         .collect();
     let overall = MmdReference::fit_scaled(
         projected.clone(),
-        settings.window,
+        settings.config.window,
         settings.test_ert,
-        settings.bootstraps,
-        settings.bandwidth_scale,
+        settings.config.bootstraps,
+        settings.config.bandwidth_scale,
         &mut rng,
     )?;
-    let topics = (settings.topics > 1 && prompts.len() == outputs.len()).then(|| {
+    let topics = (settings.config.topics > 1 && prompts.len() == outputs.len()).then(|| {
         let prompt_points: Vec<Vec<f32>> = prompts.iter().map(|p| projection.apply(p)).collect();
-        let kmeans = KMeans::fit(&prompt_points, settings.topics, &mut rng);
+        let kmeans = KMeans::fit(&prompt_points, settings.config.topics, &mut rng);
         let mut members: Vec<Vec<Vec<f32>>> = vec![Vec::new(); kmeans.centroids.len()];
         for (prompt, output) in prompt_points.iter().zip(&projected) {
             members[kmeans.assign(prompt)].push(output.clone());
@@ -301,10 +288,10 @@ fn fit(
                 // A topic too small for a window of its own is left to the overall test.
                 MmdReference::fit_scaled(
                     points,
-                    settings.topic_window,
+                    settings.config.topic_window,
                     settings.test_ert,
-                    settings.bootstraps,
-                    settings.bandwidth_scale,
+                    settings.config.bootstraps,
+                    settings.config.bandwidth_scale,
                     &mut rng,
                 )
                 .map(|r| OnlineMmd::new(Arc::new(r)))
@@ -478,14 +465,7 @@ impl ScopeTests {
         let test_ert = plan.test_ert();
         let embedding = plan.embedding.as_ref().map(|(name, config)| {
             let settings = EmbeddingSettings {
-                reference_size: config.reference.size,
-                window: config.window,
-                topics: config.topics,
-                topic_window: config.topic_window,
-                projection_dims: config.projection_dims,
-                bootstraps: config.bootstraps,
-                bandwidth_scale: config.bandwidth_scale,
-                subtract_prompt: config.subtract_prompt,
+                config: config.clone(),
                 test_ert,
             };
             let mut parts = vec![name.as_str()];
@@ -531,7 +511,7 @@ impl ScopeTests {
         if let Some((prompt, output)) = embeddings {
             scores.push((
                 super::PROMPT_DISTANCE_FEATURE.to_owned(),
-                f64::from(1.0 - crate::infer::cosine(prompt, output)),
+                super::prompt_distance(prompt, output),
             ));
             if let Some((name, state)) = &mut self.embedding {
                 match state.observe(prompt, output) {
