@@ -195,16 +195,6 @@ impl DriftMonitor {
         Ok((DriftHandle { monitor, jobs }, DriftReceiver(receiver)))
     }
 
-    /// The drift detectors and budget in force.
-    pub fn plan(&self) -> &DriftPlan {
-        &self.plan
-    }
-
-    /// Exchanges shed because the drift queue was full, since start.
-    pub fn shed_total(&self) -> u64 {
-        self.shed.load(Ordering::Relaxed)
-    }
-
     fn count_shed(&self, reason: &'static str) {
         let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics

@@ -132,13 +132,6 @@ impl Engine {
         self.policies.iter().find_map(|p| p.drift.as_ref())
     }
 
-    /// Whether any rule is judged on the spot (not by the drift monitor).
-    pub fn has_immediate_rules(&self) -> bool {
-        self.policies
-            .iter()
-            .any(|p| p.rules.iter().any(|r| !r.deferred))
-    }
-
     /// Judges the drift rules that read `detector`, now that it has `fields` for `exchange`
     /// (an alarm of the drift monitor).
     pub fn evaluate_deferred(
