@@ -14,14 +14,15 @@
 #
 # Needs: make build and make models-gpu (models/all-MiniLM-L6-v2-fp16.onnx), an NVIDIA GPU, and
 # $INFER_PYTHON (default python3) with onnxruntime-gpu, tokenizers and numpy. Texts: outputs
-# of several models from $DATA (default ../shared/data/alpaca_eval), read, never copied in.
+# of several models from $DATA (default ../shared/data/alpaca_eval), read, never copied in, or the
+# JSONL file TEXTS_FILE (objects with an "output" field) on a machine without the data.
 # BATCHES="1 2 4 8 16 32 64 128 256" (default) picks the batch sizes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${INFER_PYTHON:-python3}
 tripwire=${TRIPWIRE:-target/release/tripwire}
 model=${MODEL:-models/all-MiniLM-L6-v2-fp16.onnx}
-tokenizer=models/all-MiniLM-L6-v2-tokenizer.json
+tokenizer=${TOKENIZER:-models/all-MiniLM-L6-v2-tokenizer.json}
 data_dir=${DATA:-../shared/data/alpaca_eval}
 batches=${BATCHES:-1 2 4 8 16 32 64 128 256}
 libdir=${1:-}
@@ -53,6 +54,9 @@ mkdir -p target/bench-gpu
 data=target/bench-gpu/texts.jsonl
 results=target/bench-gpu/results.jsonl
 : > "$results"
+if [[ -n ${TEXTS_FILE:-} ]]; then
+  head -n "$texts" "$TEXTS_FILE" > "$data"
+else
 python3 - "$data_dir" "$texts" > "$data" <<'PY'
 import gzip, json, pathlib, sys
 root, n = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -69,6 +73,7 @@ for name in files:
 if count < n:
     sys.exit(f"error: only {count} texts under {root}")
 PY
+fi
 
 # Fail fast, with tripwire's own message, when the CUDA provider does not run the model.
 "$tripwire" embed --input "$data" --field output --device cuda --onnxruntime "$ortlib" --model "$model" \

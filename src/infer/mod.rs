@@ -296,14 +296,18 @@ impl Embedder {
     /// Embeds `texts`, answering in their order. The texts (or their windows, with `chunks`
     /// above 1) are sorted by token length and run in sub-batches of similar length, each
     /// padded only to its own longest member.
-    pub fn embed_batch<S: AsRef<str>>(
+    pub fn embed_batch<S: AsRef<str> + Sync>(
         &mut self,
         texts: &[S],
     ) -> Result<Vec<Embedding>, InferError> {
         // Every window, with the index of its text.
         let mut windows: Vec<(usize, tokenize::Encoded)> = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
-            let encoded = self.tokenizer.encode_windows(text.as_ref(), self.chunks)?;
+        for (i, encoded) in self
+            .tokenizer
+            .encode_windows_batch(texts, self.chunks)?
+            .into_iter()
+            .enumerate()
+        {
             windows.extend(encoded.into_iter().map(|e| (i, e)));
         }
         let mut order: Vec<usize> = (0..windows.len()).collect();

@@ -175,6 +175,27 @@ fn head_tail_truncation_keeps_the_end_of_a_long_text() {
 }
 
 #[test]
+fn batch_tokenizing_matches_one_text_at_a_time() {
+    let config = EmbedderConfig {
+        max_tokens: 48,
+        chunks: 3,
+        ..EmbedderConfig::default()
+    };
+    let embedder = Embedder::load_from(&test_models(), &config).unwrap();
+    let tokenizer = embedder.tokenizer();
+    let mut texts = dev_outputs(40);
+    texts.push(head_and_tail_text());
+    texts.push(String::new());
+    let batch = tokenizer.encode_windows_batch(&texts, 3).unwrap();
+    assert_eq!(batch.len(), texts.len());
+    for (text, windows) in texts.iter().zip(&batch) {
+        let alone = tokenizer.encode_windows(text, 3).unwrap();
+        let ids = |w: &[tokenize::Encoded]| w.iter().map(|e| e.ids.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(windows), ids(&alone), "{text:?}");
+    }
+}
+
+#[test]
 fn chunks_average_the_windows_of_a_long_text() {
     let config = EmbedderConfig {
         max_tokens: 48,

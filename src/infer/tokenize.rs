@@ -131,6 +131,31 @@ impl TextTokenizer {
         let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
         Ok(windows(ids, self.max_tokens, chunks, self.truncation))
     }
+    /// [`Self::encode_windows`] for every text of a batch, tokenized in parallel on the
+    /// tokenizer's thread pool: on a GPU the model takes a few milliseconds per batch and
+    /// tokenizing one text after another on a single core would be the bottleneck.
+    pub fn encode_windows_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        chunks: usize,
+    ) -> Result<Vec<Vec<Encoded>>, InferError> {
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let encodings =
+            self.inner
+                .encode_batch(inputs, true)
+                .map_err(|err| InferError::Tokenizer {
+                    context: "encoding".to_owned(),
+                    message: err.to_string(),
+                })?;
+        Ok(encodings
+            .into_iter()
+            .map(|encoding| {
+                let ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+                windows(ids, self.max_tokens, chunks, self.truncation)
+            })
+            .collect())
+    }
+
     /// The padding token id.
     pub fn pad_id(&self) -> i64 {
         self.pad_id
