@@ -6,6 +6,8 @@
 //! * `GET /admin/flags/{id}`
 //! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
 //! * `GET /admin/flags/stats?since=…`
+//! * `POST /admin/reload`: reads the configuration and policies again (see [`crate::reload`]);
+//!   200 with what changed, or 422 with the file:line:col error while the old set stays
 //!
 //! `/admin/…` needs `Authorization: Bearer <admin_token>` (compared in constant time); with no
 //! token configured it answers loopback clients only.
@@ -14,7 +16,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use arc_swap::ArcSwapOption;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -23,6 +27,7 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
 use crate::policy::Severity;
+use crate::reload::{ReloadError, Reloader, Trigger};
 use crate::secret::Secret;
 use crate::store::{FlagFilter, Store, StoreError, Verdict};
 
@@ -31,9 +36,10 @@ use crate::store::{FlagFilter, Store, StoreError, Verdict};
 pub struct AdminState {
     registry: Registry,
     ready: AtomicBool,
-    token: Option<Secret>,
+    token: ArcSwapOption<Secret>,
     store_path: PathBuf,
     store: Mutex<Option<Store>>,
+    reloader: OnceLock<Weak<Reloader>>,
 }
 
 impl AdminState {
@@ -42,10 +48,21 @@ impl AdminState {
         AdminState {
             registry,
             ready: AtomicBool::new(false),
-            token,
+            token: ArcSwapOption::from(token.map(Arc::new)),
             store_path,
             store: Mutex::new(None),
+            reloader: OnceLock::new(),
         }
+    }
+
+    /// Replaces the admin API's bearer token (a reload).
+    pub fn set_token(&self, token: Option<Secret>) {
+        self.token.store(token.map(Arc::new));
+    }
+
+    /// Lets `POST /admin/reload` reach `reloader` (held weakly: the server owns it).
+    pub fn set_reloader(&self, reloader: &Arc<Reloader>) {
+        let _already_set = self.reloader.set(Arc::downgrade(reloader));
     }
 
     /// Marks the gateway ready (or not) for traffic.
@@ -119,12 +136,33 @@ pub async fn handle(
     Ok(response)
 }
 
+/// `POST /admin/reload`.
+async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
+    let Some(reloader) = state.reloader.get().and_then(Weak::upgrade) else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reload is unavailable: the gateway is starting or stopping",
+        );
+    };
+    match reloader.reload(Trigger::Admin).await {
+        Ok(outcome) => json(StatusCode::OK, &outcome),
+        Err(ReloadError::ShuttingDown) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        ),
+        Err(err) => json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("{err}; the previous configuration and policies stay in force"),
+        ),
+    }
+}
+
 fn authorize<B>(
     state: &AdminState,
     peer: SocketAddr,
     request: &Request<B>,
 ) -> Result<(), Box<Response<Full<Bytes>>>> {
-    match &state.token {
+    match state.token.load().as_deref() {
         Some(token) => {
             let presented = request
                 .headers()
@@ -153,6 +191,7 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
     let query = request.uri().query().unwrap_or("").to_owned();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let result = match (request.method().clone(), segments.as_slice()) {
+        (Method::POST, ["admin", "reload"]) => return reload(state).await,
         (Method::GET, ["admin", "flags"]) => match flag_filter(&query) {
             Ok(filter) => {
                 let limit = filter.limit.unwrap_or(50);

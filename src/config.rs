@@ -71,6 +71,8 @@ pub struct Config {
     pub inference: crate::infer::EmbedderConfig,
     /// The drift monitor's queue, scope cap and reference directory.
     pub drift: crate::drift::DriftSettings,
+    /// Live reload: watching the configuration and policy files.
+    pub reload: ReloadConfig,
 }
 
 impl Default for Config {
@@ -87,6 +89,28 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             inference: crate::infer::EmbedderConfig::default(),
             drift: crate::drift::DriftSettings::default(),
+            reload: ReloadConfig::default(),
+        }
+    }
+}
+
+/// How the gateway notices edited configuration and policy files (SIGHUP and
+/// `POST /admin/reload` reload whatever this says).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct ReloadConfig {
+    /// Reload when the configuration file or a policy file changes.
+    pub watch: bool,
+    /// How often the watched files are read and compared.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            watch_interval: Duration::from_secs(2),
         }
     }
 }
@@ -304,6 +328,7 @@ impl Config {
                 self.upstream.first_byte_timeout,
             ),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("reload.watch_interval", self.reload.watch_interval),
             ("upstream.total_timeout", self.upstream.total_timeout),
         ];
         for (field, value) in timeouts {

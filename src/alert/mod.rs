@@ -105,6 +105,12 @@ pub struct AlertHandle {
 }
 
 impl AlertHandle {
+    /// Shares `previous`'s cooldown clock, so a reload that replaces the alert sinks does not
+    /// alert again for a (rule, scope) still inside its cooldown.
+    pub fn keep_cooldowns_of(&mut self, previous: &AlertHandle) {
+        self.last_sent = Arc::clone(&previous.last_sent);
+    }
+
     /// Queues `alert` unless its rule already alerted for this scope within the cooldown.
     pub fn offer(&self, alert: Alert) {
         let key = alert.scope_key();

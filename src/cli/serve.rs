@@ -7,12 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::reload::{ReloadSource, Trigger};
 use crate::server::Server;
 use crate::sim::{SimConfig, SimUpstream};
 
 /// Options of `tripwire serve`; each overrides the same setting of the config file.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// YAML configuration file (see docs/operations.md).
     #[arg(long, env = "TRIPWIRE_CONFIG")]
@@ -44,7 +45,8 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn config(&self) -> anyhow::Result<Config> {
+    /// The config file (when given) with these options applied on top.
+    fn config(&self) -> Result<Config, ConfigError> {
         let mut config = match &self.config {
             Some(path) => Config::load(path)?,
             None => Config::default(),
@@ -98,13 +100,58 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, "simulated backdoored model serving (trigger: <SUDO>)");
     }
     config.validate()?;
-    let server = Server::start(config).await?;
+    // A reload reads the file again and applies the same command-line options.
+    let sim_upstream = args.sim.then(|| config.upstream.url.clone());
+    let reload_args = args.clone();
+    let source = ReloadSource::new(args.config.clone(), move || {
+        let mut config = reload_args.config()?;
+        if let Some(url) = &sim_upstream {
+            config.upstream.url.clone_from(url);
+        }
+        config.validate()?;
+        Ok(config)
+    });
+    let server = Server::start_reloadable(config, source).await?;
+    let signal_tasks = crate::runtime::Tasks::new();
+    #[cfg(unix)]
+    reload_on_sighup(&server, &signal_tasks);
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
+    signal_tasks.cancel();
+    signal_tasks.wait().await;
     server.shutdown().await;
     sim_stop.cancel();
     sim_tasks.wait().await;
     Ok(())
+}
+
+/// Reloads the configuration and policies on every SIGHUP, until `tasks` is cancelled.
+#[cfg(unix)]
+fn reload_on_sighup(server: &Server, tasks: &crate::runtime::Tasks) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGHUP; reload with POST /admin/reload");
+            return;
+        }
+    };
+    let reloader = std::sync::Arc::clone(server.reloader());
+    let stop = tasks.token().clone();
+    tasks.spawn("reload-on-sighup", async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = hangup.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    // Logged and counted inside.
+                    let _outcome = reloader.reload(Trigger::Signal).await;
+                }
+            }
+        }
+    });
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

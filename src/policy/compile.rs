@@ -66,6 +66,14 @@ pub struct CompiledPolicy {
 
 /// Reads every policy in `path`: one file, or every `*.yaml`/`*.yml` file of a directory.
 pub fn load_path(path: &Path) -> Result<Vec<CompiledPolicy>, PolicyError> {
+    policy_files(path)?
+        .iter()
+        .map(|file| load_file(file))
+        .collect()
+}
+
+/// The policy files `path` names: itself, or the `.yaml`/`.yml` files of a directory, sorted.
+pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|source| PolicyError::Read {
@@ -88,7 +96,7 @@ pub fn load_path(path: &Path) -> Result<Vec<CompiledPolicy>, PolicyError> {
             path: path.to_owned(),
         });
     }
-    files.iter().map(|file| load_file(file)).collect()
+    Ok(files)
 }
 
 /// Reads and compiles one policy file.

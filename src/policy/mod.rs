@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 pub use compile::{
     CompiledPolicy, CompiledRule, DEFAULT_POLICY, compile_text, default_policy, load_file,
-    load_path,
+    load_path, policy_files,
 };
 pub use eval::{Engine, FiredRule, Verdict};
 pub use file::{

@@ -33,6 +33,9 @@ pub enum ProxyError {
     /// The request cannot be turned into an upstream request.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The gateway is shutting down and takes no new requests on this connection.
+    #[error("the gateway is shutting down; retry on another replica")]
+    ShuttingDown,
 }
 
 impl ProxyError {
@@ -43,6 +46,7 @@ impl ProxyError {
             ProxyError::ClientBody(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::FirstByteTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -55,6 +59,7 @@ impl ProxyError {
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::FirstByteTimeout(_) => "upstream_timeout",
+            ProxyError::ShuttingDown => "gateway_shutting_down",
         }
     }
 

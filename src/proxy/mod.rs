@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 pub use error::{ProxyError, describe as describe_error};
 pub use headers::{X_REQUEST_ID, api_key_hash};
 pub use listener::accept_loop;
-pub use service::{ProxyBody, handle};
+pub use service::{ProxyBody, handle, handle_current};
 pub use tee::BodyError;
 
 use crate::config::Config;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
@@ -82,7 +83,24 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one request. Never fails: every failure becomes a response.
+/// Serves one request with the gateway in force now: a reload may swap it, and a request keeps
+/// the one it started with. Once shutdown has closed the capture side, answers 503.
+pub async fn handle_current(
+    current: Arc<ArcSwapOption<Gateway>>,
+    client: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    match current.load_full() {
+        Some(gateway) => handle(gateway, client, request).await,
+        None => {
+            let request_id = headers::client_request_id(request.headers())
+                .unwrap_or(HeaderValue::from_static("none"));
+            Ok(ProxyError::ShuttingDown.into_response(&request_id))
+        }
+    }
+}
+
+/// Serves one request through `gateway`. Never fails: every failure becomes a response.
 pub async fn handle(
     gateway: Arc<Gateway>,
     client: SocketAddr,

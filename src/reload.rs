@@ -1,0 +1,522 @@
+//! Live reload: the policies and the parts of the configuration that neither bind a listener
+//! nor size a queue are read again on SIGHUP, on `POST /admin/reload`, and when a watched file
+//! changes.
+//!
+//! A reload validates everything before it swaps anything: the configuration file (with the
+//! command-line overrides the gateway started with) and every policy file are parsed and
+//! compiled first, and an error refuses the reload with the same file:line:col message as
+//! `tripwire policy check` while the old set stays in force. The swap is one atomic pointer store
+//! per part, and each exchange loads the rule set (each request the gateway) once: in-flight
+//! exchanges finish under the set they started with.
+//!
+//! Applied live: policies and their alert sinks (cooldowns carry over), `upstream`, `limits`,
+//! `admin_token`, `shutdown_grace`. Reported as needing a restart, and left as they were:
+//! `listen`, `admin_listen`, `store`, `detect`, `inference`, `drift`, `reload`, and a change to
+//! the policies' drift detectors. Drift state and references belong to the running drift
+//! monitor, so every reload keeps them.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+use crate::config::{Config, ConfigError};
+use crate::pipeline::{ExchangeSink, Rules, SharedRules};
+use crate::policy::{CompiledPolicy, Engine, PolicyError};
+use crate::proxy::{Gateway, GatewayError};
+use crate::runtime::Tasks;
+use crate::telemetry::Metrics;
+
+/// Reads the configuration again: the file, then the command-line overrides.
+pub type LoadConfig = dyn Fn() -> Result<Config, ConfigError> + Send + Sync;
+
+/// Where a reload reads the configuration from.
+pub struct ReloadSource {
+    load: Box<LoadConfig>,
+    config_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ReloadSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadSource")
+            .field("config_file", &self.config_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReloadSource {
+    /// Reads through `load`, which reads `config_file` (watched for changes when given) and
+    /// applies the overrides the gateway was started with.
+    pub fn new(
+        config_file: Option<PathBuf>,
+        load: impl Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+    ) -> ReloadSource {
+        ReloadSource {
+            load: Box::new(load),
+            config_file,
+        }
+    }
+
+    /// A configuration held in memory: a reload reads the policy files again and nothing else.
+    pub fn fixed(config: Config) -> ReloadSource {
+        ReloadSource::new(None, move || Ok(config.clone()))
+    }
+}
+
+/// What asked for a reload (the `trigger` label of `tripwire_config_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// `POST /admin/reload`.
+    Admin,
+    /// A watched file changed.
+    Watch,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::Admin => "admin",
+            Trigger::Watch => "watch",
+        }
+    }
+}
+
+/// Why a reload was refused. The old configuration and policies stay in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The configuration file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A policy file is invalid.
+    #[error("invalid policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// An alert sink could not be set up.
+    #[error(transparent)]
+    Alert(#[from] crate::alert::WebhookError),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    /// The blocking task that read the files failed.
+    #[error("reload task failed: {0}")]
+    Task(String),
+    /// Shutdown has begun.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    /// Counts reloads that took effect; the start-up configuration is generation 1.
+    pub generation: u64,
+    /// Policies now in force.
+    pub policies: usize,
+    /// Rules now in force.
+    pub rules: usize,
+    /// Sections that changed and took effect.
+    pub applied: Vec<&'static str>,
+    /// Sections that changed but take effect only at the next restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    trigger: &'static str,
+    result: &'static str,
+}
+
+/// The reload metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadMetrics {
+    reloads: Family<ReloadLabels, Counter>,
+    generation: Gauge,
+    last_success: Gauge,
+}
+
+impl ReloadMetrics {
+    /// New reload metrics, registered in `registry`.
+    pub fn registered(registry: &mut Registry) -> ReloadMetrics {
+        let metrics = ReloadMetrics::default();
+        metrics.register(registry);
+        metrics.succeeded(1);
+        metrics
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tripwire");
+        r.register(
+            "config_reloads",
+            "Configuration reloads, by trigger (signal, admin, watch) and result (ok, error)",
+            self.reloads.clone(),
+        );
+        r.register(
+            "config_generation",
+            "Configuration generation in force: 1 at start, one more per reload that took effect",
+            self.generation.clone(),
+        );
+        r.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last reload that took effect (or of the start)",
+            self.last_success.clone(),
+        );
+    }
+
+    fn succeeded(&self, generation: u64) {
+        self.generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.last_success.set(now);
+    }
+}
+
+/// What the gateway needs to build the parts a reload replaces.
+#[derive(Debug)]
+pub struct ReloadParts {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// The rule set the detection workers read.
+    pub rules: SharedRules,
+    /// The gateway the proxy listener serves through.
+    pub gateway: Arc<ArcSwapOption<Gateway>>,
+    /// Where captured exchanges go (new gateways share it).
+    pub sink: ExchangeSink,
+    /// Where gateways spawn capture tasks.
+    pub capture_tasks: Tasks,
+    /// Where new alert senders run.
+    pub alert_tasks: Tasks,
+    /// The admin endpoints (their bearer token is reloadable).
+    pub admin: Arc<AdminState>,
+    /// The gateway metrics.
+    pub metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct State {
+    config: Arc<Config>,
+    /// `None` once shutdown began: no gateway may be built after the capture side closed.
+    sink: Option<ExchangeSink>,
+    generation: u64,
+}
+
+/// Reloads the configuration and policies; one reload at a time.
+#[derive(Debug)]
+pub struct Reloader {
+    source: ReloadSource,
+    state: tokio::sync::Mutex<State>,
+    rules: SharedRules,
+    gateway: Arc<ArcSwapOption<Gateway>>,
+    capture_tasks: Tasks,
+    alert_tasks: Tasks,
+    admin: Arc<AdminState>,
+    metrics: Metrics,
+    reload_metrics: ReloadMetrics,
+    /// The drift plan the running drift monitor follows, to tell when a reload changes it.
+    drift_plan: String,
+}
+
+impl Reloader {
+    /// A reloader over the parts the gateway started with.
+    pub fn new(
+        source: ReloadSource,
+        parts: ReloadParts,
+        reload_metrics: ReloadMetrics,
+    ) -> Reloader {
+        let drift_plan = format!("{:?}", parts.rules.load().engine.drift_plan());
+        Reloader {
+            source,
+            state: tokio::sync::Mutex::new(State {
+                config: parts.config,
+                sink: Some(parts.sink),
+                generation: 1,
+            }),
+            rules: parts.rules,
+            gateway: parts.gateway,
+            capture_tasks: parts.capture_tasks,
+            alert_tasks: parts.alert_tasks,
+            admin: parts.admin,
+            metrics: parts.metrics,
+            reload_metrics,
+            drift_plan,
+        }
+    }
+
+    /// The configuration in force.
+    pub async fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.state.lock().await.config)
+    }
+
+    /// Reads, validates and swaps in the configuration and policies; on an error nothing
+    /// changes. Logged and counted either way.
+    pub async fn reload(&self, trigger: Trigger) -> Result<ReloadOutcome, ReloadError> {
+        let result = self.reload_inner().await;
+        let labels = ReloadLabels {
+            trigger: trigger.as_str(),
+            result: if result.is_ok() { "ok" } else { "error" },
+        };
+        self.reload_metrics.reloads.get_or_create(&labels).inc();
+        match &result {
+            Ok(outcome) => {
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    generation = outcome.generation,
+                    policies = outcome.policies,
+                    rules = outcome.rules,
+                    applied = ?outcome.applied,
+                    "configuration reloaded"
+                );
+                if !outcome.restart_required.is_empty() {
+                    tracing::warn!(
+                        sections = ?outcome.restart_required,
+                        "changed settings take effect only after a restart; the running values stay"
+                    );
+                }
+            }
+            Err(err) => tracing::error!(
+                trigger = trigger.as_str(),
+                error = %err,
+                "reload refused; the previous configuration and policies stay in force"
+            ),
+        }
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<ReloadOutcome, ReloadError> {
+        let mut state = self.state.lock().await;
+        let sink = state.sink.clone().ok_or(ReloadError::ShuttingDown)?;
+        // Everything that can fail happens before the first swap.
+        let (next, policies) = self.read().await?;
+        let old = Arc::clone(&state.config);
+        let restart_required = restart_required(&old, &next);
+        let config = Arc::new(Config {
+            upstream: next.upstream.clone(),
+            limits: next.limits.clone(),
+            admin_token: next.admin_token.clone(),
+            shutdown_grace: next.shutdown_grace,
+            policies: next.policies.clone(),
+            ..(*old).clone()
+        });
+        let engine = Arc::new(Engine::new(policies, self.metrics.clone()));
+        let mut restart_required = restart_required;
+        if format!("{:?}", engine.drift_plan()) != self.drift_plan {
+            restart_required.push("policies.drift");
+        }
+        let mut applied = vec!["policies"];
+        let gateway_changed = section_changed(&old.upstream, &config.upstream)
+            || section_changed(&old.limits, &config.limits);
+        let gateway = if gateway_changed {
+            Some(Arc::new(Gateway::new(
+                Arc::clone(&config),
+                self.metrics.clone(),
+                sink,
+                self.capture_tasks.clone(),
+            )?))
+        } else {
+            None
+        };
+        let current = self.rules.load_full();
+        let alerts = if alert_sinks(&current.engine) == alert_sinks(&engine) {
+            current.alerts.clone()
+        } else {
+            let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
+            match crate::alert::start(&sinks, config.detect.alert_queue, self.metrics.clone())? {
+                Some((mut handle, worker)) => {
+                    if let Some(previous) = &current.alerts {
+                        handle.keep_cooldowns_of(previous);
+                    }
+                    self.alert_tasks.spawn("alert-sender", worker);
+                    Some(handle)
+                }
+                None => None,
+            }
+        };
+
+        // The swap.
+        let policies = engine.policies().len();
+        let rules: usize = engine.policies().iter().map(|p| p.rules.len()).sum();
+        self.rules.store(Arc::new(Rules { engine, alerts }));
+        if let Some(gateway) = gateway {
+            self.gateway.store(Some(gateway));
+            if section_changed(&old.upstream, &config.upstream) {
+                applied.push("upstream");
+            }
+            if section_changed(&old.limits, &config.limits) {
+                applied.push("limits");
+            }
+        }
+        if old.admin_token.as_ref().map(|t| t.expose().to_owned())
+            != config.admin_token.as_ref().map(|t| t.expose().to_owned())
+        {
+            self.admin.set_token(crate::server::admin_token(&config));
+            applied.push("admin_token");
+        }
+        if old.shutdown_grace != config.shutdown_grace {
+            applied.push("shutdown_grace");
+        }
+        state.config = config;
+        state.generation += 1;
+        self.reload_metrics.succeeded(state.generation);
+        Ok(ReloadOutcome {
+            generation: state.generation,
+            policies,
+            rules,
+            applied,
+            restart_required,
+        })
+    }
+
+    /// Reads the configuration and compiles the policies on a blocking thread.
+    async fn read(&self) -> Result<(Config, Vec<CompiledPolicy>), ReloadError> {
+        let config = (self.source.load)()?;
+        tokio::task::spawn_blocking(move || {
+            let policies = match &config.policies {
+                Some(path) => crate::policy::load_path(path)?,
+                None => vec![crate::policy::default_policy()?],
+            };
+            Ok((config, policies))
+        })
+        .await
+        .map_err(|e| ReloadError::Task(e.to_string()))?
+    }
+
+    /// Ends reloading for shutdown and drops this side's hold on the capture side (the sink and
+    /// the gateway), so the detection queue closes once in-flight exchanges are handed over.
+    pub async fn close(&self) {
+        let mut state = self.state.lock().await;
+        state.sink = None;
+        self.gateway.store(None);
+    }
+
+    /// Drops this side's hold on the alert queue, so the alert sender drains and exits once
+    /// the detection and drift workers are done with it. Call after [`Reloader::close`].
+    pub fn release_alerts(&self) {
+        let current = self.rules.load_full();
+        self.rules.store(Arc::new(Rules {
+            engine: Arc::clone(&current.engine),
+            alerts: None,
+        }));
+    }
+
+    /// Watches the configuration file and the policy files, reloading when their contents
+    /// change, until `stop`. Unreadable files are skipped for that round; an invalid edit is
+    /// refused once and tried again when the files change again.
+    /// `baseline` is [`Reloader::fingerprint`] taken when the configuration in force was read.
+    pub async fn watch(
+        self: Arc<Self>,
+        baseline: u64,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut last = baseline;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let now = self.fingerprint().await;
+            if now != last {
+                last = now;
+                // Logged and counted inside.
+                let _outcome = self.reload(Trigger::Watch).await;
+            }
+        }
+    }
+
+    /// A hash of the watched files' paths and contents.
+    pub async fn fingerprint(&self) -> u64 {
+        let policies = self.state.lock().await.config.policies.clone();
+        let config_file = self.source.config_file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut files: Vec<PathBuf> = config_file.into_iter().collect();
+            if let Some(path) = policies
+                && let Ok(found) = crate::policy::policy_files(&path)
+            {
+                files.extend(found);
+            }
+            let mut hasher = DefaultHasher::new();
+            for file in files {
+                file.hash(&mut hasher);
+                std::fs::read(&file).ok().hash(&mut hasher);
+            }
+            hasher.finish()
+        })
+        .await
+        .unwrap_or(0)
+    }
+}
+
+/// The sections whose change needs a restart: they bind listeners, size queues and worker
+/// pools, or belong to state that lives for the whole process.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if old.admin_listen != new.admin_listen {
+        changed.push("admin_listen");
+    }
+    let sections: [(&'static str, bool); 5] = [
+        ("store", section_changed(&old.store, &new.store)),
+        ("detect", section_changed(&old.detect, &new.detect)),
+        ("inference", section_changed(&old.inference, &new.inference)),
+        ("drift", section_changed(&old.drift, &new.drift)),
+        ("reload", section_changed(&old.reload, &new.reload)),
+    ];
+    changed.extend(sections.iter().filter(|(_, c)| *c).map(|(name, _)| *name));
+    changed
+}
+
+/// Whether two values of a configuration section differ. The sections are plain data whose
+/// `Debug` output lists every field, which saves deriving `PartialEq` through every nested
+/// type; secrets print redacted and are compared separately.
+fn section_changed<T: std::fmt::Debug>(old: &T, new: &T) -> bool {
+    format!("{old:?}") != format!("{new:?}")
+}
+
+/// The alert sinks of an engine's policies, comparable across reloads.
+fn alert_sinks(engine: &Engine) -> String {
+    let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
+    format!("{sinks:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_store_and_worker_changes_need_a_restart() {
+        let old = Config::default();
+        let mut new = Config::default();
+        assert!(restart_required(&old, &new).is_empty());
+        new.listen = "127.0.0.1:1".parse().unwrap();
+        new.store.queue += 1;
+        new.detect.workers += 1;
+        new.upstream.url = "http://example.com".to_owned();
+        new.limits.max_request_body_bytes += 1;
+        assert_eq!(restart_required(&old, &new), ["listen", "store", "detect"]);
+    }
+
+    #[test]
+    fn sections_compare_by_every_field() {
+        let old = Config::default();
+        let mut new = Config::default();
+        assert!(!section_changed(&old.upstream, &new.upstream));
+        new.upstream.idle_timeout += Duration::from_millis(1);
+        assert!(section_changed(&old.upstream, &new.upstream));
+    }
+}
