@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct Config {
     /// Where the proxy listens for application traffic.
@@ -96,7 +96,7 @@ impl Default for Config {
 
 /// How the gateway notices edited configuration and policy files (SIGHUP and
 /// `POST /admin/reload` reload whatever this says).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct ReloadConfig {
     /// Reload when the configuration file or a policy file changes.
@@ -116,7 +116,7 @@ impl Default for ReloadConfig {
 }
 
 /// The upstream model endpoint and the timeouts that guard it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct UpstreamConfig {
     /// Base URL: scheme, host, port and an optional path prefix. The request path is appended,
@@ -156,7 +156,7 @@ impl Default for UpstreamConfig {
 }
 
 /// Limits on what the gateway accepts and how much the capture side may hold.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct LimitsConfig {
     /// Largest request body forwarded; larger ones get 413.
@@ -181,7 +181,7 @@ impl Default for LimitsConfig {
 }
 
 /// The SQLite exchange log and its batch writer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct StoreConfig {
     /// Database file. Created with its directory when missing.
@@ -223,7 +223,7 @@ impl Default for StoreConfig {
 }
 
 /// The detection workers that run policies on captured exchanges.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct DetectConfig {
     /// Worker threads running detectors (each takes a core while busy).
@@ -375,6 +375,42 @@ mod tests {
             crate::infer::Truncation::HeadTail
         );
         assert_eq!(config.drift.max_scopes, 64);
+    }
+
+    /// Every key path of a YAML mapping tree, `a.b.c`.
+    fn key_paths(value: &serde_yaml_ng::Value, prefix: &str, out: &mut Vec<String>) {
+        if let serde_yaml_ng::Value::Mapping(map) = value {
+            for (key, child) in map {
+                let key = key.as_str().unwrap_or_default();
+                let path = if prefix.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                out.push(path.clone());
+                key_paths(child, &path, out);
+            }
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_lists_every_key_and_no_other() {
+        // Unknown keys already fail to parse (deny_unknown_fields); this catches a key the
+        // types have and the reference lacks, so the reference cannot drift from the code.
+        let doc = include_str!("../docs/operations.md");
+        let (_, after) = doc.split_once("```yaml\n").unwrap();
+        let (block, _) = after.split_once("```").unwrap();
+        let documented: serde_yaml_ng::Value = serde_yaml_ng::from_str(block).unwrap();
+        let actual = serde_yaml_ng::to_value(Config::default()).unwrap();
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        key_paths(&actual, "", &mut want);
+        key_paths(&documented, "", &mut have);
+        let missing: Vec<_> = want.iter().filter(|k| !have.contains(k)).collect();
+        let extra: Vec<_> = have.iter().filter(|k| !want.contains(k)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "docs/operations.md's configuration reference lacks {missing:?} and has unknown {extra:?}"
+        );
     }
 
     #[test]

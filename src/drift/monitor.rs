@@ -32,7 +32,7 @@ use crate::policy::Engine;
 use crate::telemetry::{DriftLabels, DriftScopeLabels, Metrics, ReasonLabels};
 
 /// The gateway config's `drift:` section.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct DriftSettings {
     /// Where learned references are kept, one file per detector and scope; default: beside

@@ -25,7 +25,9 @@ use super::tokenize::PaddedBatch;
 use super::{Embedding, InferError};
 
 /// Where the model runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
     /// ONNX Runtime's CPU provider.
@@ -82,7 +84,9 @@ pub struct OnnxModel {
 }
 
 /// How token states become one sentence vector.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// The mean over the real (unmasked) tokens: sentence-transformers' MiniLM, MPNet, E5.

@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 use super::InferError;
 
 /// Which part of a text longer than `max_tokens` is kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Truncation {
     /// The beginning.
