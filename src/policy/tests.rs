@@ -159,3 +159,24 @@ fn a_panicking_detector_is_isolated_and_counted() {
         "{out}"
     );
 }
+
+#[test]
+fn every_policy_in_the_policy_guide_compiles() {
+    let doc = include_str!("../../docs/policies.md");
+    let blocks: Vec<&str> = doc
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .filter(|block| block.lines().any(|l| l.starts_with("rules:")))
+        .collect();
+    assert!(blocks.len() >= 3, "found {} policies", blocks.len());
+    for (i, block) in blocks.iter().enumerate() {
+        // `${VAR}` references must resolve.
+        let block = block
+            .replace("${TRIPWIRE_WEBHOOK_URL}", "http://127.0.0.1:9/hook")
+            .replace("${HOOK_TOKEN}", "t");
+        if let Err(err) = compile_text(&block, &format!("docs/policies.md block {i}")) {
+            panic!("{err}\n{block}");
+        }
+    }
+}
