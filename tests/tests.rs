@@ -9,6 +9,7 @@
 mod cli;
 mod clients;
 mod drift;
+mod faults;
 mod flags;
 mod proxy;
 mod reload;
