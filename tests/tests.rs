@@ -8,6 +8,7 @@
 
 mod cli;
 mod clients;
+mod deploy;
 mod drift;
 mod faults;
 mod flags;

@@ -9,6 +9,7 @@ mod eval;
 mod eval_drift;
 mod exchanges;
 mod flags;
+mod healthcheck;
 mod output;
 mod policy;
 mod serve;
@@ -60,6 +61,8 @@ enum Command {
     /// Validate alert policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Ask a running gateway's admin listener whether it is alive (the container health check).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Embed(args) => with_runtime(embed::run(args)),
         Command::TrainLm(args) => train_lm::run(args),
         Command::Policy(command) => policy::run(command),
+        Command::Healthcheck(args) => with_runtime(healthcheck::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
