@@ -14,7 +14,7 @@ use crate::policy::{Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Otel};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,7 @@ pub struct Server {
     writer_tasks: Tasks,
     alert_tasks: Tasks,
     metrics: Metrics,
+    otel: Option<Arc<Otel>>,
 }
 
 impl Server {
@@ -77,6 +78,7 @@ impl Server {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        let otel = start_otel(&metrics);
 
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
@@ -244,6 +246,7 @@ impl Server {
             writer_tasks,
             alert_tasks,
             metrics,
+            otel,
         })
     }
 
@@ -334,11 +337,50 @@ impl Server {
         {
             tracing::warn!("shutdown grace ran out with alerts still undelivered");
         }
-        // 7. Admin goes last so /readyz and /metrics answer throughout.
+        // 7. Every exchange is ended and every flag recorded: export the last spans, metrics and
+        //    flag log records to the collector.
+        if let Some(otel) = self.otel.take() {
+            let flush = tokio::task::spawn_blocking(move || otel.shutdown());
+            let until = deadline.max(tokio::time::Instant::now() + OTEL_FLUSH_MIN);
+            if tokio::time::timeout_at(until, flush).await.is_err() {
+                tracing::warn!(
+                    "OpenTelemetry export did not finish before the shutdown grace ran out"
+                );
+            }
+        }
+        // 8. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
         let _admin =
             tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
         tracing::info!("tripwire stopped");
+    }
+}
+
+/// The least time the OTLP exporters get to flush at shutdown, even when the grace is spent.
+const OTEL_FLUSH_MIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Builds the OpenTelemetry pipeline the `OTEL_*` environment asks for. A pipeline that cannot be
+/// built is logged and left off: the gateway serves without it.
+fn start_otel(metrics: &Metrics) -> Option<Arc<Otel>> {
+    let settings = crate::telemetry::OtelSettings::from_env();
+    match Otel::start(&settings, metrics) {
+        Ok(Some(otel)) => {
+            tracing::info!(
+                traces = ?settings.traces,
+                metrics = ?settings.metrics,
+                logs = ?settings.logs,
+                "OpenTelemetry export on (OTLP)"
+            );
+            Some(otel)
+        }
+        Ok(None) => {
+            tracing::info!("OpenTelemetry export off (no OTEL_EXPORTER_OTLP_*ENDPOINT set)");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "OpenTelemetry export off; check the OTEL_EXPORTER_OTLP_* variables");
+            None
+        }
     }
 }
 
