@@ -10,6 +10,7 @@ mod cli;
 mod clients;
 mod drift;
 mod flags;
+mod otel;
 mod proxy;
 mod sim;
 mod util;
