@@ -113,23 +113,19 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
     let captured = route.is_captured() && parts.method == http::Method::POST;
-    // Wall-clock receipt time, for span timestamps (tokio's clock has no epoch).
-    let received_wall = SystemTime::now()
-        .checked_sub(received.elapsed())
-        .unwrap_or_else(SystemTime::now);
-    let at = |instant: Instant| received_wall + instant.saturating_duration_since(received);
-    // One `Option` check when traces are off: no span is made.
-    let trace = match gateway.metrics.otel() {
-        Some(otel) if captured => otel
-            .start_exchange(
-                &parts.headers,
-                route,
-                received_wall,
-                &gateway.server_address,
-            )
-            .unwrap_or_default(),
-        _ => ExchangeTrace::none(),
+    // One `Option` check when traces are off: no span is made and no clock is read.
+    let (trace, received_wall) = match gateway.metrics.otel() {
+        Some(otel) if captured => {
+            // Wall-clock receipt time, for span timestamps (tokio's clock has no epoch).
+            let wall = SystemTime::now()
+                .checked_sub(received.elapsed())
+                .unwrap_or_else(SystemTime::now);
+            let trace = otel.start_exchange(&parts.headers, route, wall, &gateway.server_address);
+            (trace.unwrap_or_default(), wall)
+        }
+        _ => (ExchangeTrace::none(), SystemTime::UNIX_EPOCH),
     };
+    let at = |instant: Instant| received_wall + instant.saturating_duration_since(received);
     let mut capture = captured.then(|| CaptureRequest {
         id,
         request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
