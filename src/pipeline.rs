@@ -16,14 +16,18 @@ use tokio::sync::mpsc;
 use crate::alert::{Alert, AlertHandle};
 use crate::capture::Exchange;
 use crate::drift::DriftHandle;
+use crate::policy::eval::Record;
 use crate::policy::{Action, Engine, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
-use crate::telemetry::{Metrics, OutcomeLabels, RouteLabels, RuleSeverityLabels};
+use crate::telemetry::{ExchangeTrace, Metrics, OutcomeLabels, RouteLabels};
+
+/// A captured exchange on its way to detection, with its span (when traces are exported).
+pub type Inspection = (Exchange, ExchangeTrace);
 
 /// Where captured exchanges go. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ExchangeSink {
-    detect: Option<Sender<Exchange>>,
+    detect: Option<Sender<Inspection>>,
     store: mpsc::Sender<StoreItem>,
     metrics: Metrics,
 }
@@ -31,7 +35,7 @@ pub struct ExchangeSink {
 impl ExchangeSink {
     /// A sink feeding the detection workers (when `detect` is given) and the store.
     pub fn new(
-        detect: Option<Sender<Exchange>>,
+        detect: Option<Sender<Inspection>>,
         store: mpsc::Sender<StoreItem>,
         metrics: Metrics,
     ) -> ExchangeSink {
@@ -42,8 +46,8 @@ impl ExchangeSink {
         }
     }
 
-    /// Hands an exchange on without waiting.
-    pub fn offer(&self, exchange: Exchange) {
+    /// Hands an exchange on without waiting. Its span ends here when it goes uninspected.
+    pub fn offer(&self, exchange: Exchange, trace: ExchangeTrace) {
         self.metrics
             .captured
             .get_or_create(&OutcomeLabels {
@@ -59,22 +63,25 @@ impl ExchangeSink {
                 })
                 .inc();
         }
-        let exchange = match &self.detect {
-            Some(detect) => match detect.try_send(exchange) {
+        let (exchange, trace, reason) = match &self.detect {
+            Some(detect) => match detect.try_send((exchange, trace)) {
                 Ok(()) => {
                     self.metrics
                         .detect_queue_depth
                         .set(i64::try_from(detect.len()).unwrap_or(i64::MAX));
                     return;
                 }
-                Err(TrySendError::Full(exchange)) => {
+                Err(TrySendError::Full((exchange, trace))) => {
                     self.metrics.detect_shed.inc();
-                    exchange
+                    (exchange, trace, "detect_shed")
                 }
-                Err(TrySendError::Disconnected(exchange)) => exchange,
+                Err(TrySendError::Disconnected((exchange, trace))) => {
+                    (exchange, trace, "detect_closed")
+                }
             },
-            None => exchange,
+            None => (exchange, trace, "no_rules"),
         };
+        trace.end_uninspected(&exchange, reason);
         store_offer(
             &self.store,
             &self.metrics,
@@ -126,28 +133,32 @@ pub struct Detection {
 
 impl Detection {
     /// Runs until every sender of `rx` is gone and the queue is empty.
-    pub fn run_worker(self, rx: Receiver<Exchange>) {
-        while let Ok(exchange) = rx.recv() {
+    pub fn run_worker(self, rx: Receiver<Inspection>) {
+        while let Ok((exchange, trace)) = rx.recv() {
             self.metrics
                 .detect_queue_depth
                 .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-            self.process(exchange);
+            self.process(exchange, trace);
         }
     }
 
-    /// Inspects one exchange and hands on what comes of it.
-    pub fn process(&self, mut exchange: Exchange) {
+    /// Inspects one exchange and hands on what comes of it; ends its span.
+    pub fn process(&self, mut exchange: Exchange, trace: ExchangeTrace) {
         self.metrics.detect_inspected.inc();
         let rules = self.rules.load_full();
-        let verdict = match &self.drift {
-            Some(drift) => {
-                let (verdict, findings) = rules.engine.evaluate_with_findings(&exchange);
-                drift.offer(&exchange, &findings, &rules.engine);
-                verdict
-            }
-            None => rules.engine.evaluate(&exchange),
+        let mut findings = Vec::new();
+        let mut runs = Vec::new();
+        let record = Record {
+            findings: self.drift.is_some().then_some(&mut findings),
+            runs: trace.is_recording().then_some(&mut runs),
         };
-        let flag = self.flag_and_alert(&rules, &exchange, &verdict);
+        let verdict = rules.engine.evaluate_recorded(&exchange, record);
+        if let Some(drift) = &self.drift {
+            drift.offer(&exchange, &findings, &rules.engine);
+        }
+        let span_context = trace.span_context();
+        trace.end_inspected(&exchange, &runs, &verdict);
+        let flag = self.flag_and_alert(&rules, &exchange, &verdict, span_context.as_ref());
         let annotations: Vec<String> = verdict
             .fired
             .iter()
@@ -177,18 +188,21 @@ impl Detection {
     /// stored): a flag, and alerts subject to their cooldowns.
     pub fn record_deferred(&self, exchange: &Exchange, verdict: &Verdict) {
         let rules = self.rules.load_full();
-        if let Some(flag) = self.flag_and_alert(&rules, exchange, verdict) {
+        if let Some(flag) = self.flag_and_alert(&rules, exchange, verdict, None) {
             store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
         }
     }
 
     /// Logs the verdict's errors, makes its flag (when a flagging rule fired) and offers an
-    /// alert for every alerting rule; the caller stores the flag.
+    /// alert for every alerting rule; the caller stores the flag. The flag also becomes an
+    /// OpenTelemetry log record (in the exchange's trace, when `span` is given) when logs are
+    /// exported.
     fn flag_and_alert(
         &self,
         rules: &Rules,
         exchange: &Exchange,
         verdict: &Verdict,
+        span: Option<&opentelemetry::trace::SpanContext>,
     ) -> Option<Flag> {
         for error in &verdict.errors {
             tracing::debug!(request_id = %exchange.request_id, %error, "detection error");
@@ -197,6 +211,9 @@ impl Detection {
             .flagged()
             .then(|| self.flag(&rules.engine, exchange, verdict))
             .flatten();
+        if let (Some(flag), Some(otel)) = (&flag, self.metrics.otel()) {
+            otel.emit_flag(flag, span);
+        }
         if let Some(alerts) = &rules.alerts {
             for rule in verdict
                 .fired
@@ -218,13 +235,7 @@ impl Detection {
             .cloned()
             .collect();
         for rule in &policies {
-            self.metrics
-                .flags
-                .get_or_create(&RuleSeverityLabels {
-                    rule: rule.name.clone(),
-                    severity: rule.severity.as_str(),
-                })
-                .inc();
+            self.metrics.count_flag(&rule.name, rule.severity.as_str());
         }
         let prompt = crate::detect::prompt_text(exchange);
         let output = exchange.output();

@@ -16,7 +16,7 @@ use crate::proxy::{self, Gateway, GatewayError};
 use crate::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Otel};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,7 @@ pub struct Server {
     writer_tasks: Tasks,
     alert_tasks: Tasks,
     metrics: Metrics,
+    otel: Option<Arc<Otel>>,
 }
 
 impl Server {
@@ -89,6 +90,7 @@ impl Server {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        let otel = start_otel(&metrics);
 
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
@@ -277,6 +279,7 @@ impl Server {
             writer_tasks,
             alert_tasks,
             metrics,
+            otel,
         })
     }
 
@@ -307,7 +310,7 @@ impl Server {
 
     /// Stops the gateway. Everything it captured before is in the store when this returns,
     /// unless the grace period ran out first (then what was lost is logged and counted).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let grace = self.reloader.config().await.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         // 1. Not ready: load balancers stop sending new traffic. No more reloads from files.
@@ -375,7 +378,18 @@ impl Server {
         {
             tracing::warn!("shutdown grace ran out with alerts still undelivered");
         }
-        // 7. Admin goes last so /readyz and /metrics answer throughout.
+        // 7. Every exchange is ended and every flag recorded: export the last spans, metrics and
+        //    flag log records to the collector.
+        if let Some(otel) = self.otel.take() {
+            let flush = tokio::task::spawn_blocking(move || otel.shutdown());
+            let until = deadline.max(tokio::time::Instant::now() + OTEL_FLUSH_MIN);
+            if tokio::time::timeout_at(until, flush).await.is_err() {
+                tracing::warn!(
+                    "OpenTelemetry export did not finish before the shutdown grace ran out"
+                );
+            }
+        }
+        // 8. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
         let _admin =
             tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
@@ -391,6 +405,34 @@ pub(crate) fn admin_token(config: &Config) -> Option<crate::secret::Secret> {
             .filter(|t| !t.is_empty())
             .map(crate::secret::Secret::new)
     })
+}
+
+/// The least time the OTLP exporters get to flush at shutdown, even when the grace is spent.
+const OTEL_FLUSH_MIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Builds the OpenTelemetry pipeline the `OTEL_*` environment asks for. A pipeline that cannot be
+/// built is logged and left off: the gateway serves without it.
+fn start_otel(metrics: &Metrics) -> Option<Arc<Otel>> {
+    let settings = crate::telemetry::OtelSettings::from_env();
+    match Otel::start(&settings, metrics) {
+        Ok(Some(otel)) => {
+            tracing::info!(
+                traces = ?settings.traces,
+                metrics = ?settings.metrics,
+                logs = ?settings.logs,
+                "OpenTelemetry export on (OTLP)"
+            );
+            Some(otel)
+        }
+        Ok(None) => {
+            tracing::info!("OpenTelemetry export off (no OTEL_EXPORTER_OTLP_*ENDPOINT set)");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "OpenTelemetry export off; check the OTEL_EXPORTER_OTLP_* variables");
+            None
+        }
+    }
 }
 
 /// Loads the embedder when the drift plan needs it and starts the drift worker (and the

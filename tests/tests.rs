@@ -12,6 +12,7 @@ mod deploy;
 mod drift;
 mod faults;
 mod flags;
+mod otel;
 mod proxy;
 mod reload;
 mod sim;

@@ -19,7 +19,7 @@ use crate::capture::Exchange;
 use crate::policy::eval::FiredRule;
 use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
 use crate::store::Flag;
-use crate::telemetry::{Metrics, ReasonLabels};
+use crate::telemetry::Metrics;
 
 pub use webhook::WebhookError;
 
@@ -133,24 +133,22 @@ impl AlertHandle {
             }
         }
         match self.tx.try_send(alert) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.metrics.alert_queue_depth.set(queued(&self.tx));
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics
-                    .alerts_dropped
-                    .get_or_create(&ReasonLabels {
-                        reason: "queue_full",
-                    })
-                    .inc();
+                self.metrics.count_alert_dropped("queue_full");
                 tracing::warn!("alert queue full, alert dropped; check the webhook endpoint");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics
-                    .alerts_dropped
-                    .get_or_create(&ReasonLabels { reason: "closed" })
-                    .inc();
+                self.metrics.count_alert_dropped("closed");
             }
         }
     }
+}
+
+fn queued(tx: &mpsc::Sender<Alert>) -> i64 {
+    i64::try_from(tx.max_capacity().saturating_sub(tx.capacity())).unwrap_or(i64::MAX)
 }
 
 /// Creates the alert queue when any sink is configured in `configs`; returns the handle and
@@ -185,6 +183,9 @@ async fn run(
     metrics: Metrics,
 ) {
     while let Some(alert) = rx.recv().await {
+        metrics
+            .alert_queue_depth
+            .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
         for log in &logs {
             if alert.severity >= log.min_severity {
                 tracing::warn!(
@@ -197,10 +198,7 @@ async fn run(
                     inspect = %alert.inspect,
                     "tripwire alert"
                 );
-                metrics
-                    .alerts_sent
-                    .get_or_create(&ReasonLabels { reason: "log" })
-                    .inc();
+                metrics.count_alert_sent("log");
             }
         }
         for hook in &webhooks {
@@ -209,18 +207,10 @@ async fn run(
             }
             match hook.send(&alert).await {
                 Ok(()) => {
-                    metrics
-                        .alerts_sent
-                        .get_or_create(&ReasonLabels { reason: "webhook" })
-                        .inc();
+                    metrics.count_alert_sent("webhook");
                 }
                 Err(err) => {
-                    metrics
-                        .alerts_dropped
-                        .get_or_create(&ReasonLabels {
-                            reason: "webhook_failed",
-                        })
-                        .inc();
+                    metrics.count_alert_dropped("webhook_failed");
                     tracing::error!(alert = %alert.id, rule = %alert.rule, error = %err, "webhook alert not delivered");
                 }
             }

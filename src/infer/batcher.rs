@@ -195,7 +195,7 @@ impl Worker {
                     .embed_queue_wait
                     .observe(started.saturating_duration_since(job.queued).as_secs_f64());
             }
-            metrics.embed_batch_size.observe(jobs.len() as f64);
+            metrics.observe_embed_batch(jobs.len());
             let texts_in_batch = jobs.len();
             let texts: Vec<String> = jobs
                 .iter_mut()

@@ -54,6 +54,8 @@ pub struct CompiledPolicy {
     pub mode: Mode,
     /// Detector instances, by name, in declaration order.
     pub detectors: Vec<(String, Arc<dyn Detector>)>,
+    /// Each detector's `type:`, by name (for telemetry).
+    pub detector_kinds: std::collections::HashMap<String, String>,
     /// The rules, in order.
     pub rules: Vec<CompiledRule>,
     /// Alert sinks.
@@ -121,6 +123,7 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
     })?;
 
     let mut detectors: Vec<(String, Arc<dyn Detector>)> = Vec::new();
+    let mut detector_kinds = std::collections::HashMap::new();
     let mut drift = DriftPlan {
         embedding: None,
         features: None,
@@ -172,6 +175,9 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         let detector = detect::build(config).map_err(|err| {
             PolicyError::at(source, line, column, format!("detectors.{name}: {err}"))
         })?;
+        if let Some(kind) = config.get("type").and_then(|t| t.as_str()) {
+            detector_kinds.insert(name.clone(), kind.to_owned());
+        }
         detectors.push((name.clone(), detector));
     }
 
@@ -263,6 +269,7 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         source: source.to_owned(),
         mode: file.mode,
         detectors,
+        detector_kinds,
         rules,
         alerts: file.alerts,
         redact,

@@ -49,6 +49,32 @@ pub struct FiredRule {
 /// Every detector's fields, by detector name.
 pub type AllFindings = Vec<(String, serde_json::Map<String, serde_json::Value>)>;
 
+/// One detector's run on one exchange, as traces report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectorRun {
+    /// The detector's name in its policy.
+    pub detector: String,
+    /// Its `type:`.
+    pub kind: String,
+    /// When it started.
+    pub started: std::time::SystemTime,
+    /// How long it took.
+    pub elapsed: std::time::Duration,
+    /// Its `score` field, when it reports one.
+    pub score: Option<f64>,
+    /// `error` or `panic` when it failed.
+    pub error: Option<&'static str>,
+}
+
+/// What an evaluation keeps besides its verdict, for callers that ask.
+#[derive(Debug, Default)]
+pub struct Record<'a> {
+    /// Every detector's fields.
+    pub findings: Option<&'a mut AllFindings>,
+    /// Every detector run's timing and score.
+    pub runs: Option<&'a mut Vec<DetectorRun>>,
+}
+
 /// What the engine concluded about one exchange.
 #[derive(Debug, Clone, Default)]
 pub struct Verdict {
@@ -187,18 +213,23 @@ impl Engine {
 
     /// Runs the detectors and rules of every policy on `exchange`.
     pub fn evaluate(&self, exchange: &Exchange) -> Verdict {
-        self.evaluate_inner(exchange, None)
+        self.evaluate_recorded(exchange, Record::default())
     }
 
     /// Like [`Engine::evaluate`], also returning every detector's fields (for offline
     /// evaluation).
     pub fn evaluate_with_findings(&self, exchange: &Exchange) -> (Verdict, AllFindings) {
         let mut all = Vec::new();
-        let verdict = self.evaluate_inner(exchange, Some(&mut all));
+        let record = Record {
+            findings: Some(&mut all),
+            runs: None,
+        };
+        let verdict = self.evaluate_recorded(exchange, record);
         (verdict, all)
     }
 
-    fn evaluate_inner(&self, exchange: &Exchange, mut keep: Option<&mut AllFindings>) -> Verdict {
+    /// Like [`Engine::evaluate`], also keeping what `record` asks for.
+    pub fn evaluate_recorded(&self, exchange: &Exchange, mut record: Record<'_>) -> Verdict {
         let prompt = detect::prompt_text(exchange);
         let input = detect::Input {
             exchange,
@@ -215,8 +246,13 @@ impl Engine {
             if applicable.is_empty() && policy.drift.is_none() {
                 continue;
             }
-            let findings = self.run_detectors(policy, &input, &mut verdict.errors);
-            if let Some(keep) = keep.as_deref_mut() {
+            let findings = self.run_detectors(
+                policy,
+                &input,
+                &mut verdict.errors,
+                record.runs.as_deref_mut(),
+            );
+            if let Some(keep) = record.findings.as_deref_mut() {
                 keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
             }
             let mut context = cel::Context::with_env(Arc::clone(&self.env));
@@ -273,13 +309,34 @@ impl Engine {
         policy: &CompiledPolicy,
         input: &detect::Input<'_>,
         errors: &mut Vec<String>,
+        mut runs: Option<&mut Vec<DetectorRun>>,
     ) -> Vec<(String, Finding)> {
         let mut findings = Vec::with_capacity(policy.detectors.len());
         for (name, detector) in &policy.detectors {
+            // Wall-clock start only when a trace asks for it.
+            let wall = runs.as_ref().map(|_| std::time::SystemTime::now());
             let started = tokio::time::Instant::now();
             let detector: &Arc<dyn detect::Detector> = detector;
             let result = catch_unwind(AssertUnwindSafe(|| detector.inspect(input)));
-            self.metrics.detector_latency(name, started.elapsed());
+            let elapsed = started.elapsed();
+            self.metrics.detector_latency(name, elapsed);
+            if let (Some(runs), Some(wall)) = (runs.as_deref_mut(), wall) {
+                runs.push(DetectorRun {
+                    detector: name.clone(),
+                    kind: policy.detector_kinds.get(name).cloned().unwrap_or_default(),
+                    started: wall,
+                    elapsed,
+                    score: match &result {
+                        Ok(Ok(finding)) => finding.fields.get("score").and_then(|s| s.as_f64()),
+                        _ => None,
+                    },
+                    error: match &result {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(_)) => Some("error"),
+                        Err(_) => Some("panic"),
+                    },
+                });
+            }
             match result {
                 Ok(Ok(finding)) => findings.push((name.clone(), finding)),
                 Ok(Err(err)) => {

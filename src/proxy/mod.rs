@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::pipeline::ExchangeSink;
 use crate::runtime::Tasks;
 use crate::telemetry::Metrics;
+use crate::telemetry::otel::ServerAddress;
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub struct Gateway {
     config: Arc<Config>,
     client: reqwest::Client,
     upstream_base: String,
+    /// The upstream's host and port, for exchange spans.
+    server_address: ServerAddress,
     metrics: Metrics,
     capture_slots: Arc<Semaphore>,
     sink: ExchangeSink,
@@ -68,11 +71,13 @@ impl Gateway {
             .build()
             .map_err(|e| GatewayError::Client(error::describe(e)))?;
         let upstream_base = upstream.url.trim_end_matches('/').to_owned();
+        let server_address = ServerAddress::from_url(&upstream_base);
         let capture_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_captures));
         Ok(Gateway {
             config,
             client,
             upstream_base,
+            server_address,
             metrics,
             capture_slots,
             sink,

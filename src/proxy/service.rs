@@ -22,7 +22,7 @@ use super::error::ProxyError;
 use super::headers;
 use super::tee::{Accounting, BodyError, CaptureTap, TeeBody};
 use crate::capture::{CaptureRequest, ResponseMeta, Route, collect, gateway_error_exchange};
-use crate::telemetry::{RouteLabels, RouteStatusLabels};
+use crate::telemetry::ExchangeTrace;
 
 /// The body of every response the proxy sends: an upstream body through the tee, or a
 /// complete body the gateway made.
@@ -116,14 +116,7 @@ pub async fn handle(
     let route = Route::from_path(request.uri().path());
     let response = forward(&gateway, client, request, id, &request_id, route, received).await;
     let status = response.status().as_u16();
-    gateway
-        .metrics
-        .requests
-        .get_or_create(&RouteStatusLabels {
-            route: route.as_str(),
-            status,
-        })
-        .inc();
+    gateway.metrics.count_request(route.as_str(), status);
     Ok(response)
 }
 
@@ -138,6 +131,19 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
     let captured = route.is_captured() && parts.method == http::Method::POST;
+    // One `Option` check when traces are off: no span is made and no clock is read.
+    let (trace, received_wall) = match gateway.metrics.otel() {
+        Some(otel) if captured => {
+            // Wall-clock receipt time, for span timestamps (tokio's clock has no epoch).
+            let wall = SystemTime::now()
+                .checked_sub(received.elapsed())
+                .unwrap_or_else(SystemTime::now);
+            let trace = otel.start_exchange(&parts.headers, route, wall, &gateway.server_address);
+            (trace.unwrap_or_default(), wall)
+        }
+        _ => (ExchangeTrace::none(), SystemTime::UNIX_EPOCH),
+    };
+    let at = |instant: Instant| received_wall + instant.saturating_duration_since(received);
     let mut capture = captured.then(|| CaptureRequest {
         id,
         request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
@@ -168,7 +174,7 @@ async fn forward(
     };
     let body = match body {
         Ok(body) => body,
-        Err(err) => return gateway_error(gateway, err, capture, request_id, received),
+        Err(err) => return gateway_error(gateway, err, capture, trace, request_id, received),
     };
     if let Some(capture) = capture.as_mut() {
         capture.body = body.clone();
@@ -187,7 +193,7 @@ async fn forward(
         Ok(r) => r,
         Err(err) => {
             let err = ProxyError::BadRequest(super::error::describe(err));
-            return gateway_error(gateway, err, capture, request_id, received);
+            return gateway_error(gateway, err, capture, trace, request_id, received);
         }
     };
 
@@ -207,29 +213,33 @@ async fn forward(
                 } else {
                     ProxyError::Upstream(super::error::describe(err))
                 };
-                return gateway_error(gateway, err, capture, request_id, received);
+                trace.upstream(at(sent), at(Instant::now()), None, Some(err.kind()));
+                return gateway_error(gateway, err, capture, trace, request_id, received);
             }
             Err(_elapsed) => {
                 let err = ProxyError::FirstByteTimeout(first_byte_wait);
-                return gateway_error(gateway, err, capture, request_id, received);
+                trace.upstream(at(sent), at(Instant::now()), None, Some(err.kind()));
+                return gateway_error(gateway, err, capture, trace, request_id, received);
             }
         };
     let headers_at = Instant::now();
     let upstream_wait = headers_at.saturating_duration_since(sent);
-    let labels = RouteLabels {
-        route: route.as_str(),
-    };
     gateway
         .metrics
-        .upstream_latency
-        .get_or_create(&labels)
-        .observe(upstream_wait.as_secs_f64());
+        .observe_upstream_latency(route.as_str(), upstream_wait.as_secs_f64());
+    trace.upstream(
+        at(sent),
+        at(headers_at),
+        Some(upstream_response.status().as_u16()),
+        None,
+    );
 
     let response: http::Response<reqwest::Body> = upstream_response.into();
     let (mut response_parts, upstream_body) = response.into_parts();
     headers::client_response_headers(&mut response_parts.headers, request_id);
     response_parts.version = http::Version::HTTP_11;
 
+    let first_byte = trace.first_byte_slot();
     let tap = capture.and_then(|capture| {
         let meta = ResponseMeta {
             status: response_parts.status.as_u16(),
@@ -237,13 +247,14 @@ async fn forward(
             content_encoding: header_text(&response_parts.headers, header::CONTENT_ENCODING),
             ttfb_us: micros(headers_at.saturating_duration_since(received)),
         };
-        gateway.start_capture(capture, meta)
+        gateway.start_capture(capture, meta, trace)
     });
     let accounting = Accounting {
         received,
         upstream_wait,
         route: route.as_str(),
         metrics: gateway.metrics.clone(),
+        first_byte,
     };
     let body = TeeBody::new(
         upstream_body,
@@ -257,9 +268,16 @@ async fn forward(
 
 impl Gateway {
     /// Starts the capture task of one exchange, if a capture slot is free.
-    fn start_capture(&self, request: CaptureRequest, response: ResponseMeta) -> Option<CaptureTap> {
+    fn start_capture(
+        &self,
+        request: CaptureRequest,
+        response: ResponseMeta,
+        trace: ExchangeTrace,
+    ) -> Option<CaptureTap> {
         let Ok(permit) = self.capture_slots.clone().try_acquire_owned() else {
             self.metrics.capture_skip("too_many_in_flight");
+            // Nothing will know when this response ends: its span ends now.
+            trace.end_skipped("too_many_in_flight");
             return None;
         };
         let (chunks_tx, chunks_rx) = mpsc::channel(self.config.limits.capture_queue_chunks);
@@ -267,9 +285,12 @@ impl Gateway {
         let sink = self.sink.clone();
         let max = self.config.limits.max_capture_body_bytes;
         self.capture_tasks.spawn("capture", async move {
+            let capture_span = trace.start_capture();
             let exchange = collect(request, response, chunks_rx, end_rx, max).await;
+            capture_span.end();
             drop(permit);
-            sink.offer(exchange);
+            trace.captured(&exchange);
+            sink.offer(exchange, trace);
         });
         Some(CaptureTap {
             chunks: chunks_tx,
@@ -282,6 +303,7 @@ fn gateway_error(
     gateway: &Gateway,
     err: ProxyError,
     capture: Option<CaptureRequest>,
+    trace: ExchangeTrace,
     request_id: &HeaderValue,
     received: Instant,
 ) -> Response<ProxyBody> {
@@ -290,9 +312,10 @@ fn gateway_error(
     let status = err.status().as_u16();
     if let Some(capture) = capture {
         let latency = micros(received.elapsed());
-        gateway
-            .sink
-            .offer(gateway_error_exchange(capture, status, latency));
+        let exchange = gateway_error_exchange(capture, status, latency);
+        trace.mark_gateway_error(err.kind());
+        trace.captured(&exchange);
+        gateway.sink.offer(exchange, trace);
     }
     err.into_response(request_id)
 }

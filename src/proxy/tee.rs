@@ -8,6 +8,7 @@
 //! the client went away first.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,6 +54,8 @@ pub struct Accounting {
     pub route: &'static str,
     /// Where metrics go.
     pub metrics: Metrics,
+    /// Where the exchange's span wants the time of the first body byte (traces on only).
+    pub first_byte: Option<Arc<OnceLock<Duration>>>,
 }
 
 /// The tee body. See the module docs.
@@ -139,9 +142,7 @@ impl TeeBody {
         if outcome == Outcome::Complete {
             let overhead = total.saturating_sub(acc.upstream_wait);
             acc.metrics
-                .overhead
-                .get_or_create(&labels)
-                .observe(overhead.as_secs_f64());
+                .observe_overhead(acc.route, overhead.as_secs_f64());
         }
         if let Some(end) = self.end.take() {
             // The capture task may already be gone (shutdown); nothing to do then.
@@ -175,10 +176,14 @@ impl Body for TeeBody {
                     acc.upstream_wait += now.saturating_duration_since(since);
                     if !this.first_byte_seen {
                         this.first_byte_seen = true;
+                        let ttfb = now.saturating_duration_since(acc.received);
                         acc.metrics
                             .ttfb
                             .get_or_create(&RouteLabels { route: acc.route })
-                            .observe(now.saturating_duration_since(acc.received).as_secs_f64());
+                            .observe(ttfb.as_secs_f64());
+                        if let Some(slot) = &acc.first_byte {
+                            let _first = slot.set(ttfb);
+                        }
                     }
                 }
                 this.idle.as_mut().reset(now + this.idle_timeout);

@@ -147,6 +147,7 @@ async fn write(
     match result {
         Ok(_) => {
             metrics.store_written.inc_by(rows.len() as u64);
+            metrics.observe_store_batch(rows.len());
             Ok(())
         }
         Err(err) => {

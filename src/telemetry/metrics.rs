@@ -4,7 +4,9 @@
 //! on a hash map), and labels are low-cardinality: route and status class, never model names
 //! chosen by callers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use opentelemetry::KeyValue;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -177,6 +179,8 @@ pub struct MetricsInner {
     pub store_batch_seconds: Histogram,
     /// `tripwire_store_queue_depth`.
     pub store_queue_depth: Gauge,
+    /// `tripwire_store_batch_rows`: records per store batch.
+    pub store_batch_rows: Histogram,
     /// `tripwire_detect_latency_seconds{detector}`.
     pub detect_latency: HistogramFamily<DetectorLabels>,
     /// `tripwire_detect_errors_total{detector,kind}`.
@@ -197,6 +201,8 @@ pub struct MetricsInner {
     pub alerts_dropped: Family<ReasonLabels, Counter>,
     /// `tripwire_alert_suppressed_total`: alerts held back by a rule's cooldown.
     pub alerts_suppressed: Counter,
+    /// `tripwire_alert_queue_depth`: alerts waiting for the sender.
+    pub alert_queue_depth: Gauge,
     /// `tripwire_embed_batch_size`: texts per embedding batch.
     pub embed_batch_size: Histogram,
     /// `tripwire_embed_queue_wait_seconds`: time a text waited for its batch.
@@ -219,6 +225,8 @@ pub struct MetricsInner {
     pub drift_sample_rate: Family<DriftScopeLabels, FloatGauge>,
     /// `tripwire_drift_shed_total{reason}`: exchanges the drift monitor did not test.
     pub drift_shed: Family<ReasonLabels, Counter>,
+    /// The OpenTelemetry pipeline, attached at start-up when an OTLP endpoint is configured.
+    otel: OnceLock<Arc<super::Otel>>,
 }
 
 impl Default for MetricsInner {
@@ -239,6 +247,7 @@ impl Default for MetricsInner {
             store_dropped: Family::default(),
             store_batch_seconds: latency_histogram(),
             store_queue_depth: Gauge::default(),
+            store_batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             detect_latency: Family::new_with_constructor(detector_histogram),
             detect_errors: Family::default(),
             detect_inspected: Counter::default(),
@@ -249,6 +258,7 @@ impl Default for MetricsInner {
             alerts_sent: Family::default(),
             alerts_dropped: Family::default(),
             alerts_suppressed: Counter::default(),
+            alert_queue_depth: Gauge::default(),
             embed_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             embed_queue_wait: latency_histogram(),
             embed_inference: latency_histogram(),
@@ -260,6 +270,7 @@ impl Default for MetricsInner {
             drift_reference_size: Family::default(),
             drift_sample_rate: Family::default(),
             drift_shed: Family::default(),
+            otel: OnceLock::new(),
         }
     }
 }
@@ -344,6 +355,11 @@ impl MetricsInner {
             self.store_queue_depth.clone(),
         );
         r.register(
+            "store_batch_rows",
+            "Records (exchanges and flags) written per store batch",
+            self.store_batch_rows.clone(),
+        );
+        r.register(
             "detect_latency_seconds",
             "Time one detector took on one exchange",
             self.detect_latency.clone(),
@@ -392,6 +408,11 @@ impl MetricsInner {
             "alert_suppressed",
             "Alerts held back by their rule's cooldown",
             self.alerts_suppressed.clone(),
+        );
+        r.register(
+            "alert_queue_depth",
+            "Alerts waiting for the sender",
+            self.alert_queue_depth.clone(),
         );
         r.register(
             "embed_batch_size",
@@ -450,6 +471,115 @@ impl MetricsInner {
         );
     }
 
+    /// Attaches the OpenTelemetry pipeline; a second call does nothing.
+    pub fn attach_otel(&self, otel: Arc<super::Otel>) {
+        let _already = self.otel.set(otel);
+    }
+
+    /// The OpenTelemetry pipeline, when an OTLP endpoint is configured: one atomic load that
+    /// finds nothing otherwise.
+    pub fn otel(&self) -> Option<&super::Otel> {
+        self.otel.get().map(|otel| &**otel)
+    }
+
+    fn instruments(&self) -> Option<&super::otel::Instruments> {
+        self.otel().and_then(super::Otel::instruments)
+    }
+
+    /// Counts a request answered with `status`.
+    pub fn count_request(&self, route: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RouteStatusLabels { route, status })
+            .inc();
+        if let Some(otel) = self.instruments() {
+            otel.requests.add(
+                1,
+                &[
+                    KeyValue::new("route", route),
+                    KeyValue::new("status", i64::from(status)),
+                ],
+            );
+        }
+    }
+
+    /// Records the wait for the upstream's response headers.
+    pub fn observe_upstream_latency(&self, route: &'static str, seconds: f64) {
+        self.upstream_latency
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+        if let Some(otel) = self.instruments() {
+            otel.upstream_latency
+                .record(seconds, &[KeyValue::new("route", route)]);
+        }
+    }
+
+    /// Records the gateway's own time on a complete exchange.
+    pub fn observe_overhead(&self, route: &'static str, seconds: f64) {
+        self.overhead
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+        if let Some(otel) = self.instruments() {
+            otel.overhead
+                .record(seconds, &[KeyValue::new("route", route)]);
+        }
+    }
+
+    /// Counts a flag raised by `rule`.
+    pub fn count_flag(&self, rule: &str, severity: &'static str) {
+        self.flags
+            .get_or_create(&RuleSeverityLabels {
+                rule: rule.to_owned(),
+                severity,
+            })
+            .inc();
+        if let Some(otel) = self.instruments() {
+            otel.flags.add(
+                1,
+                &[
+                    KeyValue::new("rule", rule.to_owned()),
+                    KeyValue::new("severity", severity),
+                ],
+            );
+        }
+    }
+
+    /// Counts an alert delivered to `sink`.
+    pub fn count_alert_sent(&self, sink: &'static str) {
+        self.alerts_sent
+            .get_or_create(&ReasonLabels { reason: sink })
+            .inc();
+        if let Some(otel) = self.instruments() {
+            otel.alerts_sent.add(1, &[KeyValue::new("sink", sink)]);
+        }
+    }
+
+    /// Counts an alert not delivered.
+    pub fn count_alert_dropped(&self, reason: &'static str) {
+        self.alerts_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        if let Some(otel) = self.instruments() {
+            otel.alerts_dropped
+                .add(1, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
+    /// Records the size of one embedding batch.
+    pub fn observe_embed_batch(&self, texts: usize) {
+        self.embed_batch_size.observe(texts as f64);
+        if let Some(otel) = self.instruments() {
+            otel.embed_batch_size.record(texts as u64, &[]);
+        }
+    }
+
+    /// Records the size of one store batch.
+    pub fn observe_store_batch(&self, rows: usize) {
+        self.store_batch_rows.observe(rows as f64);
+        if let Some(otel) = self.instruments() {
+            otel.store_batch_rows.record(rows as u64, &[]);
+        }
+    }
+
     /// Records one detector run.
     pub fn detector_latency(&self, detector: &str, elapsed: std::time::Duration) {
         self.detect_latency
@@ -457,6 +587,12 @@ impl MetricsInner {
                 detector: detector.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+        if let Some(otel) = self.instruments() {
+            otel.detector_latency.record(
+                elapsed.as_secs_f64(),
+                &[KeyValue::new("detector", detector.to_owned())],
+            );
+        }
     }
 
     /// Counts a detector failure.

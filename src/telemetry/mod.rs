@@ -1,11 +1,14 @@
-//! Telemetry: the Prometheus metrics every part of the pipeline records into, and the logging
-//! set-up of the binary.
+//! Telemetry: the Prometheus metrics every part of the pipeline records into, the OpenTelemetry
+//! pipeline (traces, the same metrics, flag log records over OTLP) and the logging set-up of the
+//! binary.
 
 mod logging;
 mod metrics;
+pub mod otel;
 
 pub use logging::init_logging;
 pub use metrics::{
     DetectorLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels, ReasonLabels,
     RouteLabels, RouteStatusLabels, RuleSeverityLabels,
 };
+pub use otel::{ExchangeTrace, Otel, OtelSettings};
