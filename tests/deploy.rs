@@ -1005,7 +1005,7 @@ fn compose_stack_files_are_wired_to_each_other() {
     }
     let env = &compose["services"]["tripwire"]["environment"];
     assert!(s(env, "TRIPWIRE_UPSTREAM").contains("sim-upstream:8000"));
-    assert!(s(env, "OTEL_EXPORTER_OTLP_ENDPOINT").contains("otel-collector:4317"));
+    assert!(s(env, "OTEL_EXPORTER_OTLP_ENDPOINT").contains("otel-collector:4318"));
     let sim_command: Vec<&str> = seq(&compose["services"]["sim-upstream"], "command")
         .iter()
         .map(|v| v.as_str().unwrap())
@@ -1470,4 +1470,42 @@ async fn dashboard_and_rules_name_only_metrics_a_live_gateway_exports() {
     assert!(terminate.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status}");
+}
+
+#[test]
+fn the_otlp_settings_in_deploy_name_a_protocol_tripwire_exports() {
+    // The gateway exports OTLP over HTTP (protobuf or JSON); a gRPC setting would leave the
+    // signal off with a warning, so no shipped file may ask for it.
+    let mut files = Vec::new();
+    files_under(&deploy(), &mut files);
+    let mut seen = 0;
+    for file in files {
+        let text = read(&file);
+        for line in text.lines() {
+            let Some((_, rest)) = line.split_once("OTEL_EXPORTER_OTLP_PROTOCOL") else {
+                continue;
+            };
+            // `KEY: value` (compose) or `- name: KEY` followed by `value: …` (Kubernetes).
+            let value = rest
+                .trim_start_matches([':', ' ', '"'])
+                .trim_end_matches('"');
+            let value = if value.is_empty() {
+                let next = text
+                    .lines()
+                    .skip_while(|l| *l != line)
+                    .nth(1)
+                    .unwrap_or_default();
+                next.trim().trim_start_matches("value:").trim()
+            } else {
+                value
+            };
+            assert!(
+                ["http/protobuf", "http/json"].contains(&value),
+                "{}: OTEL_EXPORTER_OTLP_PROTOCOL {value:?}",
+                file.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "compose and Kubernetes both set the protocol");
 }
