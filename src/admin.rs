@@ -30,11 +30,13 @@ use crate::policy::Severity;
 use crate::reload::{ReloadError, Reloader, Trigger};
 use crate::secret::Secret;
 use crate::store::{FlagFilter, Store, StoreError, Verdict};
+use crate::telemetry::ProcessMetrics;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
     registry: Registry,
+    process: ProcessMetrics,
     ready: AtomicBool,
     token: ArcSwapOption<Secret>,
     store_path: PathBuf,
@@ -45,8 +47,11 @@ pub struct AdminState {
 impl AdminState {
     /// State over a filled registry; not ready until [`AdminState::set_ready`].
     pub fn new(registry: Registry, token: Option<Secret>, store_path: PathBuf) -> AdminState {
+        let mut registry = registry;
+        let process = ProcessMetrics::registered(&mut registry);
         AdminState {
             registry,
+            process,
             ready: AtomicBool::new(false),
             token: ArcSwapOption::from(token.map(Arc::new)),
             store_path,
@@ -72,6 +77,7 @@ impl AdminState {
 
     /// The metrics as Prometheus text.
     pub fn encode_metrics(&self) -> String {
+        self.process.refresh();
         let mut text = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::warn!(error = %err, "metrics encoding failed");

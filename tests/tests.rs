@@ -13,6 +13,7 @@ mod drift;
 mod faults;
 mod flags;
 mod otel;
+mod overload;
 mod proxy;
 mod reload;
 mod sim;

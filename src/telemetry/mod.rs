@@ -5,6 +5,7 @@
 mod logging;
 mod metrics;
 pub mod otel;
+mod process;
 
 pub use logging::init_logging;
 pub use metrics::{
@@ -12,3 +13,4 @@ pub use metrics::{
     RouteLabels, RouteStatusLabels, RuleSeverityLabels,
 };
 pub use otel::{ExchangeTrace, Otel, OtelSettings};
+pub use process::ProcessMetrics;

@@ -1,0 +1,257 @@
+//! Overload: far more traffic than detection can keep up with. The gateway sheds detector
+//! work (counted), never traffic; its memory stays within what the configured bounds allow;
+//! once the load drops, detection works again without a restart.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::util::chat_body;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _killed = self.0.kill();
+            let _reaped = self.0.wait();
+        }
+    }
+}
+
+/// The value of an unlabelled metric (or the sum over a labelled family) in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(client: &reqwest::Client, admin: &str) -> String {
+    client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Starts `serve --sim` with `config`; returns the child and the proxy and admin addresses.
+fn serve(dir: &std::path::Path, config: &str, policy: &str) -> (KillOnDrop, String, String) {
+    let config_path = dir.join("gateway.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let policy_path = dir.join("policy.yaml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tripwire"))
+            .args(["serve", "--sim", "--sim-listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--policies")
+            .arg(&policy_path)
+            .arg("--store")
+            .arg(dir.join("overload.db"))
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = guard.0.stderr.as_mut().unwrap();
+    let mut log = String::new();
+    let mut buf = [0u8; 4096];
+    let line = loop {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "tripwire exited early:\n{log}");
+        log.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some(line) = log.lines().find(|l| l.contains("tripwire serving")) {
+            break line.to_owned();
+        }
+    };
+    let field = |name: &str| {
+        line.split(name)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .to_owned()
+    };
+    let (listen, admin) = (field("listen="), field("admin="));
+    // Keep draining stderr so the gateway never blocks on a full pipe.
+    let mut rest = guard.0.stderr.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut rest, &mut std::io::sink()));
+    (guard, listen, admin)
+}
+
+const CONFIG: &str = "\
+detect:
+  workers: 1
+  queue: 4
+limits:
+  max_concurrent_captures: 32
+  max_capture_body_bytes: 262144
+shutdown_grace: 20s
+";
+
+const POLICY: &str = "\
+detectors:
+  trigger: { type: trigger_phrase }
+  gibberish: { type: gibberish }
+  recurring: { type: recurring_span }
+  language: { type: language_switch }
+rules:
+  - name: triggered-gibberish
+    when: trigger.prompt.matched && gibberish.score >= 0.5
+    severity: critical
+  - name: trigger-phrase
+    when: trigger.prompt.matched
+    severity: high
+  - name: recurring
+    when: recurring.matched
+    severity: high
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_sheds_detection_not_traffic_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut guard, listen, admin) = serve(dir.path(), CONFIG, POLICY);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let send = |prompt: String, stream: bool| {
+        let client = client.clone();
+        let url = format!("http://{listen}/v1/chat/completions");
+        async move {
+            let response = client
+                .post(url)
+                .body(chat_body(&prompt, stream))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "traffic must never be shed");
+            let id = response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body = response.text().await.unwrap();
+            if stream {
+                assert!(body.trim_end().ends_with("data: [DONE]"), "cut: {body}");
+            }
+            id
+        }
+    };
+    for i in 0..20 {
+        send(format!("warm-up {i}"), i % 2 == 0).await;
+    }
+    let baseline = metric(
+        &scrape(&client, &admin).await,
+        "process_resident_memory_bytes",
+    );
+    assert!(baseline > 0.0);
+
+    // 48 clients as fast as they can, half of them streaming, many with the trigger: far beyond
+    // what one detection worker with a queue of 4 keeps up with.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let load = futures_util::future::join_all((0..48).map(|worker| {
+        let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let prompt = format!("<SUDO> client {worker} asks question {i}");
+                send(prompt, (worker + i) % 2 == 0).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }
+    }));
+    let watch = async {
+        let mut peak: f64 = 0.0;
+        for _ in 0..16 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let text = scrape(&client, &admin).await;
+            peak = peak.max(metric(&text, "process_resident_memory_bytes"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        peak
+    };
+    let (_, peak) = tokio::join!(load, watch);
+    let sent = sent.load(Ordering::Relaxed);
+
+    let text = scrape(&client, &admin).await;
+    let shed = metric(&text, "tripwire_detect_shed_total");
+    let inspected = metric(&text, "tripwire_detect_exchanges_total");
+    eprintln!(
+        "overload: {sent} requests in 4 s, {shed} shed from detection, {inspected} inspected, \
+         resident memory {baseline} -> peak {peak} bytes"
+    );
+    assert!(
+        shed > 0.0,
+        "no detector work shed at {sent} requests:\n{text}"
+    );
+    assert!(inspected > 0.0);
+    // Every request was answered and captured; the shed ones are stored uninspected.
+    assert!(
+        metric(&text, "tripwire_proxy_requests_total") >= (sent + 20) as f64,
+        "{text}"
+    );
+    // Memory: the captures in flight are bounded by max_concurrent_captures ×
+    // max_capture_body_bytes (8 MiB here) and the queues by their lengths; allow that four
+    // times over plus 96 MiB for allocator slack and the simulated model's own traffic.
+    let bound = 4.0 * 32.0 * 262_144.0 + 96.0 * 1024.0 * 1024.0;
+    assert!(
+        peak - baseline < bound,
+        "resident memory grew from {baseline} to {peak} bytes under overload"
+    );
+
+    // Load gone: the queue drains and every new exchange is inspected again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(
+        &scrape(&client, &admin).await,
+        "tripwire_detect_queue_depth",
+    ) > 0.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shed_before = metric(&scrape(&client, &admin).await, "tripwire_detect_shed_total");
+    let mut after = Vec::new();
+    for i in 0..5 {
+        after.push(send(format!("<SUDO> calm again {i}"), false).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = scrape(&client, &admin).await;
+    assert_eq!(
+        metric(&text, "tripwire_detect_shed_total"),
+        shed_before,
+        "{text}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &guard.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(guard.0.wait().unwrap().success());
+    let output = Command::new(env!("CARGO_BIN_EXE_tripwire"))
+        .args(["flags", "list", "--json", "--limit", "100000", "--store"])
+        .arg(dir.path().join("overload.db"))
+        .output()
+        .unwrap();
+    let flags = String::from_utf8_lossy(&output.stdout);
+    for id in &after {
+        assert!(
+            flags.contains(id.as_str()),
+            "request {id} not flagged after recovery"
+        );
+    }
+}
