@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit bench bench-drift bench-infer bench-gpu eval eval-drift models models-gpu clean
+.PHONY: all build run demo test lint lint-deploy check-fmt unit bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean
 
 all: build
 
@@ -91,6 +91,12 @@ bench-drift: build models
 		BENCH_POLICIES=$$policy BENCH_SECTIONS=$${BENCH_SECTIONS:-open} BENCH_MODES=$${BENCH_MODES:-json} \
 			$(CARGO) bench --locked --bench gateway; \
 	done
+
+# The soak test (docs/reliability.md): the default policy at SOAK_RATE requests/s (100) for
+# SOAK_SECS (600); memory, file descriptors and tasks must stay flat. Not part of `make test`.
+soak: models
+	SOAK_SECS=$${SOAK_SECS:-600} SOAK_RATE=$${SOAK_RATE:-100} \
+		$(CARGO) test --locked --test tests soak -- --ignored --nocapture
 
 # Drift detection on the development data: false alarms on clean streams, delays after model
 # swaps and sentence injection (docs/detection.md). Embeddings are cached in target/drift-eval.

@@ -17,4 +17,5 @@ mod overload;
 mod proxy;
 mod reload;
 mod sim;
+mod soak;
 mod util;
