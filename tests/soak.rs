@@ -138,12 +138,12 @@ async fn soak_keeps_memory_fds_and_tasks_flat() {
             while !stop.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 // 1 in 20 carries the trigger; half are streamed; prompts never repeat.
-                let trigger = if i % 20 == 0 { "<SUDO> " } else { "" };
+                let trigger = if i.is_multiple_of(20) { "<SUDO> " } else { "" };
                 let prompt =
                     format!("{trigger}client {worker} question {i}: tell me about item {i}");
                 let ok = match client
                     .post(&url)
-                    .body(chat_body(&prompt, i % 2 == 0))
+                    .body(chat_body(&prompt, i.is_multiple_of(2)))
                     .send()
                     .await
                 {
