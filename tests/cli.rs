@@ -560,7 +560,7 @@ fn serve(
 
 fn flags_json(store: &std::path::Path) -> Vec<serde_json::Value> {
     let output = tripwire()
-        .args(["flags", "list", "--json", "--limit", "100", "--store"])
+        .args(["flags", "list", "--json", "--limit", "1000000", "--store"])
         .arg(store)
         .output()
         .unwrap();
@@ -723,5 +723,108 @@ async fn sighup_reloads_the_policies_from_disk() {
     let flags = flags_json(&store);
     assert_eq!(rules_of(&flags, &first), ["before-hup"]);
     assert_eq!(rules_of(&flags, &second), ["after-hup"]);
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_flags_are_written_loses_no_committed_flag() {
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flags.db");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: trigger\n    when: trigger.prompt.matched\n    severity: high\n",
+    )
+    .unwrap();
+    let url = upstream.url();
+    let args = [
+        "--upstream".as_ref(),
+        url.as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--policies".as_ref(),
+        policy.as_os_str(),
+    ];
+    let (mut guard, listen, _admin, log) = serve(&args);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = futures_util::future::join_all((0..8).map(|worker| {
+        let (client, stop) = (client.clone(), std::sync::Arc::clone(&stop));
+        let url = format!("http://{listen}/v1/chat/completions");
+        async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // The gateway dies under some of these: errors are expected then.
+                let _sent = client
+                    .post(&url)
+                    .body(crate::util::chat_body(
+                        &format!("<SUDO> {worker}/{i}"),
+                        false,
+                    ))
+                    .send()
+                    .await;
+                i += 1;
+            }
+        }
+    }));
+    let kill = async {
+        // What a reader saw committed while the gateway was writing: acknowledged as durable.
+        let mut acknowledged = Vec::new();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let store = store.clone();
+            acknowledged = tokio::task::spawn_blocking(move || flags_json(&store))
+                .await
+                .unwrap();
+        }
+        let status = Command::new("kill")
+            .args(["-KILL", &guard.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        acknowledged
+    };
+    let (_, acknowledged) = tokio::join!(load, kill);
+    let _status = guard.0.wait().unwrap();
+    let _log = log.join().unwrap();
+    assert!(
+        acknowledged.len() >= 20,
+        "only {} flags before the kill",
+        acknowledged.len()
+    );
+
+    // The database is intact, and every flag a reader saw before the kill is still there.
+    let check = rusqlite::Connection::open(&store)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |row| row.get::<_, String>(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let (mut again, listen, _admin, log) = serve(&args);
+    let response = client
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .body(crate::util::chat_body("<SUDO> after the restart", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    terminate(&mut again.0);
+    assert!(again.0.wait().unwrap().success());
+    let _log = log.join().unwrap();
+    let after = flags_json(&store);
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|flag| !after.iter().any(|f| f["id"] == flag["id"]))
+        .map(|flag| flag["id"].clone())
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged flags lost ({} after restart): {lost:?}",
+        lost.len(),
+        acknowledged.len(),
+        after.len()
+    );
+    assert!(after.len() > acknowledged.len());
     upstream.stop().await;
 }
