@@ -12,7 +12,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::policy::Severity;
 use crate::secret::Secret;
-use crate::store::{FlagFilter, Store, StoreError, Verdict};
+use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
 
 /// What the admin endpoints read.
 #[derive(Debug)]
@@ -32,18 +31,22 @@ pub struct AdminState {
     registry: Registry,
     ready: AtomicBool,
     token: Option<Secret>,
-    store_path: PathBuf,
+    store_location: StoreLocation,
     store: Mutex<Option<Store>>,
 }
 
 impl AdminState {
     /// State over a filled registry; not ready until [`AdminState::set_ready`].
-    pub fn new(registry: Registry, token: Option<Secret>, store_path: PathBuf) -> AdminState {
+    pub fn new(
+        registry: Registry,
+        token: Option<Secret>,
+        store_location: StoreLocation,
+    ) -> AdminState {
         AdminState {
             registry,
             ready: AtomicBool::new(false),
             token,
-            store_path,
+            store_location,
             store: Mutex::new(None),
         }
     }
@@ -74,7 +77,7 @@ impl AdminState {
                 .lock()
                 .map_err(|_| StoreError::Task("admin store mutex poisoned".to_owned()))?;
             if guard.is_none() {
-                *guard = Some(Store::open(&state.store_path)?);
+                *guard = Some(Store::connect(&state.store_location)?);
             }
             match guard.as_ref() {
                 Some(store) => f(store),

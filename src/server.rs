@@ -78,8 +78,9 @@ impl Server {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
 
-        let store_path = config.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        let location = config.store.location();
+        let store_location = location.clone();
+        let store = tokio::task::spawn_blocking(move || Store::connect(&store_location))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
@@ -115,6 +116,7 @@ impl Server {
         let alerts = match crate::alert::start(
             &alert_configs,
             config.detect.alert_queue,
+            location.clone(),
             metrics.clone(),
         )? {
             Some((handle, worker)) => {
@@ -192,11 +194,7 @@ impl Server {
                 .filter(|t| !t.is_empty())
                 .map(crate::secret::Secret::new)
         });
-        let admin = Arc::new(AdminState::new(
-            registry,
-            admin_token,
-            config.store.path.clone(),
-        ));
+        let admin = Arc::new(AdminState::new(registry, admin_token, location.clone()));
         let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -226,7 +224,7 @@ impl Server {
             listen = %proxy_addr,
             admin = %admin_addr,
             upstream = %config.upstream.url,
-            store = %config.store.path.display(),
+            store = %location,
             "tripwire serving"
         );
         Ok(Server {

@@ -195,8 +195,9 @@ pub struct MetricsInner {
     pub alerts_sent: Family<ReasonLabels, Counter>,
     /// `tripwire_alert_dropped_total{reason}`.
     pub alerts_dropped: Family<ReasonLabels, Counter>,
-    /// `tripwire_alert_suppressed_total`: alerts held back by a rule's cooldown.
-    pub alerts_suppressed: Counter,
+    /// `tripwire_alert_suppressed_total{reason}`: alerts held back by a rule's cooldown, seen
+    /// in this process (`cooldown`) or claimed in the store by another replica (`peer`).
+    pub alerts_suppressed: Family<ReasonLabels, Counter>,
     /// `tripwire_embed_batch_size`: texts per embedding batch.
     pub embed_batch_size: Histogram,
     /// `tripwire_embed_queue_wait_seconds`: time a text waited for its batch.
@@ -248,7 +249,7 @@ impl Default for MetricsInner {
             flags: Family::default(),
             alerts_sent: Family::default(),
             alerts_dropped: Family::default(),
-            alerts_suppressed: Counter::default(),
+            alerts_suppressed: Family::default(),
             embed_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             embed_queue_wait: latency_histogram(),
             embed_inference: latency_histogram(),
@@ -390,7 +391,7 @@ impl MetricsInner {
         );
         r.register(
             "alert_suppressed",
-            "Alerts held back by their rule's cooldown",
+            "Alerts held back by their rule's cooldown, by reason (cooldown, peer)",
             self.alerts_suppressed.clone(),
         );
         r.register(
