@@ -12,4 +12,5 @@ mod drift;
 mod flags;
 mod proxy;
 mod sim;
+mod store;
 mod util;

@@ -96,7 +96,8 @@ impl std::fmt::Debug for PostgresUrl {
 impl<'de> serde::Deserialize<'de> for PostgresUrl {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        PostgresUrl::parse(&text).map_err(serde::de::Error::custom)
+        // The YAML error names the enclosing section; this names the field.
+        PostgresUrl::parse(&text).map_err(|e| serde::de::Error::custom(format_args!("url: {e}")))
     }
 }
 
@@ -187,5 +188,23 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_url_in_the_config_file_names_file_line_and_column() {
+        let path = std::path::Path::new("gw.yaml");
+        let text = "store:\n  url: \"mysql://u:s3cr3t@h/db\"\n";
+        let err = crate::config::Config::parse(text, path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("gw.yaml:2:"), "{err}");
+        assert!(err.contains("store: url: expected postgres://"), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let text = "store:\n  url: postgres://tw:pw@db/t\n";
+        let config = crate::config::Config::parse(text, path).unwrap();
+        assert_eq!(
+            config.store.location().to_string(),
+            "postgres://tw:***@db/t"
+        );
     }
 }
