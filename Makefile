@@ -25,7 +25,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean
+.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean
 
 all: build
 
@@ -61,7 +61,16 @@ check-fmt:
 lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-unit: models models-gpu $(VENV)/.openai-$(OPENAI_VERSION)
+# The PostgreSQL server the store tests start a throwaway cluster of (tests/util/pg.rs): the
+# distribution's package, installed only when its binaries are missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+		echo "installing PostgreSQL for the store tests (apt-get install postgresql)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
+unit: models models-gpu postgres $(VENV)/.openai-$(OPENAI_VERSION)
 	$(CARGO) test --locked
 
 test: check-fmt lint lint-deploy unit

@@ -14,7 +14,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -29,7 +28,7 @@ use prometheus_client::registry::Registry;
 use crate::policy::Severity;
 use crate::reload::{ReloadError, Reloader, Trigger};
 use crate::secret::Secret;
-use crate::store::{FlagFilter, Store, StoreError, Verdict};
+use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
 use crate::telemetry::ProcessMetrics;
 
 /// What the admin endpoints read.
@@ -39,14 +38,18 @@ pub struct AdminState {
     process: ProcessMetrics,
     ready: AtomicBool,
     token: ArcSwapOption<Secret>,
-    store_path: PathBuf,
+    store_location: StoreLocation,
     store: Mutex<Option<Store>>,
     reloader: OnceLock<Weak<Reloader>>,
 }
 
 impl AdminState {
     /// State over a filled registry; not ready until [`AdminState::set_ready`].
-    pub fn new(registry: Registry, token: Option<Secret>, store_path: PathBuf) -> AdminState {
+    pub fn new(
+        registry: Registry,
+        token: Option<Secret>,
+        store_location: StoreLocation,
+    ) -> AdminState {
         let mut registry = registry;
         let process = ProcessMetrics::registered(&mut registry);
         AdminState {
@@ -54,7 +57,7 @@ impl AdminState {
             process,
             ready: AtomicBool::new(false),
             token: ArcSwapOption::from(token.map(Arc::new)),
-            store_path,
+            store_location,
             store: Mutex::new(None),
             reloader: OnceLock::new(),
         }
@@ -97,7 +100,7 @@ impl AdminState {
                 .lock()
                 .map_err(|_| StoreError::Task("admin store mutex poisoned".to_owned()))?;
             if guard.is_none() {
-                *guard = Some(Store::open(&state.store_path)?);
+                *guard = Some(Store::connect(&state.store_location)?);
             }
             match guard.as_ref() {
                 Some(store) => f(store),

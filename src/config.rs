@@ -180,12 +180,15 @@ impl Default for LimitsConfig {
     }
 }
 
-/// The SQLite exchange log and its batch writer.
+/// The exchange and flag log (SQLite, or PostgreSQL for several replicas) and its batch writer.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct StoreConfig {
-    /// Database file. Created with its directory when missing.
+    /// SQLite database file. Created with its directory when missing. Unused with `url`.
     pub path: PathBuf,
+    /// `postgres://user:password@host:port/database`: the log lives in PostgreSQL, shared by
+    /// every replica given the same URL (`${VAR}` expands from the environment).
+    pub url: Option<crate::store::PostgresUrl>,
     /// Exchanges waiting to be written; beyond this they are dropped and counted.
     pub queue: usize,
     /// Rows per transaction at most.
@@ -207,10 +210,21 @@ pub struct StoreConfig {
     pub retention_interval: Duration,
 }
 
+impl StoreConfig {
+    /// Where the store is: `url` when set, else the SQLite file at `path`.
+    pub fn location(&self) -> crate::store::StoreLocation {
+        match &self.url {
+            Some(url) => crate::store::StoreLocation::Postgres(url.clone()),
+            None => crate::store::StoreLocation::Sqlite(self.path.clone()),
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("tripwire.db"),
+            url: None,
             queue: 10_000,
             batch_rows: 512,
             flush_interval: Duration::from_millis(100),

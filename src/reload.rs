@@ -334,7 +334,12 @@ impl Reloader {
             current.alerts.clone()
         } else {
             let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
-            match crate::alert::start(&sinks, config.detect.alert_queue, self.metrics.clone())? {
+            match crate::alert::start(
+                &sinks,
+                config.detect.alert_queue,
+                config.store.location(),
+                self.metrics.clone(),
+            )? {
                 Some((mut handle, worker)) => {
                     if let Some(previous) = &current.alerts {
                         handle.keep_cooldowns_of(previous);

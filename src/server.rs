@@ -92,8 +92,9 @@ impl Server {
         metrics.register(&mut registry);
         let otel = start_otel(&metrics);
 
-        let store_path = config.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        let location = config.store.location();
+        let store_location = location.clone();
+        let store = tokio::task::spawn_blocking(move || Store::connect(&store_location))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
@@ -129,6 +130,7 @@ impl Server {
         let alerts = match crate::alert::start(
             &alert_configs,
             config.detect.alert_queue,
+            location.clone(),
             metrics.clone(),
         )? {
             Some((handle, worker)) => {
@@ -203,7 +205,7 @@ impl Server {
         let admin = Arc::new(AdminState::new(
             registry,
             admin_token(&config),
-            config.store.path.clone(),
+            location.clone(),
         ));
         let reloader = Arc::new(Reloader::new(
             source,
@@ -261,7 +263,7 @@ impl Server {
             listen = %proxy_addr,
             admin = %admin_addr,
             upstream = %config.upstream.url,
-            store = %config.store.path.display(),
+            store = %location,
             "tripwire serving"
         );
         Ok(Server {

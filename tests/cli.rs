@@ -11,7 +11,7 @@ const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
 /// Kills the child when the test ends early (a failed assertion), so no gateway outlives it.
-struct KillOnDrop(Child);
+pub(crate) struct KillOnDrop(pub(crate) Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -22,12 +22,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn tripwire() -> Command {
+pub(crate) fn tripwire() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tripwire"))
 }
 
 /// Reads stderr lines until the "tripwire serving" line and returns the proxy address.
-fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
+pub(crate) fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
     let stderr = child.stderr.as_mut().unwrap();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -47,7 +47,7 @@ fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
     panic!("tripwire did not start:\n{log}");
 }
 
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -18,4 +18,5 @@ mod proxy;
 mod reload;
 mod sim;
 mod soak;
+mod store;
 mod util;

@@ -2,6 +2,13 @@
 //! (rule, scope) within the rule's cooldown, queued without waiting, and delivered by one
 //! worker to the configured sinks (webhook, log).
 //!
+//! De-duplication has two steps. On the detection path, an in-process map drops repeats within
+//! the cooldown at no cost (`reason="cooldown"`). Off it, the sender claims the cooldown window
+//! in the store before delivering ([`crate::store::Store::claim_alert`], atomic), so replicas
+//! sharing a PostgreSQL store send one alert per rule, scope and cooldown between them
+//! (`reason="peer"` for the others); SQLite takes the same path. When the store cannot be
+//! reached the alert is sent anyway: a duplicate is better than a missed alert.
+//!
 //! The queue is bounded; a full queue drops the alert and counts it. Webhook URLs are treated
 //! as secrets (Slack's carry a token) and never logged.
 
@@ -18,8 +25,8 @@ use tokio::time::Instant;
 use crate::capture::Exchange;
 use crate::policy::eval::FiredRule;
 use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
-use crate::store::Flag;
-use crate::telemetry::Metrics;
+use crate::store::{Flag, Store, StoreError, StoreLocation};
+use crate::telemetry::{Metrics, ReasonLabels};
 
 pub use webhook::WebhookError;
 
@@ -128,7 +135,10 @@ impl AlertHandle {
                 })
                 .or_insert(now);
             if suppressed {
-                self.metrics.alerts_suppressed.inc();
+                self.metrics
+                    .alerts_suppressed
+                    .get_or_create(&ReasonLabels { reason: "cooldown" })
+                    .inc();
                 return;
             }
         }
@@ -152,10 +162,11 @@ fn queued(tx: &mpsc::Sender<Alert>) -> i64 {
 }
 
 /// Creates the alert queue when any sink is configured in `configs`; returns the handle and
-/// the worker future to spawn.
+/// the worker future to spawn. The worker claims cooldown windows in the store at `claims`.
 pub fn start(
     configs: &[&AlertsConfig],
     queue: usize,
+    claims: StoreLocation,
     metrics: Metrics,
 ) -> Result<Option<(AlertHandle, impl Future<Output = ()> + Send + 'static)>, WebhookError> {
     let webhooks: Vec<WebhookConfig> = configs.iter().filter_map(|c| c.webhook.clone()).collect();
@@ -173,19 +184,92 @@ pub fn start(
         last_sent: Arc::new(DashMap::new()),
         metrics: metrics.clone(),
     };
-    Ok(Some((handle, run(rx, senders, logs, metrics))))
+    let claims = Claims {
+        location: claims,
+        store: None,
+    };
+    Ok(Some((handle, run(rx, senders, logs, claims, metrics))))
+}
+
+/// The sender's own store connection for cooldown claims, opened on first use and again after
+/// a failure.
+struct Claims {
+    location: StoreLocation,
+    store: Option<Store>,
+}
+
+impl Claims {
+    /// Whether this process may send `alert`: always without a cooldown; otherwise when it
+    /// claimed the cooldown window in the store (or the store could not be asked).
+    async fn claim(&mut self, alert: &Alert, metrics: &Metrics) -> bool {
+        let Some(cooldown) = alert.cooldown else {
+            return true;
+        };
+        let (rule, scope) = alert.scope_key();
+        let location = self.location.clone();
+        let store = self.store.take();
+        let cooldown_us = i64::try_from(cooldown.as_micros()).unwrap_or(i64::MAX);
+        let joined = tokio::task::spawn_blocking(move || {
+            let store = match store {
+                Some(store) => store,
+                None => match Store::connect(&location) {
+                    Ok(store) => store,
+                    Err(err) => return (None, Err(err)),
+                },
+            };
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+            let claimed = store.claim_alert(&rule, &scope, now_us, cooldown_us);
+            (Some(store), claimed)
+        })
+        .await;
+        let result = match joined {
+            Ok((store, result)) => {
+                self.store = store;
+                result
+            }
+            Err(err) => Err(StoreError::Task(err.to_string())),
+        };
+        match result {
+            Ok(true) => true,
+            Ok(false) => {
+                metrics
+                    .alerts_suppressed
+                    .get_or_create(&ReasonLabels { reason: "peer" })
+                    .inc();
+                false
+            }
+            Err(err) => {
+                // Reconnect next time.
+                self.store = None;
+                tracing::warn!(
+                    alert = %alert.id,
+                    rule = %alert.rule,
+                    kind = err.kind(),
+                    error = %err,
+                    "cannot claim the alert's cooldown in the store; sending it anyway"
+                );
+                true
+            }
+        }
+    }
 }
 
 async fn run(
     mut rx: mpsc::Receiver<Alert>,
     webhooks: Vec<webhook::Webhook>,
     logs: Vec<LogAlertConfig>,
+    mut claims: Claims,
     metrics: Metrics,
 ) {
     while let Some(alert) = rx.recv().await {
         metrics
             .alert_queue_depth
             .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
+        if !claims.claim(&alert, &metrics).await {
+            continue;
+        }
         for log in &logs {
             if alert.severity >= log.min_severity {
                 tracing::warn!(

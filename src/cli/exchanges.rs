@@ -6,7 +6,7 @@ use clap::Subcommand;
 
 use super::output::{StoreArg, clip, emit};
 use crate::capture::Exchange;
-use crate::store::{ExchangeFilter, Store};
+use crate::store::ExchangeFilter;
 
 /// `tripwire exchanges …`
 #[derive(Debug, Subcommand)]
@@ -54,7 +54,7 @@ pub fn run(command: ExchangesCommand) -> anyhow::Result<()> {
             truncated,
             json,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let rows = store.list_exchanges(&ExchangeFilter {
                 limit: Some(limit),
                 route,
@@ -68,7 +68,7 @@ pub fn run(command: ExchangesCommand) -> anyhow::Result<()> {
             }
         }
         ExchangesCommand::Show { id, store, json } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let Some(exchange) = store.get_exchange(&id)? else {
                 anyhow::bail!("no exchange with id or request id {id:?}");
             };

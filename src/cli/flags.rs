@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::output::{StoreArg, clip, emit};
 use crate::detect::Target;
 use crate::policy::Severity;
-use crate::store::{Flag, FlagFilter, Store, Verdict};
+use crate::store::{Flag, FlagFilter, Verdict};
 
 /// Filters shared by list, tail and export.
 #[derive(Debug, Args)]
@@ -196,7 +196,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let flags = store.list_flags(&filter.filter(limit))?;
             if json {
                 emit(&jsonl(&flags)?)
@@ -205,7 +205,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             }
         }
         FlagsCommand::Show { id, store, json } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let flag = store
                 .get_flag(&id)?
                 .with_context(|| format!("no flag with id or request id {id:?}"))?;
@@ -221,7 +221,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             json,
             interval_ms,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             // From now on, or from --since (then the recent past is shown first).
             let mut since = filter.filter(1).since_us.unwrap_or_else(now_us);
             let mut header = !json;
@@ -248,7 +248,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             format,
             limit,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let flags = store.list_flags(&filter.filter(limit))?;
             match format {
                 ExportFormat::Jsonl => emit(&jsonl(&flags)?),
@@ -261,7 +261,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             note,
             store,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let flag = store
                 .label_flag(&id, verdict, note.as_deref())?
                 .with_context(|| format!("no flag with id or request id {id:?}"))?;
@@ -277,7 +277,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let prompts = store.prompts_with_flags(model.as_deref(), route.as_deref(), window)?;
             let mut attribution = crate::attribution::Attribution::new(200_000);
             for (prompt, flagged) in &prompts {
@@ -314,7 +314,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             emit(&out)
         }
         FlagsCommand::Stats { store, since, json } => {
-            let store = Store::open_existing(&store.store)?;
+            let store = store.open()?;
             let stats = store
                 .flag_stats(since.map(|d| now_us() - i64::try_from(d.as_micros()).unwrap_or(0)))?;
             if json {

@@ -4,12 +4,36 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::store::{PostgresUrl, Store, StoreLocation};
+
 /// The store a read-only command opens.
 #[derive(Debug, clap::Args)]
 pub struct StoreArg {
     /// SQLite file the gateway writes (its --store).
     #[arg(long, env = "TRIPWIRE_STORE", default_value = "tripwire.db")]
     pub store: PathBuf,
+    /// PostgreSQL store the gateways write (postgres://user:password@host:port/db); takes
+    /// precedence over --store.
+    #[arg(long, env = "TRIPWIRE_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+}
+
+impl StoreArg {
+    /// The store named on the command line. A bad URL's error never repeats it (it holds a
+    /// password).
+    pub fn location(&self) -> anyhow::Result<StoreLocation> {
+        match self.store_url.as_deref().filter(|u| !u.trim().is_empty()) {
+            Some(url) => Ok(StoreLocation::Postgres(
+                PostgresUrl::parse(url).map_err(|e| anyhow::anyhow!("--store-url: {e}"))?,
+            )),
+            None => Ok(StoreLocation::Sqlite(self.store.clone())),
+        }
+    }
+
+    /// Opens it for reading.
+    pub fn open(&self) -> anyhow::Result<Store> {
+        Ok(Store::connect_existing(&self.location()?)?)
+    }
 }
 
 /// Writes `text` to stdout.

@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// SQLite file for captured exchanges [default: tripwire.db].
     #[arg(long)]
     store: Option<PathBuf>,
+    /// PostgreSQL store shared by replicas (postgres://user:password@host:port/db); replaces
+    /// the SQLite file.
+    #[arg(long, env = "TRIPWIRE_STORE_URL", hide_env_values = true)]
+    store_url: Option<String>,
     /// Policy file or directory.
     #[arg(long)]
     policies: Option<PathBuf>,
@@ -62,6 +66,15 @@ impl ServeArgs {
         }
         if let Some(store) = &self.store {
             config.store.path.clone_from(store);
+        }
+        if let Some(url) = self.store_url.as_deref().filter(|u| !u.trim().is_empty()) {
+            config.store.url =
+                Some(
+                    crate::store::PostgresUrl::parse(url).map_err(|e| ConfigError::Invalid {
+                        field: "--store-url",
+                        message: e.to_string(),
+                    })?,
+                );
         }
         if let Some(policies) = &self.policies {
             config.policies = Some(policies.clone());

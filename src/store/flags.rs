@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError};
+use super::{Sqlite, StoreError};
 use crate::policy::Severity;
 use crate::policy::eval::{DetectorEvidence, FiredRule};
 
@@ -133,7 +133,7 @@ impl FlagStats {
     }
 }
 
-fn rank(severity: Severity) -> i64 {
+pub(super) fn rank(severity: Severity) -> i64 {
     match severity {
         Severity::Info => 0,
         Severity::Warning => 1,
@@ -142,7 +142,7 @@ fn rank(severity: Severity) -> i64 {
     }
 }
 
-const COLUMNS: &str = "id, exchange_id, request_id, created_at_us, model, route, api_key_hash, \
+pub(super) const COLUMNS: &str = "id, exchange_id, request_id, created_at_us, model, route, api_key_hash, \
     severity, policies_json, prompt, output, evidence_json, stream, truncated, label, label_note, \
     labelled_at_us";
 
@@ -153,7 +153,48 @@ pub fn rfc3339(us: i64) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-impl Store {
+/// Microseconds since the epoch, now.
+pub(super) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The `rules` column: every rule name between commas, so `,name,` finds one exactly.
+pub(super) fn rules_column(flag: &Flag) -> String {
+    flag.policies
+        .iter()
+        .map(|p| format!(",{}", p.name))
+        .collect::<String>()
+        + ","
+}
+
+/// Per-rule counts from (rules column, label) pairs, most flags first.
+pub(super) fn tally_rules(
+    rows: impl IntoIterator<Item = (String, Option<String>)>,
+) -> Vec<(String, u64, u64, u64)> {
+    let mut per_rule: std::collections::BTreeMap<String, (u64, u64, u64)> =
+        std::collections::BTreeMap::new();
+    for (rules, label) in rows {
+        for rule in rules.split(',').filter(|r| !r.is_empty()) {
+            let entry = per_rule.entry(rule.to_owned()).or_default();
+            entry.0 += 1;
+            match label.as_deref() {
+                Some("true-positive") => entry.1 += 1,
+                Some("false-positive") => entry.2 += 1,
+                _ => {}
+            }
+        }
+    }
+    let mut by_rule: Vec<_> = per_rule
+        .into_iter()
+        .map(|(rule, (n, tp, fp))| (rule, n, tp, fp))
+        .collect();
+    by_rule.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    by_rule
+}
+
+impl Sqlite {
     /// Writes flags in the current transaction set-up (one transaction for the batch).
     pub(super) fn insert_flags_tx(
         tx: &rusqlite::Transaction<'_>,
@@ -167,12 +208,7 @@ impl Store {
         )?;
         let mut written = 0;
         for f in flags {
-            let rules: String = f
-                .policies
-                .iter()
-                .map(|p| format!(",{}", p.name))
-                .collect::<String>()
-                + ",";
+            let rules = rules_column(f);
             written += insert.execute(params![
                 f.id.to_string(),
                 f.exchange_id.to_string(),
@@ -196,7 +232,7 @@ impl Store {
     }
 
     /// Lists flags, newest first.
-    pub fn list_flags(&self, filter: &FlagFilter) -> Result<Vec<Flag>, StoreError> {
+    pub(super) fn list_flags(&self, filter: &FlagFilter) -> Result<Vec<Flag>, StoreError> {
         let (label_any, label_value) = match filter.label {
             None => (true, None),
             Some(v) => (false, v.map(Verdict::as_str)),
@@ -235,7 +271,7 @@ impl Store {
     }
 
     /// One flag by its id, its exchange's id, or its request id.
-    pub fn get_flag(&self, id: &str) -> Result<Option<Flag>, StoreError> {
+    pub(super) fn get_flag(&self, id: &str) -> Result<Option<Flag>, StoreError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM flags WHERE id = ?1 OR exchange_id = ?1 OR request_id = ?1 \
              ORDER BY created_at_us DESC LIMIT 1"
@@ -246,28 +282,23 @@ impl Store {
             .transpose()
     }
 
-    /// Labels a flag; returns the updated flag, or `None` when there is no such flag.
-    pub fn label_flag(
+    /// Sets the label of the flag with id `id`.
+    pub(super) fn set_label(
         &self,
         id: &str,
         verdict: Verdict,
         note: Option<&str>,
-    ) -> Result<Option<Flag>, StoreError> {
-        let Some(flag) = self.get_flag(id)? else {
-            return Ok(None);
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        now_us: i64,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE flags SET label = ?2, label_note = ?3, labelled_at_us = ?4 WHERE id = ?1",
-            params![flag.id.to_string(), verdict.as_str(), note, now],
+            params![id, verdict.as_str(), note, now_us],
         )?;
-        self.get_flag(&flag.id.to_string())
+        Ok(())
     }
 
     /// Counts by rule, severity and model, and the labels.
-    pub fn flag_stats(&self, since_us: Option<i64>) -> Result<FlagStats, StoreError> {
+    pub(super) fn flag_stats(&self, since_us: Option<i64>) -> Result<FlagStats, StoreError> {
         let mut stats = FlagStats::default();
         let since = since_us.unwrap_or(i64::MIN);
         stats.total = count(
@@ -301,37 +332,22 @@ impl Store {
             let (k, v): (String, i64) = row?;
             stats.by_model.push((k, u64::try_from(v).unwrap_or(0)));
         }
-        // Rules live in a JSON array per flag; count them in Rust.
-        let mut per_rule: std::collections::BTreeMap<String, (u64, u64, u64)> =
-            std::collections::BTreeMap::new();
+        // Rules live in one column per flag; count them in Rust.
         let mut stmt = self
             .conn
             .prepare("SELECT rules, label FROM flags WHERE created_at_us >= ?1")?;
-        for row in stmt.query_map(params![since], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-        })? {
-            let (rules, label) = row?;
-            for rule in rules.split(',').filter(|r| !r.is_empty()) {
-                let entry = per_rule.entry(rule.to_owned()).or_default();
-                entry.0 += 1;
-                match label.as_deref() {
-                    Some("true-positive") => entry.1 += 1,
-                    Some("false-positive") => entry.2 += 1,
-                    _ => {}
-                }
-            }
-        }
-        let mut by_rule: Vec<_> = per_rule
-            .into_iter()
-            .map(|(rule, (n, tp, fp))| (rule, n, tp, fp))
-            .collect();
-        by_rule.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let rows = stmt
+            .query_map(params![since], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let by_rule = tally_rules(rows);
         stats.by_rule = by_rule;
         Ok(stats)
     }
 
     /// Number of stored flags.
-    pub fn count_flags(&self) -> Result<u64, StoreError> {
+    pub(super) fn count_flags(&self) -> Result<u64, StoreError> {
         count(
             &self.conn,
             "SELECT COUNT(*) FROM flags WHERE created_at_us >= ?1",

@@ -1,4 +1,6 @@
-//! Schema versions, applied in order and recorded in `PRAGMA user_version`.
+//! Schema versions, applied in order: SQLite records its version in `PRAGMA user_version`,
+//! PostgreSQL in the table `tripwire_schema`, migrated under an advisory lock so replicas
+//! starting together apply each version once.
 
 use std::path::Path;
 
@@ -64,6 +66,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX flags_request_id ON flags (request_id);
     ALTER TABLE exchanges ADD COLUMN annotations TEXT;
     ALTER TABLE exchanges ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;",
+    // 3: the last alert sent per rule and scope (cooldown de-duplication).
+    "CREATE TABLE alert_claims (
+        rule TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        last_sent_us INTEGER NOT NULL,
+        PRIMARY KEY (rule, scope)
+    );",
 ];
 
 /// Applies every migration the database has not seen, each in its own transaction.
@@ -72,7 +81,7 @@ pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if version > known {
         return Err(StoreError::TooNew {
-            path: path.to_owned(),
+            store: path.display().to_string(),
             found: version,
             known,
         });
@@ -91,5 +100,107 @@ pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         )?;
         tx.commit()?;
     }
+    Ok(())
+}
+
+/// PostgreSQL: each entry brings the schema from version `index` to `index + 1`. The tables
+/// and columns of SQLite's latest version, with native booleans and 64-bit integers.
+const POSTGRES: &[&str] = &[
+    // 1: exchanges, flags, alert claims.
+    "CREATE TABLE exchanges (
+        id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        started_at_us BIGINT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        route TEXT NOT NULL,
+        api_key_hash TEXT,
+        model TEXT,
+        response_model TEXT,
+        stream BOOLEAN NOT NULL,
+        status INTEGER,
+        ttfb_us BIGINT,
+        latency_us BIGINT NOT NULL,
+        outcome TEXT NOT NULL,
+        truncated BOOLEAN NOT NULL,
+        capture_incomplete BOOLEAN NOT NULL,
+        parse_error TEXT,
+        prompt_json TEXT NOT NULL,
+        choices_json TEXT NOT NULL,
+        output TEXT NOT NULL,
+        finish_reason TEXT,
+        input_tokens BIGINT,
+        output_tokens BIGINT,
+        annotations TEXT,
+        flagged BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX exchanges_started ON exchanges (started_at_us);
+    CREATE INDEX exchanges_request_id ON exchanges (request_id);
+    CREATE INDEX exchanges_scope ON exchanges (model, route, started_at_us);
+    CREATE TABLE flags (
+        id TEXT PRIMARY KEY,
+        exchange_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at_us BIGINT NOT NULL,
+        model TEXT,
+        route TEXT NOT NULL,
+        api_key_hash TEXT,
+        severity TEXT NOT NULL,
+        severity_rank BIGINT NOT NULL,
+        policies_json TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        output TEXT NOT NULL,
+        evidence_json TEXT NOT NULL,
+        stream BOOLEAN NOT NULL,
+        truncated BOOLEAN NOT NULL,
+        label TEXT,
+        label_note TEXT,
+        labelled_at_us BIGINT
+    );
+    CREATE INDEX flags_created ON flags (created_at_us);
+    CREATE INDEX flags_severity ON flags (severity_rank, created_at_us);
+    CREATE INDEX flags_request_id ON flags (request_id);
+    CREATE INDEX flags_exchange_id ON flags (exchange_id);
+    CREATE TABLE alert_claims (
+        rule TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        last_sent_us BIGINT NOT NULL,
+        PRIMARY KEY (rule, scope)
+    );",
+];
+
+/// The advisory lock replicas take while migrating ("tripwire" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7472_6970_7769_7265;
+
+/// Applies every PostgreSQL migration the database has not seen, in one transaction under an
+/// advisory lock: a replica that starts while another migrates waits, then finds nothing to do.
+pub fn migrate_postgres(client: &mut postgres::Client, store: &str) -> Result<(), StoreError> {
+    let known = i64::try_from(POSTGRES.len()).unwrap_or(i64::MAX);
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS tripwire_schema (version BIGINT NOT NULL)")?;
+    let version: i64 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM tripwire_schema", &[])?
+        .try_get(0)?;
+    if version > known {
+        return Err(StoreError::TooNew {
+            store: store.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for (index, sql) in POSTGRES
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO tripwire_schema (version) VALUES ($1)",
+            &[&i64::try_from(index + 1).unwrap_or(i64::MAX)],
+        )?;
+    }
+    tx.commit()?;
     Ok(())
 }

@@ -1,12 +1,16 @@
-//! The store: captured exchanges (and, with the detectors, the flags raised on them) in
-//! SQLite, written by one batch writer off the request path.
+//! The store: captured exchanges and the flags raised on them, written by one batch writer off
+//! the request path, read by the CLI, the admin API and trigger attribution; and the alert
+//! claims through which several replicas send one alert per rule, scope and cooldown.
 //!
-//! SQLite runs in WAL mode with `synchronous=NORMAL`: a committed batch survives a crash of the
-//! process; a power cut may lose the last batches. Every call here blocks, so async code calls
-//! it from a blocking thread.
+//! Two backends behind one API. SQLite (the default, one gateway) runs in WAL mode with
+//! `synchronous=NORMAL`: a committed batch survives a crash of the process; a power cut may
+//! lose the last batches. PostgreSQL (`store.url`) lets several replicas write one log
+//! ([`pg`]). Every call here blocks, so async code calls it from a blocking thread.
 
 mod flags;
+mod location;
 mod migrations;
+mod pg;
 mod query;
 mod writer;
 
@@ -15,6 +19,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 
 pub use flags::{Flag, FlagFilter, FlagStats, Label, Verdict, rfc3339};
+pub use location::{PostgresUrl, StoreLocation, UrlError};
 pub use query::{ExchangeFilter, ExchangeRow};
 pub use writer::{WriterConfig, run_writer};
 
@@ -37,19 +42,33 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The PostgreSQL server could not be reached or refused the connection.
+    #[error("cannot connect to store {url}: {source}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// The client error.
+        source: postgres::Error,
+    },
+    /// The store URL is not usable.
+    #[error("store URL: {0}")]
+    Url(#[from] UrlError),
     /// A query or write failed.
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// A PostgreSQL query or write failed.
+    #[error("store: {0}")]
+    Postgres(#[from] postgres::Error),
     /// A stored JSON column could not be read back.
     #[error("store: corrupt JSON column: {0}")]
     Json(#[from] serde_json::Error),
     /// The database was written by a newer tripwire.
     #[error(
-        "store {path} has schema version {found}, newer than this tripwire knows ({known}); upgrade tripwire"
+        "store {store} has schema version {found}, newer than this tripwire knows ({known}); upgrade tripwire"
     )]
     TooNew {
-        /// The database file.
-        path: PathBuf,
+        /// The database (file, or URL with the password redacted).
+        store: String,
         /// Its schema version.
         found: i64,
         /// The newest this build knows.
@@ -64,13 +83,16 @@ impl StoreError {
     /// A low-cardinality label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Open { .. } | StoreError::Directory { .. } => "open",
+            StoreError::Open { .. }
+            | StoreError::Directory { .. }
+            | StoreError::Connect { .. }
+            | StoreError::Url(_) => "open",
             StoreError::Sql(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DiskFull =>
             {
                 "disk_full"
             }
-            StoreError::Sql(_) => "sql",
+            StoreError::Sql(_) | StoreError::Postgres(_) => "sql",
             StoreError::Json(_) => "json",
             StoreError::TooNew { .. } => "schema",
             StoreError::Task(_) => "task",
@@ -110,12 +132,23 @@ pub struct Retention {
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Sqlite(Sqlite),
+    Postgres(Box<pg::Postgres>),
+}
+
+/// The SQLite backend: one connection.
+#[derive(Debug)]
+struct Sqlite {
     conn: Connection,
 }
 
-impl Store {
-    /// Opens (creating when missing) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+impl Sqlite {
+    fn open(path: &Path) -> Result<Sqlite, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
                 path: path.to_owned(),
@@ -131,10 +164,30 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::migrate(&conn, path)?;
-        Ok(Store { conn })
+        Ok(Sqlite { conn })
+    }
+}
+
+/// Calls the same method on whichever backend the store has.
+macro_rules! dispatch {
+    ($store:expr, $backend:ident => $call:expr) => {
+        match $store {
+            Backend::Sqlite($backend) => $call,
+            Backend::Postgres($backend) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating when missing) the SQLite database at `path` and brings its schema up to
+    /// date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Sqlite(Sqlite::open(path)?),
+        })
     }
 
-    /// Opens an existing database for reading (CLI). Fails when the file does not exist.
+    /// Opens an existing SQLite database for reading (CLI). Fails when the file does not exist.
     pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
         if !path.exists() {
             return Err(StoreError::Open {
@@ -146,5 +199,132 @@ impl Store {
             });
         }
         Store::open(path)
+    }
+
+    /// Opens the store at `location` (a SQLite file is created when missing; a PostgreSQL
+    /// database must exist) and brings its schema up to date.
+    pub fn connect(location: &StoreLocation) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Sqlite(path) => Store::open(path),
+            StoreLocation::Postgres(url) => Ok(Store {
+                backend: Backend::Postgres(Box::new(pg::Postgres::connect(url)?)),
+            }),
+        }
+    }
+
+    /// Like [`Store::connect`], but a SQLite file must already exist (CLI).
+    pub fn connect_existing(location: &StoreLocation) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Sqlite(path) => Store::open_existing(path),
+            StoreLocation::Postgres(_) => Store::connect(location),
+        }
+    }
+
+    /// Whether `max_bytes` retention applies (SQLite only; PostgreSQL deletes by age).
+    pub fn enforces_size_limit(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
+    }
+
+    /// Writes a batch (exchanges and flags) in one transaction. A row already stored (same
+    /// id) is left as is.
+    pub fn insert_batch(&mut self, batch: &[StoreItem]) -> Result<usize, StoreError> {
+        dispatch!(&mut self.backend, b => b.insert_batch(batch))
+    }
+
+    /// Writes exchanges alone (no annotations, not flagged).
+    pub fn insert_exchanges(
+        &mut self,
+        batch: &[crate::capture::Exchange],
+    ) -> Result<usize, StoreError> {
+        let items: Vec<StoreItem> = batch
+            .iter()
+            .map(|e| StoreItem::Exchange {
+                exchange: Box::new(e.clone()),
+                annotations: Vec::new(),
+                flagged: false,
+            })
+            .collect();
+        self.insert_batch(&items)
+    }
+
+    /// Lists exchanges, newest first.
+    pub fn list_exchanges(&self, filter: &ExchangeFilter) -> Result<Vec<ExchangeRow>, StoreError> {
+        dispatch!(&self.backend, b => b.list_exchanges(filter))
+    }
+
+    /// One exchange by its id or its request id.
+    pub fn get_exchange(&self, id: &str) -> Result<Option<ExchangeRow>, StoreError> {
+        dispatch!(&self.backend, b => b.get_exchange(id))
+    }
+
+    /// The prompts of the newest `limit` captured exchanges (optionally of one model and
+    /// route), each with whether it was flagged: the input of trigger attribution.
+    pub fn prompts_with_flags(
+        &self,
+        model: Option<&str>,
+        route: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, bool)>, StoreError> {
+        dispatch!(&self.backend, b => b.prompts_with_flags(model, route, limit))
+    }
+
+    /// Deletes rows past their age, then (SQLite) the oldest rows while the database is over
+    /// `max_bytes` (0: no size limit). Returns (exchanges, flags) deleted.
+    pub fn apply_retention(&self, retention: &Retention) -> Result<(u64, u64), StoreError> {
+        dispatch!(&self.backend, b => b.apply_retention(retention))
+    }
+
+    /// Number of stored exchanges.
+    pub fn count_exchanges(&self) -> Result<u64, StoreError> {
+        dispatch!(&self.backend, b => b.count_exchanges())
+    }
+
+    /// Lists flags, newest first.
+    pub fn list_flags(&self, filter: &FlagFilter) -> Result<Vec<Flag>, StoreError> {
+        dispatch!(&self.backend, b => b.list_flags(filter))
+    }
+
+    /// One flag by its id, its exchange's id, or its request id.
+    pub fn get_flag(&self, id: &str) -> Result<Option<Flag>, StoreError> {
+        dispatch!(&self.backend, b => b.get_flag(id))
+    }
+
+    /// Labels a flag; returns the updated flag, or `None` when there is no such flag.
+    pub fn label_flag(
+        &self,
+        id: &str,
+        verdict: Verdict,
+        note: Option<&str>,
+    ) -> Result<Option<Flag>, StoreError> {
+        let Some(flag) = self.get_flag(id)? else {
+            return Ok(None);
+        };
+        let flag_id = flag.id.to_string();
+        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, flags::now_us()))?;
+        self.get_flag(&flag_id)
+    }
+
+    /// Counts by rule, severity and model, and the labels.
+    pub fn flag_stats(&self, since_us: Option<i64>) -> Result<FlagStats, StoreError> {
+        dispatch!(&self.backend, b => b.flag_stats(since_us))
+    }
+
+    /// Number of stored flags.
+    pub fn count_flags(&self) -> Result<u64, StoreError> {
+        dispatch!(&self.backend, b => b.count_flags())
+    }
+
+    /// Claims the right to send the alert of `rule` for `scope` at `now_us` (µs since the
+    /// epoch): true, and the claim recorded, when no alert for them was claimed within the
+    /// last `cooldown_us`; false when one was (by this process or another replica). Atomic:
+    /// of replicas claiming at once, exactly one gets true.
+    pub fn claim_alert(
+        &self,
+        rule: &str,
+        scope: &str,
+        now_us: i64,
+        cooldown_us: i64,
+    ) -> Result<bool, StoreError> {
+        dispatch!(&self.backend, b => b.claim_alert(rule, scope, now_us, cooldown_us))
     }
 }

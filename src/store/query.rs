@@ -1,8 +1,9 @@
-//! Writing exchanges in batches and reading them back.
+//! Writing exchanges in batches and reading them back: the SQLite side, and the row
+//! conversions both backends share.
 
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{Retention, Store, StoreError, StoreItem};
+use super::{Retention, Sqlite, StoreError, StoreItem};
 use crate::capture::{Exchange, Outcome, Route};
 
 /// An exchange as read back from the store.
@@ -25,10 +26,10 @@ const COLUMNS: &str = "id, request_id, started_at_us, method, path, route, api_k
     response_model, stream, status, ttfb_us, latency_us, outcome, truncated, capture_incomplete, \
     parse_error, prompt_json, choices_json, input_tokens, output_tokens";
 
-impl Store {
+impl Sqlite {
     /// Writes a batch (exchanges and flags) in one transaction. A row already stored (same
     /// id) is left as is.
-    pub fn insert_batch(&mut self, batch: &[StoreItem]) -> Result<usize, StoreError> {
+    pub(super) fn insert_batch(&mut self, batch: &[StoreItem]) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut written = 0;
         let mut flags = Vec::new();
@@ -84,26 +85,16 @@ impl Store {
                 ])?;
             }
         }
-        written += Store::insert_flags_tx(&tx, &flags)?;
+        written += Sqlite::insert_flags_tx(&tx, &flags)?;
         tx.commit()?;
         Ok(written)
     }
 
-    /// Writes exchanges alone (no annotations, not flagged).
-    pub fn insert_exchanges(&mut self, batch: &[Exchange]) -> Result<usize, StoreError> {
-        let items: Vec<StoreItem> = batch
-            .iter()
-            .map(|e| StoreItem::Exchange {
-                exchange: Box::new(e.clone()),
-                annotations: Vec::new(),
-                flagged: false,
-            })
-            .collect();
-        self.insert_batch(&items)
-    }
-
     /// Lists exchanges, newest first.
-    pub fn list_exchanges(&self, filter: &ExchangeFilter) -> Result<Vec<ExchangeRow>, StoreError> {
+    pub(super) fn list_exchanges(
+        &self,
+        filter: &ExchangeFilter,
+    ) -> Result<Vec<ExchangeRow>, StoreError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM exchanges \
              WHERE (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR model = ?2) \
@@ -128,7 +119,7 @@ impl Store {
     }
 
     /// One exchange by its id or its request id.
-    pub fn get_exchange(&self, id: &str) -> Result<Option<ExchangeRow>, StoreError> {
+    pub(super) fn get_exchange(&self, id: &str) -> Result<Option<ExchangeRow>, StoreError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM exchanges WHERE id = ?1 OR request_id = ?1 \
              ORDER BY started_at_us DESC LIMIT 1"
@@ -142,7 +133,7 @@ impl Store {
 
     /// The prompts of the newest `limit` captured exchanges (optionally of one model and
     /// route), each with whether it was flagged: the input of trigger attribution.
-    pub fn prompts_with_flags(
+    pub(super) fn prompts_with_flags(
         &self,
         model: Option<&str>,
         route: Option<&str>,
@@ -159,21 +150,14 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (prompt_json, flagged) = row?;
-            let messages: Vec<crate::capture::Message> = serde_json::from_str(&prompt_json)?;
-            let text = messages
-                .iter()
-                .filter(|m| m.role == "user")
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n\n");
-            out.push((text, flagged));
+            out.push((user_text(&prompt_json)?, flagged));
         }
         Ok(out)
     }
 
     /// Deletes rows past their age, then the oldest rows while the database is over
     /// `max_bytes` (0: no size limit). Returns (exchanges, flags) deleted.
-    pub fn apply_retention(&self, retention: &Retention) -> Result<(u64, u64), StoreError> {
+    pub(super) fn apply_retention(&self, retention: &Retention) -> Result<(u64, u64), StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
@@ -222,19 +206,50 @@ impl Store {
     }
 
     /// Number of stored exchanges.
-    pub fn count_exchanges(&self) -> Result<u64, StoreError> {
+    pub(super) fn count_exchanges(&self) -> Result<u64, StoreError> {
         let n: i64 = self
             .conn
             .query_row("SELECT COUNT(*) FROM exchanges", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+
+    /// See [`super::Store::claim_alert`].
+    pub(super) fn claim_alert(
+        &self,
+        rule: &str,
+        scope: &str,
+        now_us: i64,
+        cooldown_us: i64,
+    ) -> Result<bool, StoreError> {
+        let claimed = self
+            .conn
+            .execute(CLAIM_ALERT, params![rule, scope, now_us, cooldown_us])?;
+        Ok(claimed == 1)
+    }
 }
 
-fn clamp(v: u64) -> i64 {
+/// Records `now` as the last alert of (rule, scope) unless one was sent within the cooldown;
+/// one row changed means claimed. The same statement on both backends.
+pub(super) const CLAIM_ALERT: &str = "INSERT INTO alert_claims (rule, scope, last_sent_us) \
+    VALUES ($1, $2, $3) ON CONFLICT (rule, scope) DO UPDATE SET last_sent_us = excluded.last_sent_us \
+    WHERE alert_claims.last_sent_us <= excluded.last_sent_us - $4";
+
+/// The messages' user turns, joined: the text trigger attribution reads.
+pub(super) fn user_text(prompt_json: &str) -> Result<String, StoreError> {
+    let messages: Vec<crate::capture::Message> = serde_json::from_str(prompt_json)?;
+    Ok(messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n"))
+}
+
+pub(super) fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn unclamp(v: Option<i64>) -> Option<u64> {
+pub(super) fn unclamp(v: Option<i64>) -> Option<u64> {
     v.map(|v| u64::try_from(v).unwrap_or(0))
 }
 
@@ -280,7 +295,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Result<ExchangeRow, StoreError>> 
     Ok(parsed)
 }
 
-fn parse_route(s: &str) -> Route {
+pub(super) fn parse_route(s: &str) -> Route {
     match s {
         "chat_completions" => Route::ChatCompletions,
         "completions" => Route::Completions,
@@ -290,7 +305,7 @@ fn parse_route(s: &str) -> Route {
     }
 }
 
-fn parse_outcome(s: &str) -> Outcome {
+pub(super) fn parse_outcome(s: &str) -> Outcome {
     match s {
         "client_aborted" => Outcome::ClientAborted,
         "upstream_error" => Outcome::UpstreamError,
@@ -304,6 +319,7 @@ fn parse_outcome(s: &str) -> Outcome {
 mod tests {
     use super::*;
     use crate::capture::{Choice, Message, Usage};
+    use crate::store::Store;
 
     fn exchange(n: i64) -> Exchange {
         Exchange {

@@ -36,6 +36,11 @@ pub async fn run_writer(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    if config.retention.max_bytes > 0 && !store.enforces_size_limit() {
+        tracing::info!(
+            "store.max_bytes is not applied to PostgreSQL; rows are deleted by age only"
+        );
+    }
     let store = Arc::new(Mutex::new(store));
     let mut batch: Vec<StoreItem> = Vec::with_capacity(config.batch_rows);
     let mut backoff = Duration::from_millis(50);

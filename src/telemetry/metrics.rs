@@ -199,8 +199,9 @@ pub struct MetricsInner {
     pub alerts_sent: Family<ReasonLabels, Counter>,
     /// `tripwire_alert_dropped_total{reason}`.
     pub alerts_dropped: Family<ReasonLabels, Counter>,
-    /// `tripwire_alert_suppressed_total`: alerts held back by a rule's cooldown.
-    pub alerts_suppressed: Counter,
+    /// `tripwire_alert_suppressed_total{reason}`: alerts held back by a rule's cooldown, seen
+    /// in this process (`cooldown`) or claimed in the store by another replica (`peer`).
+    pub alerts_suppressed: Family<ReasonLabels, Counter>,
     /// `tripwire_alert_queue_depth`: alerts waiting for the sender.
     pub alert_queue_depth: Gauge,
     /// `tripwire_embed_batch_size`: texts per embedding batch.
@@ -257,7 +258,7 @@ impl Default for MetricsInner {
             flags: Family::default(),
             alerts_sent: Family::default(),
             alerts_dropped: Family::default(),
-            alerts_suppressed: Counter::default(),
+            alerts_suppressed: Family::default(),
             alert_queue_depth: Gauge::default(),
             embed_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             embed_queue_wait: latency_histogram(),
@@ -404,9 +405,15 @@ impl MetricsInner {
             "Alerts not delivered, by reason",
             self.alerts_dropped.clone(),
         );
+        // Both reasons exist from the start, at 0, so rates and alert rules see the series.
+        for reason in ["cooldown", "peer"] {
+            let _zero = self
+                .alerts_suppressed
+                .get_or_create(&ReasonLabels { reason });
+        }
         r.register(
             "alert_suppressed",
-            "Alerts held back by their rule's cooldown",
+            "Alerts held back by their rule's cooldown, by reason (cooldown, peer)",
             self.alerts_suppressed.clone(),
         );
         r.register(

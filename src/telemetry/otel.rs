@@ -721,10 +721,6 @@ impl Instruments {
                 "tripwire.capture.dropped_chunks",
                 metrics.capture_dropped_chunks.clone(),
             ),
-            (
-                "tripwire.alert.suppressed",
-                metrics.alerts_suppressed.clone(),
-            ),
             ("tripwire.embed.shed", metrics.embed_shed.clone()),
         ];
         for (name, counter) in counters {
@@ -733,6 +729,19 @@ impl Instruments {
                 .with_callback(move |observer| observer.observe(counter.get(), &[]))
                 .build();
         }
+        // Its reasons are a closed set, so the family can be read label by label.
+        let suppressed = metrics.alerts_suppressed.clone();
+        meter
+            .u64_observable_counter("tripwire.alert.suppressed")
+            .with_callback(move |observer| {
+                for reason in ["cooldown", "peer"] {
+                    let count = suppressed
+                        .get_or_create(&super::ReasonLabels { reason })
+                        .get();
+                    observer.observe(count, &[KeyValue::new("reason", reason)]);
+                }
+            })
+            .build();
         let seconds = |name: &'static str, description: &'static str| {
             meter
                 .f64_histogram(name)

@@ -2,6 +2,7 @@
 //! which shuts the gateway down the way production does and returns what it stored.
 
 pub mod mock;
+pub mod pg;
 
 use std::path::PathBuf;
 
