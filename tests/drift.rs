@@ -138,8 +138,17 @@ async fn a_model_swap_is_flagged_and_the_learned_reference_survives_a_restart() 
         c.drift.state_dir = Some(config_state);
     })
     .await;
-    // The reference: the first 40 exchanges of the scope. Then the model is swapped.
+    // The reference: the first 40 exchanges of the scope. Then a reload (drift state must
+    // survive it: a relearned reference would be the swapped model's), then the model is
+    // swapped.
     ask(&first, 40).await;
+    std::fs::write(&policy, format!("{POLICY}\n# edited\n")).unwrap();
+    let reloaded = reqwest::Client::new()
+        .post(format!("{}/admin/reload", first.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200, "{}", reloaded.text().await.unwrap());
     swapped.store(true, Ordering::Relaxed);
     ask(&first, 30).await;
     first.drain().await;
