@@ -180,3 +180,22 @@ fn every_policy_in_the_policy_guide_compiles() {
         }
     }
 }
+
+/// Found by `cargo fuzz run cel` (fuzz/regressions/cel/): libyaml reports a control character
+/// by byte offset ("at position 450"), which became 1:1; the error now points at it.
+#[test]
+fn fuzz_policy_control_character_error_points_at_it() {
+    let text = format!("{TRIGGER}rules: [\u{7f}]\n");
+    let err = compile_text(&text, "p.yaml").unwrap_err();
+    let PolicyError::At {
+        line,
+        column,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("no location: {err}");
+    };
+    assert_eq!((*line, *column), (3, 9), "{err}");
+    assert!(!message.contains("position"), "{err}");
+}
