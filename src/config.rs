@@ -362,9 +362,17 @@ pub fn yaml_error_parts(err: &serde_yaml_ng::Error) -> (usize, usize, String) {
 /// Like [`yaml_error_parts`], for an error in `text`. libyaml's reader reports some errors
 /// (control characters, invalid UTF-8) as a byte offset, "… at position 450", with no line and
 /// column (1:1); this turns the offset into the line and column it points at.
+///
+/// At the end of a text whose last line has no line break, libyaml counts one line more than
+/// there is; such errors point at the end of the last line instead.
 pub fn yaml_error_parts_in(err: &serde_yaml_ng::Error, text: &str) -> (usize, usize, String) {
     let (line, column, message) = yaml_error_parts(err);
     let Some((problem, rest)) = message.split_once(" at position ") else {
+        let lines = text.split('\n').count();
+        if line > lines && !text.ends_with('\n') {
+            let last = text.rsplit('\n').next().unwrap_or_default();
+            return (lines, last.chars().count() + 1, message);
+        }
         return (line, column, message);
     };
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();

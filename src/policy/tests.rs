@@ -199,3 +199,15 @@ fn fuzz_policy_control_character_error_points_at_it() {
     assert_eq!((*line, *column), (3, 9), "{err}");
     assert!(!message.contains("position"), "{err}");
 }
+
+/// Found by `cargo fuzz run policy` (fuzz/regressions/policy/): an error at the end of a text
+/// without a final line break pointed one line past the end.
+#[test]
+fn fuzz_policy_error_at_end_without_line_break_points_inside() {
+    let text = format!("{TRIGGER}  max");
+    let err = compile_text(&text, "p.yaml").unwrap_err();
+    let PolicyError::At { line, column, .. } = &err else {
+        panic!("no location: {err}");
+    };
+    assert_eq!((*line, *column), (3, 6), "{err}");
+}
