@@ -7,6 +7,7 @@
 #   make bench                             gateway vs direct, and detector cost (docs/benchmarks.md)
 #   make eval                              detection quality on the development set (docs/detection.md)
 #   make demo                              simulated model + gateway + a few requests, then exit
+#   make fuzz                              each cargo-fuzz target for FUZZ_SECONDS (docs/reliability.md)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -25,7 +26,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean
+.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
 
 all: build
 
@@ -142,6 +143,12 @@ eval: build
 	$(BIN) devset --data ../shared/data --out target/devset.jsonl
 	$(BIN) eval --data target/devset.jsonl --split report
 	$(BIN) eval --data target/devset.jsonl --split calibration
+
+# libFuzzer on the SSE decoder, capture parsers, request parser, policy loader and CEL
+# conditions, one target after another (fuzz/run.sh; not part of `make test`).
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
 clean:
 	$(CARGO) clean

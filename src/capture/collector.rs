@@ -72,12 +72,14 @@ pub async fn collect(
     let mut seen = 0usize;
     let mut over_limit = false;
     while let Some(chunk) = chunks.recv().await {
+        // The bytes up to the limit are parsed however the body was chunked: the chunk that
+        // crosses the limit gives its head.
+        let room = max_capture_bytes.saturating_sub(seen);
         seen = seen.saturating_add(chunk.len());
-        if seen > max_capture_bytes {
+        if chunk.len() > room {
             over_limit = true;
-            continue;
         }
-        parser.push(&chunk);
+        parser.push(chunk.get(..room.min(chunk.len())).unwrap_or_default());
     }
     // The tee always sends its end before the channel closes; a missing end means the tee
     // was dropped by a panic elsewhere, which is as good as an abort.
@@ -162,5 +164,62 @@ fn base_exchange(request: CaptureRequest) -> Exchange {
         truncated: false,
         capture_incomplete: false,
         parse_error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn capture(chunks: &[&[u8]], limit: usize) -> Exchange {
+        let request = CaptureRequest {
+            id: uuid::Uuid::nil(),
+            request_id: "r".to_owned(),
+            started_at_us: 0,
+            method: "POST".to_owned(),
+            path: "/v1/chat/completions".to_owned(),
+            route: Route::ChatCompletions,
+            api_key_hash: None,
+            body: Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#),
+        };
+        let response = ResponseMeta {
+            status: 200,
+            content_type: Some("text/event-stream".to_owned()),
+            content_encoding: None,
+            ttfb_us: 0,
+        };
+        let (tx, rx) = mpsc::channel(chunks.len() + 1);
+        for chunk in chunks {
+            tx.try_send(Bytes::copy_from_slice(chunk)).unwrap();
+        }
+        drop(tx);
+        let (end_tx, end_rx) = oneshot::channel();
+        end_tx
+            .send(BodyEnd {
+                outcome: Outcome::Complete,
+                latency_us: 1,
+                chunks_dropped: false,
+            })
+            .unwrap();
+        collect(request, response, rx, end_rx, limit).await
+    }
+
+    /// Found by `cargo fuzz run capture_openai` (fuzz/regressions/capture_openai/): a body over
+    /// the capture limit in one chunk was captured as nothing, the same body in several chunks
+    /// kept the events before the limit.
+    #[tokio::test]
+    async fn fuzz_capture_over_limit_is_the_same_however_chunked() {
+        let body: &[u8] =
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n\
+            data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world\"}}]}\n\n\
+            data: [DONE]\n\n";
+        let limit = 80;
+        let whole = capture(&[body], limit).await;
+        assert_eq!(whole.output(), "Hello");
+        assert!(whole.capture_incomplete);
+        for cut in 0..=body.len() {
+            let (a, b) = body.split_at(cut);
+            assert_eq!(capture(&[a, b], limit).await, whole, "cut at {cut}");
+        }
     }
 }

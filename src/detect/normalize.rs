@@ -566,6 +566,21 @@ mod tests {
             prop_assert_eq!(chunked(&text, &cuts, fold), whole);
         }
 
+        /// Every two-way split of a generated text, and one character at a time, normalise
+        /// exactly as the whole text does.
+        #[test]
+        fn every_split_equals_whole(
+            text in "(\\PC|\u{0301}|\u{0323}|\u{200B}|\u{FF9E}|\u{1161}|\u{11A8}){0,40}",
+            fold in any::<bool>(),
+        ) {
+            let whole = Normalized::new(&text, fold);
+            let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).skip(1).collect();
+            for &cut in &bounds {
+                prop_assert_eq!(&chunked(&text, &[cut], fold), &whole, "cut at {}", cut);
+            }
+            prop_assert_eq!(chunked(&text, &bounds, fold), whole);
+        }
+
         #[test]
         fn spans_lie_on_char_boundaries(text in "(\\PC|\u{0301}|\u{200B}|\u{FB01}){0,40}", fold in any::<bool>()) {
             let n = Normalized::new(&text, fold);

@@ -118,7 +118,7 @@ pub fn default_policy() -> Result<CompiledPolicy, PolicyError> {
 /// Parses and compiles policy text; `source` names it in errors.
 pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyError> {
     let file: PolicyFile = serde_yaml_ng::from_str(text).map_err(|err| {
-        let (line, column, message) = crate::config::yaml_error_parts(&err);
+        let (line, column, message) = crate::config::yaml_error_parts_in(&err, text);
         PolicyError::at(source, line, column, message)
     })?;
 

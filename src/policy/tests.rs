@@ -180,3 +180,34 @@ fn every_policy_in_the_policy_guide_compiles() {
         }
     }
 }
+
+/// Found by `cargo fuzz run cel` (fuzz/regressions/cel/): libyaml reports a control character
+/// by byte offset ("at position 450"), which became 1:1; the error now points at it.
+#[test]
+fn fuzz_policy_control_character_error_points_at_it() {
+    let text = format!("{TRIGGER}rules: [\u{7f}]\n");
+    let err = compile_text(&text, "p.yaml").unwrap_err();
+    let PolicyError::At {
+        line,
+        column,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("no location: {err}");
+    };
+    assert_eq!((*line, *column), (3, 9), "{err}");
+    assert!(!message.contains("position"), "{err}");
+}
+
+/// Found by `cargo fuzz run policy` (fuzz/regressions/policy/): an error at the end of a text
+/// without a final line break pointed one line past the end.
+#[test]
+fn fuzz_policy_error_at_end_without_line_break_points_inside() {
+    let text = format!("{TRIGGER}  max");
+    let err = compile_text(&text, "p.yaml").unwrap_err();
+    let PolicyError::At { line, column, .. } = &err else {
+        panic!("no location: {err}");
+    };
+    assert_eq!((*line, *column), (3, 6), "{err}");
+}

@@ -655,3 +655,14 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Not a sample of splits: every two-way split of a generated text (every three-way split
+    /// when it is short), and one character at a time, finds exactly the whole-text matches.
+    #[test]
+    fn every_split_equals_whole_text(before in filler(), after in filler(), trig in trigger()) {
+        check_splits(&detector(), &format!("{before}{trig} {after}"));
+    }
+}
