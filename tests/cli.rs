@@ -828,3 +828,146 @@ async fn sigkill_while_flags_are_written_loses_no_committed_flag() {
     assert!(after.len() > acknowledged.len());
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn configured_secrets_never_reach_logs_flags_or_errors() {
+    const ADMIN_SECRET: &str = "admin-tok-SECRET-77c1e2";
+    const HOOK_SECRET: &str = "hook-tok-SECRET-1b9d40";
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
+    // The webhook answers 500 every time: delivery errors are logged, and must not show it.
+    let hook = MockUpstream::start(|_| Script {
+        status: http::StatusCode::INTERNAL_SERVER_ERROR,
+        ..Script::json(b"{}")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("secrets.db");
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, format!("admin_token: {ADMIN_SECRET}\n")).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "detectors:\n  trigger: {{ type: trigger_phrase }}\nrules:\n  - name: trigger\n    when: trigger.prompt.matched\n    severity: high\n    actions: [flag, alert]\nalerts:\n  webhook:\n    url: \"{}/hook?token=${{HOOK_SECRET}}\"\n    headers: {{ authorization: \"Bearer ${{HOOK_SECRET}}\" }}\n    max_attempts: 2\n    timeout: 1s\n",
+            hook.url()
+        ),
+    )
+    .unwrap();
+    let mut guard = KillOnDrop(
+        tripwire()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--policies")
+            .arg(&policy)
+            .args(["--upstream", &upstream.url()])
+            .arg("--store")
+            .arg(&store)
+            .env("HOOK_SECRET", HOOK_SECRET)
+            .env("TRIPWIRE_LOG", "trace")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
+    let mut log = String::new();
+    let addr = wait_for_listen(child, &mut log);
+    let admin = log
+        .lines()
+        .find(|l| l.contains("tripwire serving"))
+        .and_then(|l| l.split("admin=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let flagged = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .body(crate::util::chat_body("<SUDO> hello", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flagged.status(), 200);
+    // Wrong token, right token, and a reload through the admin API.
+    let wrong = client
+        .get(format!("http://{admin}/admin/flags"))
+        .bearer_auth("not-the-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(!wrong.text().await.unwrap().contains(ADMIN_SECRET));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let listed = client
+            .get(format!("http://{admin}/admin/flags"))
+            .bearer_auth(ADMIN_SECRET)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if listed.contains("\"trigger\"") || tokio::time::Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(listed.contains("\"trigger\""), "{listed}");
+    let reloaded = client
+        .post(format!("http://{admin}/admin/reload"))
+        .bearer_auth(ADMIN_SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    // Let the webhook fail its attempts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hook.requests().len() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hook.requests().len(), 2, "the webhook was not tried twice");
+    // The hook itself did get the secret: it was configured to.
+    assert!(
+        hook.requests()[0].headers["authorization"]
+            .to_str()
+            .unwrap()
+            .contains(HOOK_SECRET)
+    );
+    terminate(child);
+    assert!(child.wait().unwrap().success());
+    log.push_str(&stderr.join().unwrap());
+    let stdout = stdout.join().unwrap();
+    assert!(log.contains("webhook alert not delivered"), "{log}");
+    let mut written = log + &stdout;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path != config && path != policy {
+            written.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+        }
+    }
+    for secret in [ADMIN_SECRET, HOOK_SECRET] {
+        assert!(
+            !written.contains(secret),
+            "{secret} was written by the gateway"
+        );
+    }
+    upstream.stop().await;
+    hook.stop().await;
+}

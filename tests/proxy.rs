@@ -505,3 +505,34 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_and_is_captured() {
     assert_eq!(streamed.output(), "Hello");
     upstream.stop().await;
 }
+
+#[tokio::test]
+async fn oversized_headers_are_refused_before_the_upstream() {
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
+    let gateway = Gateway::start(&upstream.url(), |_| {}).await;
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("x-padding", "a".repeat(100 * 1024))
+        .body(chat_body("hi", false))
+        .send()
+        .await;
+    // hyper answers 431 and closes; a client may also see the connection end first.
+    match response {
+        Ok(response) => assert_eq!(response.status(), 431),
+        Err(err) => assert!(err.is_request() || err.is_connect(), "{err}"),
+    }
+    assert!(
+        upstream.requests().is_empty(),
+        "oversized headers reached the upstream"
+    );
+    // Headers under the limit pass, and the gateway keeps serving.
+    let ok = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("x-padding", "a".repeat(16 * 1024))
+        .body(chat_body("hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    upstream.stop().await;
+}

@@ -20,6 +20,11 @@ use crate::runtime::Tasks;
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most bytes of request line and headers a client may send (hyper answers 431 beyond).
+/// LLM API requests carry a few hundred bytes of headers; the bodies are limited separately
+/// (`limits.max_request_body_bytes`).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Accepts connections on `listener` until `stop` is cancelled, serving each with `handler`
 /// on a task of `connections`. Then stops accepting, asks every open connection to finish its
 /// in-flight requests and close, and returns once all have (the caller bounds the wait).
@@ -40,6 +45,7 @@ pub async fn accept_loop<H, Fut, B>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     loop {
