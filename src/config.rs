@@ -205,6 +205,11 @@ pub struct StoreConfig {
     /// When the database grows past this many bytes, the oldest exchanges are deleted first,
     /// then the oldest flags. 0 turns the size limit off.
     pub max_bytes: u64,
+    /// SQLite only: the database never grows past this many bytes (0: no cap). Writes then
+    /// fail as on a full disk, the proxy keeps serving, and writing resumes once rows are
+    /// deleted (keep `max_bytes` below it, so retention makes the room). A quota on a shared
+    /// disk.
+    pub hard_max_bytes: u64,
     /// How often retention runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
@@ -231,6 +236,7 @@ impl Default for StoreConfig {
             exchange_max_age: Duration::from_secs(7 * 24 * 3600),
             flag_max_age: Duration::from_secs(90 * 24 * 3600),
             max_bytes: 10 * 1024 * 1024 * 1024,
+            hard_max_bytes: 0,
             retention_interval: Duration::from_secs(60),
         }
     }

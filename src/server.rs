@@ -94,9 +94,14 @@ impl Server {
 
         let location = config.store.location();
         let store_location = location.clone();
-        let store = tokio::task::spawn_blocking(move || Store::connect(&store_location))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let hard_max_bytes = config.store.hard_max_bytes;
+        let store = tokio::task::spawn_blocking(move || {
+            let store = Store::connect(&store_location)?;
+            store.cap_size(hard_max_bytes)?;
+            Ok::<_, StoreError>(store)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
         let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
         let writer_tasks = Tasks::new();
         writer_tasks.spawn(

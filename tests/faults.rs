@@ -342,3 +342,130 @@ async fn a_slow_reader_holds_the_upstream_back_instead_of_filling_memory() {
     tasks.cancel();
     let _stopped = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
 }
+
+/// The value of an unlabelled metric (or a family's sum) in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_keeps_the_proxy_serving_says_so_and_resumes_when_space_returns() {
+    // 8 KB answers against a database capped at 256 KiB: full within a few dozen exchanges.
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}]}}"#,
+            "words and more words ".repeat(400)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let upstream = MockUpstream::start(move |_| Script::json(answer)).await;
+    // A cheap policy, so exchanges reach the store as fast as they come.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: t\n    when: trigger.prompt.matched\n    severity: high\n",
+    )
+    .unwrap();
+    let mut gateway = Gateway::start(&upstream.url(), |c| {
+        c.policies = Some(policy);
+        c.store.hard_max_bytes = 256 * 1024;
+        // A short backlog, so the room freed later outlasts it.
+        c.store.queue = 8;
+        c.store.batch_rows = 4;
+    })
+    .await;
+    let client = client();
+    let ask = |i: usize| {
+        let client = client.clone();
+        let url = gateway.url("/v1/chat/completions");
+        async move {
+            let response = client
+                .post(url)
+                .body(chat_body(&format!("question {i}"), false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "the proxy must keep serving");
+            assert_eq!(response.bytes().await.unwrap().len(), answer.len());
+        }
+    };
+    let mut i = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        ask(i).await;
+        i += 1;
+        let text = gateway.metrics().await;
+        if metric(&text, "tripwire_store_write_failing") == 1.0 {
+            assert!(
+                text.contains(r#"tripwire_store_write_errors_total{reason="disk_full"}"#),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never filled"
+        );
+    }
+    // Full: traffic still flows, and what cannot be written is shed and counted.
+    for _ in 0..100 {
+        ask(i).await;
+        i += 1;
+    }
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "tripwire_store_write_failing"), 1.0);
+    assert!(
+        metric(&text, "tripwire_store_dropped_total") > 0.0,
+        "{text}"
+    );
+
+    // Space returns (an operator deletes old rows): writing resumes by itself.
+    let path = gateway.store_path.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute("DELETE FROM exchanges", []).unwrap();
+    })
+    .await
+    .unwrap();
+    let written_before = metric(
+        &gateway.metrics().await,
+        "tripwire_store_rows_written_total",
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(&gateway.metrics().await, "tripwire_store_write_failing") != 0.0 {
+        ask(i).await;
+        i += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ask(i).await;
+    let written_after = metric(
+        &gateway.metrics().await,
+        "tripwire_store_rows_written_total",
+    );
+    assert!(
+        written_after > written_before,
+        "nothing written after space returned"
+    );
+    let exchanges = gateway.drain().await;
+    assert!(
+        exchanges
+            .iter()
+            .any(|e| tripwire::detect::prompt_text(e).contains(&format!("question {i}"))),
+        "the last exchange is not in the store ({written_before} rows written before)"
+    );
+    upstream.stop().await;
+}

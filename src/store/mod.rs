@@ -220,6 +220,18 @@ impl Store {
         }
     }
 
+    /// Caps the database at `bytes` (SQLite's `max_page_count`; 0: no cap): past it, writes
+    /// fail with `disk_full` as on a full disk. PostgreSQL has no such cap (a no-op).
+    pub fn cap_size(&self, bytes: u64) -> Result<(), StoreError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite.cap_size(bytes),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
     /// Whether `max_bytes` retention applies (SQLite only; PostgreSQL deletes by age).
     pub fn enforces_size_limit(&self) -> bool {
         matches!(self.backend, Backend::Sqlite(_))

@@ -205,6 +205,19 @@ impl Sqlite {
         Ok((exchanges, flags))
     }
 
+    /// Sets `max_page_count` so the database stays within `bytes` (at least its current size,
+    /// which SQLite will not go under).
+    pub(super) fn cap_size(&self, bytes: u64) -> Result<(), StoreError> {
+        let page_size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page_size.max(1);
+        self.conn.query_row(
+            &format!("PRAGMA max_page_count = {}", pages.max(1)),
+            [],
+            |_| Ok(()),
+        )?;
+        Ok(())
+    }
+
     /// Number of stored exchanges.
     pub(super) fn count_exchanges(&self) -> Result<u64, StoreError> {
         let n: i64 = self

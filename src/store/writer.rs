@@ -44,6 +44,7 @@ pub async fn run_writer(
     let store = Arc::new(Mutex::new(store));
     let mut batch: Vec<StoreItem> = Vec::with_capacity(config.batch_rows);
     let mut backoff = Duration::from_millis(50);
+    let mut failing_since: Option<tokio::time::Instant> = None;
     let mut next_retention = tokio::time::Instant::now();
     loop {
         if tokio::time::Instant::now() >= next_retention {
@@ -75,8 +76,28 @@ pub async fn run_writer(
             .store_queue_depth
             .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
         match write(&store, &mut batch, &metrics).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                if let Some(since) = failing_since.take() {
+                    metrics.store_write_failing.set(0);
+                    tracing::info!(after_s = since.elapsed().as_secs(), "store writes resumed");
+                }
+            }
             Err(err) => {
+                metrics
+                    .store_write_errors
+                    .get_or_create(&crate::telemetry::ReasonLabels { reason: err.kind() })
+                    .inc();
+                if failing_since.is_none() {
+                    failing_since = Some(tokio::time::Instant::now());
+                    metrics.store_write_failing.set(1);
+                    tracing::error!(
+                        kind = err.kind(),
+                        error = %err,
+                        "store writes failing (a full disk says disk_full); the proxy keeps \
+                         serving, new exchanges are shed and counted until a write succeeds"
+                    );
+                }
                 tracing::warn!(
                     kind = err.kind(),
                     error = %err,

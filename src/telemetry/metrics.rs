@@ -175,6 +175,12 @@ pub struct MetricsInner {
     pub store_written: Counter,
     /// `tripwire_store_dropped_total{reason}`: exchanges that never reached the database.
     pub store_dropped: Family<ReasonLabels, Counter>,
+    /// `tripwire_store_write_errors_total{reason}`: batch writes that failed (and will be
+    /// retried), by error kind (`disk_full`, `sql`, …).
+    pub store_write_errors: Family<ReasonLabels, Counter>,
+    /// `tripwire_store_write_failing`: 1 while the writer cannot write (disk full, database
+    /// down), 0 once a write succeeds again.
+    pub store_write_failing: Gauge,
     /// `tripwire_store_batch_seconds`: time to write one batch.
     pub store_batch_seconds: Histogram,
     /// `tripwire_store_queue_depth`.
@@ -246,6 +252,8 @@ impl Default for MetricsInner {
             parse_errors: Family::default(),
             store_written: Counter::default(),
             store_dropped: Family::default(),
+            store_write_errors: Family::default(),
+            store_write_failing: Gauge::default(),
             store_batch_seconds: latency_histogram(),
             store_queue_depth: Gauge::default(),
             store_batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -344,6 +352,16 @@ impl MetricsInner {
             "store_dropped",
             "Exchanges that never reached the store, by reason",
             self.store_dropped.clone(),
+        );
+        r.register(
+            "store_write_errors",
+            "Batch writes that failed and are being retried, by reason (disk_full, sql, open, ...)",
+            self.store_write_errors.clone(),
+        );
+        r.register(
+            "store_write_failing",
+            "1 while the store writer cannot write (full disk, database down); the proxy keeps serving",
+            self.store_write_failing.clone(),
         );
         r.register(
             "store_batch_seconds",
