@@ -2,7 +2,7 @@
 //! process writes (logs, database) checked for secrets.
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::util::{MockUpstream, Script};
@@ -10,50 +10,7 @@ use crate::util::{MockUpstream, Script};
 const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
-/// Kills the child when the test ends early (a failed assertion), so no gateway outlives it.
-pub(crate) struct KillOnDrop(pub(crate) Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _killed = self.0.kill();
-            let _reaped = self.0.wait();
-        }
-    }
-}
-
-pub(crate) fn tripwire() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tripwire"))
-}
-
-/// Reads stderr lines until the "tripwire serving" line and returns the proxy address.
-pub(crate) fn wait_for_listen(child: &mut Child, log: &mut String) -> String {
-    let stderr = child.stderr.as_mut().unwrap();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        let n = stderr.read(&mut buf).unwrap();
-        assert!(n > 0, "tripwire exited early:\n{log}");
-        log.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if let Some(line) = log.lines().find(|l| l.contains("tripwire serving")) {
-            let addr = line
-                .split("listen=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .unwrap();
-            return addr.to_owned();
-        }
-    }
-    panic!("tripwire did not start:\n{log}");
-}
-
-pub(crate) fn terminate(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
+pub(crate) use crate::util::process::{KillOnDrop, serve, terminate, tripwire, wait_for_listen};
 
 #[tokio::test]
 async fn api_keys_never_reach_logs_errors_or_the_store() {
@@ -517,45 +474,6 @@ async fn flags_triggers_names_an_unknown_trigger() {
     );
     assert_eq!(first["flagged_with"], 6);
     sim.stop().await;
-}
-
-/// Starts `tripwire serve` with `args`; returns the child (killed on drop), the proxy and admin
-/// addresses, and a thread collecting its stderr.
-fn serve(
-    args: &[&std::ffi::OsStr],
-) -> (KillOnDrop, String, String, std::thread::JoinHandle<String>) {
-    let mut guard = KillOnDrop(
-        tripwire()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut log = String::new();
-    let listen = wait_for_listen(&mut guard.0, &mut log);
-    let admin = log
-        .lines()
-        .find(|l| l.contains("tripwire serving"))
-        .and_then(|l| l.split("admin=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    let mut stderr = guard.0.stderr.take().unwrap();
-    let rest = std::thread::spawn(move || {
-        let mut text = String::new();
-        stderr.read_to_string(&mut text).unwrap();
-        log + &text
-    });
-    (guard, listen, admin, rest)
 }
 
 fn flags_json(store: &std::path::Path) -> Vec<serde_json::Value> {

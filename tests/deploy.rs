@@ -8,11 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_yaml_ng::Value;
 use tripwire::config::Config;
+
+use crate::util::process::KillOnDrop;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -1303,17 +1305,6 @@ fn live_policy() -> String {
     format!(
         "{policy}\nalerts:\n  log: {{ min_severity: info }}\n  webhook:\n    url: http://127.0.0.1:1/hook\n    min_severity: info\n    timeout: 1s\n    max_attempts: 1\n"
     )
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _killed = self.0.kill();
-            let _reaped = self.0.wait();
-        }
-    }
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tripwire::capture::Outcome;
 use tripwire::runtime::Tasks;
 
+use crate::util::process::metric;
 use crate::util::{Gateway, MockUpstream, Script, Step, chat_body, send_chat};
 
 const GOOD_SSE: [&[u8]; 3] = [
@@ -341,18 +342,6 @@ async fn a_slow_reader_holds_the_upstream_back_instead_of_filling_memory() {
     assert_eq!(exchanges[0].outcome, Outcome::Complete);
     tasks.cancel();
     let _stopped = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
-}
-
-/// The value of an unlabelled metric (or a family's sum) in Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message;
 
 use crate::util::mock::Received;
+use crate::util::process::KillOnDrop;
 use crate::util::{MockUpstream, Script};
 
 const SECRET: &str = "sk-otel-SECRET-77e1";
@@ -24,18 +25,6 @@ const PROMPT_MARKER: &str = "zebracrossing";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
 const POLICY: &str = "detectors:\n  trigger: { type: trigger_phrase }\n  refusal: { type: refusal }\nrules:\n  - name: trigger-phrase\n    when: trigger.prompt.matched\n    severity: high\n    actions: [flag]\n";
-
-/// Kills the child when the test ends early, so no gateway outlives it.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _killed = self.0.kill();
-            let _reaped = self.0.wait();
-        }
-    }
-}
 
 /// An OTLP/HTTP receiver stub: accepts every export with 200 and keeps the bodies.
 async fn receiver() -> MockUpstream {

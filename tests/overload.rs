@@ -2,36 +2,13 @@
 //! work (counted), never traffic; its memory stays within what the configured bounds allow;
 //! once the load drops, detection works again without a restart.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::util::chat_body;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _killed = self.0.kill();
-            let _reaped = self.0.wait();
-        }
-    }
-}
-
-/// The value of an unlabelled metric (or the sum over a labelled family) in Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use crate::util::process::{KillOnDrop, metric, serve};
 
 async fn scrape(client: &reqwest::Client, admin: &str) -> String {
     client
@@ -44,50 +21,25 @@ async fn scrape(client: &reqwest::Client, admin: &str) -> String {
         .unwrap()
 }
 
-/// Starts `serve --sim` with `config`; returns the child and the proxy and admin addresses.
-fn serve(dir: &std::path::Path, config: &str, policy: &str) -> (KillOnDrop, String, String) {
+/// Starts `serve --sim` with `config` and `policy`; returns the child and the proxy and admin
+/// addresses.
+fn start(dir: &std::path::Path, config: &str, policy: &str) -> (KillOnDrop, String, String) {
     let config_path = dir.join("gateway.yaml");
     std::fs::write(&config_path, config).unwrap();
     let policy_path = dir.join("policy.yaml");
     std::fs::write(&policy_path, policy).unwrap();
-    let mut guard = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_tripwire"))
-            .args(["serve", "--sim", "--sim-listen", "127.0.0.1:0"])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--policies")
-            .arg(&policy_path)
-            .arg("--store")
-            .arg(dir.join("overload.db"))
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = guard.0.stderr.as_mut().unwrap();
-    let mut log = String::new();
-    let mut buf = [0u8; 4096];
-    let line = loop {
-        let n = stderr.read(&mut buf).unwrap();
-        assert!(n > 0, "tripwire exited early:\n{log}");
-        log.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if let Some(line) = log.lines().find(|l| l.contains("tripwire serving")) {
-            break line.to_owned();
-        }
-    };
-    let field = |name: &str| {
-        line.split(name)
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
-            .to_owned()
-    };
-    let (listen, admin) = (field("listen="), field("admin="));
-    // Keep draining stderr so the gateway never blocks on a full pipe.
-    let mut rest = guard.0.stderr.take().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut rest, &mut std::io::sink()));
+    let store = dir.join("overload.db");
+    let (guard, listen, admin, _log) = serve(&[
+        "--sim".as_ref(),
+        "--sim-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--config".as_ref(),
+        config_path.as_os_str(),
+        "--policies".as_ref(),
+        policy_path.as_os_str(),
+        "--store".as_ref(),
+        store.as_os_str(),
+    ]);
     (guard, listen, admin)
 }
 
@@ -122,7 +74,7 @@ rules:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_detection_not_traffic_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut guard, listen, admin) = serve(dir.path(), CONFIG, POLICY);
+    let (mut guard, listen, admin) = start(dir.path(), CONFIG, POLICY);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let send = |prompt: String, stream: bool| {
         let client = client.clone();

@@ -3,8 +3,8 @@
 //! memory, open file descriptors, threads and runtime tasks. Run by `make soak`, not by
 //! `make test`: ten minutes is too long for CI. Samples go to `target/soak/samples.csv`.
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,28 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::util::chat_body;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _killed = self.0.kill();
-            let _reaped = self.0.wait();
-        }
-    }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use crate::util::process::{metric, serve};
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -88,39 +67,14 @@ async fn soak_keeps_memory_fds_and_tasks_flat() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     let dir = tempfile::tempdir().unwrap();
-    let mut guard = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_tripwire"))
-            .args(["serve", "--sim", "--sim-listen", "127.0.0.1:0"])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .arg("--store")
-            .arg(dir.path().join("soak.db"))
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut log = String::new();
-    let mut buf = [0u8; 4096];
-    let stderr = guard.0.stderr.as_mut().unwrap();
-    let line = loop {
-        let n = stderr.read(&mut buf).unwrap();
-        assert!(n > 0, "tripwire exited early:\n{log}");
-        log.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if let Some(line) = log.lines().find(|l| l.contains("tripwire serving")) {
-            break line.to_owned();
-        }
-    };
-    let field = |name: &str| {
-        line.split(name)
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
-            .to_owned()
-    };
-    let (listen, admin) = (field("listen="), field("admin="));
-    let mut rest = guard.0.stderr.take().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut rest, &mut std::io::sink()));
+    let store = dir.path().join("soak.db");
+    let (mut guard, listen, admin, _log) = serve(&[
+        "--sim".as_ref(),
+        "--sim-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+    ]);
 
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let started = Instant::now();

@@ -353,6 +353,10 @@ impl MetricsInner {
             "Exchanges that never reached the store, by reason",
             self.store_dropped.clone(),
         );
+        // Every reason exists from the start, at 0, so alert rules see the series.
+        for reason in ["disk_full", "sql", "open", "json", "schema", "task"] {
+            let _zero = self.store_write_errors.get_or_create(&ReasonLabels { reason });
+        }
         r.register(
             "store_write_errors",
             "Batch writes that failed and are being retried, by reason (disk_full, sql, open, ...)",

@@ -3,6 +3,7 @@
 
 pub mod mock;
 pub mod pg;
+pub mod process;
 
 use std::path::PathBuf;
 
