@@ -231,7 +231,7 @@ impl Detection {
         let policies: Vec<_> = verdict
             .fired
             .iter()
-            .filter(|r| r.actions.contains(&Action::Flag))
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
             .cloned()
             .collect();
         for rule in &policies {

@@ -89,14 +89,16 @@ pub struct Verdict {
 impl Verdict {
     /// Whether any fired rule asks for a flag.
     pub fn flagged(&self) -> bool {
-        self.fired.iter().any(|r| r.actions.contains(&Action::Flag))
+        self.fired
+            .iter()
+            .any(|r| r.actions.iter().any(|a| a.flags()))
     }
 
     /// The highest severity among fired rules that flag.
     pub fn severity(&self) -> Option<Severity> {
         self.fired
             .iter()
-            .filter(|r| r.actions.contains(&Action::Flag))
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
             .map(|r| r.severity)
             .max()
     }

@@ -17,8 +17,8 @@ pub use compile::{
 };
 pub use eval::{Engine, FiredRule, Verdict};
 pub use file::{
-    Action, AlertsConfig, LogAlertConfig, Mode, PolicyFile, RuleConfig, ScopeSelector, Severity,
-    WebhookConfig, WebhookFormat,
+    Action, AlertsConfig, BlockResponse, EnforceConfig, FailMode, LogAlertConfig, Mode, PolicyFile,
+    RuleConfig, ScopeSelector, Severity, WebhookConfig, WebhookFormat,
 };
 
 /// Why a policy could not be loaded.
