@@ -15,7 +15,7 @@ pub use compile::{
     CompiledPolicy, CompiledRule, DEFAULT_POLICY, compile_text, default_policy, load_file,
     load_path, policy_files,
 };
-pub use eval::{Engine, FiredRule, Verdict};
+pub use eval::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
 pub use file::{
     Action, AlertsConfig, BlockResponse, EnforceConfig, FailMode, LogAlertConfig, Mode, PolicyFile,
     RuleConfig, ScopeSelector, Severity, WebhookConfig, WebhookFormat,
