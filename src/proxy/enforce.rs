@@ -258,13 +258,14 @@ impl Enforcer {
         }
     }
 
-    /// Wraps a streamed answer so it is judged as it arrives.
-    pub fn stream(self, parts: &http::response::Parts, tee: TeeBody) -> EnforceBody {
+    /// Wraps a streamed answer so it is judged as it arrives; past `limit` bytes the stream
+    /// fails open or closed.
+    pub fn stream(self, parts: &http::response::Parts, tee: TeeBody, limit: usize) -> EnforceBody {
         let parser = ResponseParser::with_limit(
             self.route,
             header_str(&parts.headers, header::CONTENT_TYPE),
             header_str(&parts.headers, header::CONTENT_ENCODING),
-            usize::MAX,
+            limit,
         );
         let hold = self.plan.hold_back_tokens.saturating_mul(BYTES_PER_TOKEN);
         EnforceBody {
@@ -277,6 +278,8 @@ impl Enforcer {
                 held: VecDeque::new(),
                 total: 0,
                 hold,
+                seen: 0,
+                limit,
             }),
         }
     }
@@ -348,13 +351,21 @@ fn replay(
 pub fn mask(text: &str, spans: &[(usize, usize)], with: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut at = 0usize;
-    let mut sorted = spans.to_vec();
+    let mut sorted: Vec<(usize, usize)> = spans
+        .iter()
+        .copied()
+        .filter(|&(start, end)| start < end && text.get(start..end).is_some())
+        .collect();
     sorted.sort_unstable();
+    // Overlapping spans merge into one placeholder.
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
     for (start, end) in sorted {
-        let start = start.max(at);
-        if end <= start || text.get(start..end).is_none() {
-            continue;
+        match merged.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
         }
+    }
+    for (start, end) in merged {
         out.push_str(text.get(at..start).unwrap_or(""));
         out.push_str(with);
         at = end;
@@ -448,6 +459,9 @@ struct StreamJudge {
     total: usize,
     /// Bytes of text that must follow a chunk before it is released.
     hold: usize,
+    /// Body bytes so far, and the most that may be judged.
+    seen: usize,
+    limit: usize,
 }
 
 enum Step {
@@ -461,6 +475,11 @@ enum Step {
 
 impl StreamJudge {
     fn push(&mut self, chunk: Bytes) -> Step {
+        self.seen = self.seen.saturating_add(chunk.len());
+        if self.seen > self.limit {
+            self.held.push_back((chunk, self.total));
+            return self.failed("body_too_large");
+        }
         self.parser.push(&chunk);
         let texts: Vec<(u32, String)> = self
             .parser
@@ -611,5 +630,38 @@ impl Body for EnforceBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_merges_overlapping_spans_and_skips_ones_off_char_boundaries() {
+        assert_eq!(
+            mask("a ZORB b ZORB", &[(9, 13), (2, 6)], "[x]"),
+            "a [x] b [x]"
+        );
+        assert_eq!(mask("abcdef", &[(1, 4), (2, 5)], "_"), "a_f");
+        // "é" is two bytes: a span ending inside it is not applied.
+        assert_eq!(mask("é!", &[(0, 1)], "_"), "é!");
+        assert_eq!(mask("text", &[], "_"), "text");
+    }
+
+    #[test]
+    fn rewrite_replaces_chat_and_anthropic_text_in_place() {
+        let chat = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"bad"}}]}"#;
+        let out = rewrite(Route::ChatCompletions, chat, &|_, t| Some(t.to_uppercase())).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(json["choices"][0]["message"]["content"], "BAD");
+        let anthropic = br#"{"type":"message","content":[{"type":"text","text":"bad"}]}"#;
+        let out = rewrite(Route::AnthropicMessages, anthropic, &|_, _| {
+            Some("ok".into())
+        })
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(json["content"][0]["text"], "ok");
+        assert!(rewrite(Route::ChatCompletions, b"not json", &|_, _| None).is_none());
     }
 }

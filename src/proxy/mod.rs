@@ -3,8 +3,8 @@
 //!
 //! The client never waits for capture: the tee offers copies with `try_send`, and capture runs
 //! on its own tracked task. The one exception is enforce mode (`enforce`), taken only when an
-//! enforce-mode blocking rule's scope admits the request. The upstream is fixed by configuration; nothing in a request can
-//! point the gateway at another host.
+//! enforce-mode blocking rule's scope admits the request. The upstream is fixed by
+//! configuration; nothing in a request can point the gateway at another host.
 
 mod enforce;
 mod error;

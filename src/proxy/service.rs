@@ -279,7 +279,8 @@ async fn forward(
             let is_stream = header_text(&response_parts.headers, header::CONTENT_TYPE)
                 .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
             if is_stream {
-                let body = enforcer.stream(&response_parts, body);
+                let limit = gateway.config.limits.max_capture_body_bytes;
+                let body = enforcer.stream(&response_parts, body, limit);
                 Response::from_parts(response_parts, ProxyBody::Enforced(Box::new(body)))
             } else {
                 enforcer.answer(gateway, response_parts, body).await
