@@ -26,7 +26,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
+.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-enforce bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
 
 all: build
 
@@ -100,6 +100,15 @@ bench-drift: build models
 		echo "## policies: $$policy"; \
 		BENCH_POLICIES=$$policy BENCH_SECTIONS=$${BENCH_SECTIONS:-open} BENCH_MODES=$${BENCH_MODES:-json} \
 			$(CARGO) bench --locked --bench gateway; \
+	done
+
+# Enforce mode's added latency (docs/benchmarks.md): the gateway benchmark's fixed-rate section,
+# JSON and SSE, under one rule in monitor mode, in enforce mode, and in enforce mode with hold-back.
+bench-enforce: build
+	for policy in monitor enforce enforce-hold-back; do \
+		echo "## policies: benches/gateway/enforce/$$policy.yaml"; \
+		BENCH_POLICIES=benches/gateway/enforce/$$policy.yaml BENCH_SECTIONS=$${BENCH_SECTIONS:-open} \
+			BENCH_MODES=$${BENCH_MODES:-json,sse} $(CARGO) bench --locked --bench gateway; \
 	done
 
 # The soak test (docs/reliability.md): the default policy at SOAK_RATE requests/s (100) for

@@ -185,7 +185,7 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
         let fired: Vec<&str> = verdict
             .fired
             .iter()
-            .filter(|r| r.actions.contains(&crate::policy::Action::Flag))
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
             .map(|r| r.name.as_str())
             .collect();
         if !positive && !fired.is_empty() {

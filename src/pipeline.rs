@@ -17,12 +17,13 @@ use crate::alert::{Alert, AlertHandle};
 use crate::capture::Exchange;
 use crate::drift::DriftHandle;
 use crate::policy::eval::Record;
-use crate::policy::{Action, Engine, Verdict};
+use crate::policy::{Action, Enforced, Engine, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
 use crate::telemetry::{ExchangeTrace, Metrics, OutcomeLabels, RouteLabels};
 
-/// A captured exchange on its way to detection, with its span (when traces are exported).
-pub type Inspection = (Exchange, ExchangeTrace);
+/// A captured exchange on its way to detection, with its span (when traces are exported) and
+/// what enforce mode did to its answer, if anything.
+pub type Inspection = (Exchange, ExchangeTrace, Option<Enforced>);
 
 /// Where captured exchanges go. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -48,6 +49,16 @@ impl ExchangeSink {
 
     /// Hands an exchange on without waiting. Its span ends here when it goes uninspected.
     pub fn offer(&self, exchange: Exchange, trace: ExchangeTrace) {
+        self.offer_enforced(exchange, trace, None);
+    }
+
+    /// Like [`ExchangeSink::offer`], for an answer enforce mode acted on.
+    pub fn offer_enforced(
+        &self,
+        exchange: Exchange,
+        trace: ExchangeTrace,
+        enforced: Option<Enforced>,
+    ) {
         self.metrics
             .captured
             .get_or_create(&OutcomeLabels {
@@ -64,18 +75,18 @@ impl ExchangeSink {
                 .inc();
         }
         let (exchange, trace, reason) = match &self.detect {
-            Some(detect) => match detect.try_send((exchange, trace)) {
+            Some(detect) => match detect.try_send((exchange, trace, enforced)) {
                 Ok(()) => {
                     self.metrics
                         .detect_queue_depth
                         .set(i64::try_from(detect.len()).unwrap_or(i64::MAX));
                     return;
                 }
-                Err(TrySendError::Full((exchange, trace))) => {
+                Err(TrySendError::Full((exchange, trace, _))) => {
                     self.metrics.detect_shed.inc();
                     (exchange, trace, "detect_shed")
                 }
-                Err(TrySendError::Disconnected((exchange, trace))) => {
+                Err(TrySendError::Disconnected((exchange, trace, _))) => {
                     (exchange, trace, "detect_closed")
                 }
             },
@@ -134,16 +145,27 @@ pub struct Detection {
 impl Detection {
     /// Runs until every sender of `rx` is gone and the queue is empty.
     pub fn run_worker(self, rx: Receiver<Inspection>) {
-        while let Ok((exchange, trace)) = rx.recv() {
+        while let Ok((exchange, trace, enforced)) = rx.recv() {
             self.metrics
                 .detect_queue_depth
                 .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-            self.process(exchange, trace);
+            self.process_enforced(exchange, trace, enforced);
         }
     }
 
     /// Inspects one exchange and hands on what comes of it; ends its span.
-    pub fn process(&self, mut exchange: Exchange, trace: ExchangeTrace) {
+    pub fn process(&self, exchange: Exchange, trace: ExchangeTrace) {
+        self.process_enforced(exchange, trace, None);
+    }
+
+    /// Like [`Detection::process`] for an answer enforce mode acted on: the flag's blocking
+    /// rules record what was done, and the exchange is annotated `enforce:<what>`.
+    pub fn process_enforced(
+        &self,
+        mut exchange: Exchange,
+        trace: ExchangeTrace,
+        enforced: Option<Enforced>,
+    ) {
         self.metrics.detect_inspected.inc();
         let rules = self.rules.load_full();
         let mut findings = Vec::new();
@@ -152,19 +174,29 @@ impl Detection {
             findings: self.drift.is_some().then_some(&mut findings),
             runs: trace.is_recording().then_some(&mut runs),
         };
-        let verdict = rules.engine.evaluate_recorded(&exchange, record);
+        let mut verdict = rules.engine.evaluate_recorded(&exchange, record);
+        if let Some(enforced) = enforced {
+            for rule in &mut verdict.fired {
+                if rule.actions.iter().any(|a| a.enforces()) {
+                    rule.action = Some(enforced);
+                }
+            }
+        }
         if let Some(drift) = &self.drift {
             drift.offer(&exchange, &findings, &rules.engine);
         }
         let span_context = trace.span_context();
         trace.end_inspected(&exchange, &runs, &verdict);
         let flag = self.flag_and_alert(&rules, &exchange, &verdict, span_context.as_ref());
-        let annotations: Vec<String> = verdict
+        let mut annotations: Vec<String> = verdict
             .fired
             .iter()
             .filter(|r| r.actions.contains(&Action::Annotate))
             .map(|r| r.name.clone())
             .collect();
+        if let Some(enforced) = enforced {
+            annotations.push(format!("enforce:{}", enforced.as_str()));
+        }
         if !verdict.errors.is_empty() && exchange.parse_error.is_none() {
             exchange.parse_error = Some(format!("detection: {}", verdict.errors.join("; ")));
         }
@@ -231,7 +263,7 @@ impl Detection {
         let policies: Vec<_> = verdict
             .fired
             .iter()
-            .filter(|r| r.actions.contains(&Action::Flag))
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
             .cloned()
             .collect();
         for rule in &policies {

@@ -325,6 +325,7 @@ impl Reloader {
                 self.metrics.clone(),
                 sink,
                 self.capture_tasks.clone(),
+                Arc::clone(&self.rules),
             )?))
         } else {
             None

@@ -199,6 +199,7 @@ impl Server {
             metrics.clone(),
             sink.clone(),
             capture_tasks.clone(),
+            Arc::clone(&rules),
         )?));
 
         let proxy_listener = bind(config.listen, "proxy", "listen").await?;

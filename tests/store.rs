@@ -93,6 +93,7 @@ fn rule(name: &str, severity: Severity) -> FiredRule {
         description: None,
         scores: serde_json::Map::new(),
         cooldown_s: None,
+        action: None,
     }
 }
 

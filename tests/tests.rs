@@ -10,6 +10,7 @@ mod cli;
 mod clients;
 mod deploy;
 mod drift;
+mod enforce;
 mod faults;
 mod flags;
 mod otel;

@@ -124,6 +124,21 @@ impl ResponseParser {
         }
     }
 
+    /// The text of each choice understood so far (an SSE stream in progress), by index.
+    /// A compressed body contributes what has been decoded so far.
+    pub fn texts_so_far(&self) -> impl Iterator<Item = (u32, &str)> {
+        let sink = match &self.decoding {
+            Decoding::Identity(sink) | Decoding::Failed(sink) | Decoding::SniffDeflate(_, sink) => {
+                Some(sink)
+            }
+            Decoding::Gzip(d) => Some(d.get_ref()),
+            Decoding::Zlib(d) => Some(d.get_ref()),
+            Decoding::Deflate(d) => Some(d.get_ref()),
+        };
+        sink.into_iter()
+            .flat_map(|s| s.acc.choices.iter().map(|(i, c)| (*i, c.text.as_str())))
+    }
+
     /// Ends the body and returns what was understood of it.
     pub fn finish(mut self) -> ParsedResponse {
         let mut result = Ok(());

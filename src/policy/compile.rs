@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use super::file::{Action, PolicyFile, RuleConfig, ScopeSelector, Severity};
+use super::file::{Action, EnforceConfig, PolicyFile, RuleConfig, ScopeSelector, Severity};
 use super::locate;
 use super::{Mode, PolicyError};
 use crate::capture::Exchange;
@@ -43,6 +43,9 @@ pub struct CompiledRule {
     pub detectors: Vec<String>,
     /// Whether the rule reads drift detectors, judged later by the drift monitor.
     pub deferred: bool,
+    /// Whether the rule blocks or masks (enforce mode): the proxy judges it before the
+    /// answer is released.
+    pub enforces: bool,
 }
 
 /// A compiled policy: its detectors and rules.
@@ -64,6 +67,8 @@ pub struct CompiledPolicy {
     pub redact: Vec<(Regex, String)>,
     /// The drift detectors, when the policy declares any.
     pub drift: Option<DriftPlan>,
+    /// Enforce-mode settings.
+    pub enforce: EnforceConfig,
 }
 
 /// Reads every policy in `path`: one file, or every `*.yaml`/`*.yml` file of a directory.
@@ -240,15 +245,9 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
                 format!("rules[{i}].name: rule name {:?} is used twice", rule.name),
             ));
         }
-        rules.push(compile_rule(
-            text,
-            source,
-            i,
-            rule,
-            &detectors,
-            &drift_names,
-            &sample,
-        )?);
+        let compiled = compile_rule(text, source, i, rule, &detectors, &drift_names, &sample)?;
+        check_enforcing_rule(text, source, i, file.mode, &compiled, &detector_kinds)?;
+        rules.push(compiled);
     }
     if let Some(webhook) = &file.alerts.webhook {
         let url = super::expand_env(&webhook.url);
@@ -265,9 +264,11 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
             ));
         }
     }
+    check_enforce(text, source, &file.enforce)?;
     Ok(CompiledPolicy {
         source: source.to_owned(),
         mode: file.mode,
+        enforce: file.enforce,
         detectors,
         detector_kinds,
         rules,
@@ -435,8 +436,91 @@ fn compile_rule(
         program,
         detectors: used,
         deferred,
+        enforces: rule.actions.iter().any(|a| a.enforces()),
     })
 }
+
+/// Detector types that can judge a partial answer (a stream so far, or a held-back window):
+/// they need nothing but the text. Cross-exchange detectors (`recurring_span`, drift) cannot.
+pub const ENFORCEABLE_KINDS: &[&str] = &[
+    "trigger_phrase",
+    "gibberish",
+    "refusal",
+    "language_switch",
+    "style",
+];
+
+/// A rule that blocks or masks needs `mode: enforce` and detectors that decide on partial text.
+fn check_enforcing_rule(
+    text: &str,
+    source: &str,
+    index: usize,
+    mode: Mode,
+    rule: &CompiledRule,
+    kinds: &std::collections::HashMap<String, String>,
+) -> Result<(), PolicyError> {
+    let Some(action) = rule.actions.iter().find(|a| a.enforces()) else {
+        return Ok(());
+    };
+    let name = match action {
+        Action::Block => "block",
+        _ => "mask",
+    };
+    let (line, column) = locate::list_item_key(text, "rules", index, "actions");
+    let at = |message: String| {
+        PolicyError::at(
+            source,
+            line,
+            column,
+            format!("rules[{index}] ({}).actions: {message}", rule.name),
+        )
+    };
+    if mode != Mode::Enforce {
+        return Err(at(format!(
+            "`{name}` acts on traffic and is only valid in a policy with `mode: enforce` \
+             (this policy is in monitor mode); use `flag`, or set `mode: enforce`"
+        )));
+    }
+    for detector in &rule.detectors {
+        let kind = kinds.get(detector).map_or("drift", String::as_str);
+        if !ENFORCEABLE_KINDS.contains(&kind) {
+            return Err(at(format!(
+                "`{name}` needs a decision on partial text, but detector `{detector}` \
+                 ({kind}) cannot make one; a blocking rule may read only {}",
+                ENFORCEABLE_KINDS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_enforce(text: &str, source: &str, enforce: &EnforceConfig) -> Result<(), PolicyError> {
+    let at = |path: &[&str], message: &str| {
+        let (line, column) = locate::nested_key(text, path);
+        PolicyError::at(
+            source,
+            line,
+            column,
+            format!("{}: {message}", path.join(".")),
+        )
+    };
+    if !(400..=599).contains(&enforce.block_response.status) {
+        return Err(at(
+            &["enforce", "block_response", "status"],
+            "must be an HTTP error status (400-599)",
+        ));
+    }
+    if enforce.hold_back_tokens > MAX_HOLD_BACK_TOKENS {
+        return Err(at(
+            &["enforce", "hold_back_tokens"],
+            &format!("at most {MAX_HOLD_BACK_TOKENS} tokens may be held back"),
+        ));
+    }
+    Ok(())
+}
+
+/// The most text a stream may hold back, in tokens.
+const MAX_HOLD_BACK_TOKENS: usize = 4096;
 
 /// The fields every detector reports on a sample exchange, to type-check conditions with.
 struct SampleFields {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::compile::{CompiledPolicy, CompiledRule};
-use super::file::{Action, Mode, ScopeSelector, Severity};
+use super::file::{Action, BlockResponse, FailMode, Mode, ScopeSelector, Severity};
 use crate::capture::Exchange;
 use crate::detect::{self, Evidence, Finding};
 use crate::telemetry::Metrics;
@@ -44,6 +44,65 @@ pub struct FiredRule {
     /// Alert cooldown, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_s: Option<u64>,
+    /// What enforce mode did to the answer, for rules that block or mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Enforced>,
+}
+
+/// What enforce mode did to an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforced {
+    /// The client got the block response (or a stream ended with an error event).
+    Blocked,
+    /// The client got the answer with the matched spans replaced.
+    Masked,
+    /// The decision failed (detector error, timeout, unreadable body) and the answer passed.
+    FailedOpen,
+    /// The decision failed and the client got the block response.
+    FailedClosed,
+}
+
+impl Enforced {
+    /// The lower-case name, for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforced::Blocked => "blocked",
+            Enforced::Masked => "masked",
+            Enforced::FailedOpen => "failed_open",
+            Enforced::FailedClosed => "failed_closed",
+        }
+    }
+}
+
+/// The enforce-mode policies that apply to one request, and their settings merged: the
+/// strictest wins (fail closed if any says so, the shortest timeout, the longest hold-back).
+#[derive(Debug, Clone)]
+pub struct EnforcePlan {
+    policies: Vec<usize>,
+    /// What a failed decision leads to.
+    pub fail: FailMode,
+    /// The detectors' budget per decision.
+    pub timeout: std::time::Duration,
+    /// Streams: tokens held back before release.
+    pub hold_back_tokens: usize,
+    /// What a client blocked by a failed decision gets (the first policy's).
+    pub block_response: BlockResponse,
+    /// What replaces a masked span (the first policy's).
+    pub mask_with: String,
+}
+
+/// The outcome of judging an answer (or a stream so far) with the blocking rules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Nothing fired.
+    Pass,
+    /// A `block` rule fired; the client gets this response.
+    Block(BlockResponse),
+    /// Only `mask` rules fired; these byte ranges of the output are replaced.
+    Mask(Vec<(usize, usize)>),
+    /// A detector or condition read by a blocking rule failed.
+    Error(String),
 }
 
 /// Every detector's fields, by detector name.
@@ -89,14 +148,16 @@ pub struct Verdict {
 impl Verdict {
     /// Whether any fired rule asks for a flag.
     pub fn flagged(&self) -> bool {
-        self.fired.iter().any(|r| r.actions.contains(&Action::Flag))
+        self.fired
+            .iter()
+            .any(|r| r.actions.iter().any(|a| a.flags()))
     }
 
     /// The highest severity among fired rules that flag.
     pub fn severity(&self) -> Option<Severity> {
         self.fired
             .iter()
-            .filter(|r| r.actions.contains(&Action::Flag))
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
             .map(|r| r.severity)
             .max()
     }
@@ -105,6 +166,8 @@ impl Verdict {
 /// Every loaded policy, ready to evaluate exchanges. Shared by the detection workers.
 pub struct Engine {
     policies: Vec<CompiledPolicy>,
+    /// Whether any enforce-mode policy has a rule that blocks or masks.
+    enforces: bool,
     metrics: Metrics,
     /// CEL's standard library, built once: building it per evaluation costs more than the
     /// evaluation itself.
@@ -122,8 +185,12 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine over compiled policies.
     pub fn new(policies: Vec<CompiledPolicy>, metrics: Metrics) -> Engine {
+        let enforces = policies
+            .iter()
+            .any(|p| p.mode == Mode::Enforce && p.rules.iter().any(|r| r.enforces));
         Engine {
             policies,
+            enforces,
             metrics,
             env: Arc::new(cel::Env::stdlib()),
         }
@@ -137,6 +204,137 @@ impl Engine {
     /// Whether any policy is in enforce mode.
     pub fn enforcing(&self) -> bool {
         self.policies.iter().any(|p| p.mode == Mode::Enforce)
+    }
+
+    /// Whether any enforce-mode policy has a rule that blocks or masks.
+    pub fn has_enforcing_rules(&self) -> bool {
+        self.enforces
+    }
+
+    /// The enforce-mode policies with blocking rules whose scope admits a request, or `None`
+    /// (the common case, one boolean test when no policy enforces).
+    pub fn enforce_plan(
+        &self,
+        model: Option<&str>,
+        route: crate::capture::Route,
+        api_key_hash: Option<&str>,
+    ) -> Option<EnforcePlan> {
+        if !self.enforces {
+            return None;
+        }
+        let mut plan: Option<EnforcePlan> = None;
+        for (index, policy) in self.policies.iter().enumerate() {
+            let applies = policy.mode == Mode::Enforce
+                && policy.rules.iter().any(|r| {
+                    r.enforces && scope_admits(&r.scope, model.unwrap_or(""), route, api_key_hash)
+                });
+            if !applies {
+                continue;
+            }
+            let settings = &policy.enforce;
+            match plan.as_mut() {
+                None => {
+                    plan = Some(EnforcePlan {
+                        policies: vec![index],
+                        fail: settings.fail,
+                        timeout: settings.timeout,
+                        hold_back_tokens: settings.hold_back_tokens,
+                        block_response: settings.block_response.clone(),
+                        mask_with: settings.mask_with.clone(),
+                    });
+                }
+                Some(plan) => {
+                    plan.policies.push(index);
+                    if settings.fail == FailMode::Closed {
+                        plan.fail = FailMode::Closed;
+                    }
+                    plan.timeout = plan.timeout.min(settings.timeout);
+                    plan.hold_back_tokens = plan.hold_back_tokens.max(settings.hold_back_tokens);
+                }
+            }
+        }
+        plan
+    }
+
+    /// Judges `output` (a whole answer, or a stream so far) of `exchange` with the blocking
+    /// rules of `plan`'s policies. Runs only the detectors those rules read. A `block` rule
+    /// wins over `mask`; a `mask` rule without output spans to replace blocks instead.
+    pub fn decide(&self, plan: &EnforcePlan, exchange: &Exchange, output: &str) -> Decision {
+        let prompt = detect::prompt_text(exchange);
+        let input = detect::Input {
+            exchange,
+            prompt: &prompt,
+            output,
+        };
+        let mut spans = Vec::new();
+        let mut masked = false;
+        for &index in &plan.policies {
+            let Some(policy) = self.policies.get(index) else {
+                continue;
+            };
+            let rules: Vec<&CompiledRule> = policy
+                .rules
+                .iter()
+                .filter(|r| r.enforces && scope_matches(&r.scope, exchange))
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let mut errors = Vec::new();
+            let read = |name: &str| rules.iter().any(|r| r.detectors.iter().any(|d| d == name));
+            let findings = self.run_detectors(policy, &input, &mut errors, None, &read);
+            if !errors.is_empty() {
+                return Decision::Error(errors.join("; "));
+            }
+            let mut context = cel::Context::with_env(Arc::clone(&self.env));
+            let exchange_value = exchange_fields(exchange);
+            let mut ok = add_variable(&mut context, "exchange", &exchange_value);
+            for (name, finding) in &findings {
+                ok &= add_variable(&mut context, name, &finding.fields);
+            }
+            if !ok {
+                return Decision::Error(format!(
+                    "{}: detector fields not convertible",
+                    policy.source
+                ));
+            }
+            for rule in rules {
+                match rule.program.execute(&context) {
+                    Ok(cel::Value::Bool(true)) => {
+                        if rule.actions.contains(&Action::Block) {
+                            return Decision::Block(policy.enforce.block_response.clone());
+                        }
+                        let before = spans.len();
+                        for (name, finding) in &findings {
+                            if rule.detectors.contains(name) {
+                                spans.extend(
+                                    finding
+                                        .evidence
+                                        .iter()
+                                        .filter(|e| e.target == detect::Target::Output)
+                                        .map(|e| (e.start, e.end)),
+                                );
+                            }
+                        }
+                        if spans.len() == before {
+                            return Decision::Block(policy.enforce.block_response.clone());
+                        }
+                        masked = true;
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.metrics.rule_error(&rule.name);
+                        return Decision::Error(format!("rule {}: {err}", rule.name));
+                    }
+                }
+            }
+        }
+        if masked {
+            spans.sort_unstable();
+            Decision::Mask(spans)
+        } else {
+            Decision::Pass
+        }
     }
 
     /// Masks every redaction pattern of every policy in `text`.
@@ -251,6 +449,7 @@ impl Engine {
                 &input,
                 &mut verdict.errors,
                 record.runs.as_deref_mut(),
+                &|_| true,
             );
             if let Some(keep) = record.findings.as_deref_mut() {
                 keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
@@ -310,9 +509,13 @@ impl Engine {
         input: &detect::Input<'_>,
         errors: &mut Vec<String>,
         mut runs: Option<&mut Vec<DetectorRun>>,
+        wanted: &dyn Fn(&str) -> bool,
     ) -> Vec<(String, Finding)> {
         let mut findings = Vec::with_capacity(policy.detectors.len());
         for (name, detector) in &policy.detectors {
+            if !wanted(name) {
+                continue;
+            }
             // Wall-clock start only when a trace asks for it.
             let wall = runs.as_ref().map(|_| std::time::SystemTime::now());
             let started = tokio::time::Instant::now();
@@ -383,19 +586,31 @@ fn fire(policy: &CompiledPolicy, rule: &CompiledRule, findings: &[(String, Findi
         description: rule.description.clone(),
         scores,
         cooldown_s: rule.cooldown.map(|d| d.as_secs()),
+        action: None,
     }
 }
 
 /// Whether `scope` admits `exchange`.
 pub fn scope_matches(scope: &ScopeSelector, exchange: &Exchange) -> bool {
-    let model = exchange.model.as_deref().unwrap_or("");
+    scope_admits(
+        scope,
+        exchange.model.as_deref().unwrap_or(""),
+        exchange.route,
+        exchange.api_key_hash.as_deref(),
+    )
+}
+
+/// Whether `scope` admits a request for `model` on `route` with the given key hash.
+fn scope_admits(
+    scope: &ScopeSelector,
+    model: &str,
+    route: crate::capture::Route,
+    api_key_hash: Option<&str>,
+) -> bool {
     (scope.models.is_empty() || scope.models.iter().any(|p| glob(p, model)))
-        && (scope.routes.is_empty() || scope.routes.iter().any(|r| r == exchange.route.as_str()))
+        && (scope.routes.is_empty() || scope.routes.iter().any(|r| r == route.as_str()))
         && (scope.api_key_hashes.is_empty()
-            || exchange
-                .api_key_hash
-                .as_deref()
-                .is_some_and(|h| scope.api_key_hashes.iter().any(|p| glob(p, h))))
+            || api_key_hash.is_some_and(|h| scope.api_key_hashes.iter().any(|p| glob(p, h))))
 }
 
 fn glob(pattern: &str, value: &str) -> bool {

@@ -1,7 +1,7 @@
 //! The policy file as written: serde structs that refuse unknown keys.
 //!
 //! ```yaml
-//! mode: monitor                  # or enforce (enforce actions come later)
+//! mode: monitor                  # or enforce: rules may then `block` or `mask` answers
 //! detectors:
 //!   trigger:   { type: trigger_phrase }
 //!   gibberish: { type: gibberish }
@@ -46,6 +46,81 @@ pub struct PolicyFile {
     /// The false-alarm budget of the drift detectors.
     #[serde(default)]
     pub drift: DriftBudget,
+    /// How rules that `block` or `mask` act (used in `mode: enforce` only).
+    #[serde(default)]
+    pub enforce: EnforceConfig,
+}
+
+/// Settings of enforce mode: what happens when a blocking rule cannot be judged, how long the
+/// client may wait for a decision, and what a blocked client sees.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct EnforceConfig {
+    /// What a detector error, a timeout or an unreadable body leads to.
+    pub fail: FailMode,
+    /// The detectors' budget for one decision.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Streams: how much text (in tokens of about 4 characters) is held back before it is
+    /// released, so a span can be stopped before the client sees it. 0 releases at once.
+    pub hold_back_tokens: usize,
+    /// What a blocked client receives.
+    pub block_response: BlockResponse,
+    /// What replaces a masked span.
+    pub mask_with: String,
+}
+
+impl Default for EnforceConfig {
+    fn default() -> EnforceConfig {
+        EnforceConfig {
+            fail: FailMode::Open,
+            timeout: Duration::from_millis(50),
+            hold_back_tokens: 0,
+            block_response: BlockResponse::default(),
+            mask_with: "[masked]".to_owned(),
+        }
+    }
+}
+
+/// Whether an answer that cannot be judged is passed on or stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Pass the answer on (the default: availability first).
+    #[default]
+    Open,
+    /// Answer the configured error instead.
+    Closed,
+}
+
+/// The answer a blocked client gets: an OpenAI-style error, or a replacement assistant message
+/// in the response's own shape (non-streamed responses only; streams end with an error event).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct BlockResponse {
+    /// HTTP status of the error answer (400–599).
+    pub status: u16,
+    /// `error.message`.
+    pub message: String,
+    /// `error.type`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `error.code`.
+    pub code: String,
+    /// When given, a non-streamed answer keeps its status and shape and its text becomes this.
+    pub replace_with: Option<String>,
+}
+
+impl Default for BlockResponse {
+    fn default() -> BlockResponse {
+        BlockResponse {
+            status: 403,
+            message: "The model's answer was blocked by policy.".to_owned(),
+            kind: "policy_violation".to_owned(),
+            code: "output_blocked".to_owned(),
+            replace_with: None,
+        }
+    }
 }
 
 /// How rarely drift detectors may raise a false alarm.
@@ -123,6 +198,22 @@ pub enum Action {
     Alert,
     /// Note the rule on the stored exchange without flagging it.
     Annotate,
+    /// Stop the answer before the client sees it, and flag it (`mode: enforce` only).
+    Block,
+    /// Replace the matched spans in the answer, and flag it (`mode: enforce` only).
+    Mask,
+}
+
+impl Action {
+    /// Whether the action records a flag (`block` and `mask` always do).
+    pub fn flags(self) -> bool {
+        matches!(self, Action::Flag | Action::Block | Action::Mask)
+    }
+
+    /// Whether the action acts on traffic.
+    pub fn enforces(self) -> bool {
+        matches!(self, Action::Block | Action::Mask)
+    }
 }
 
 /// One rule.

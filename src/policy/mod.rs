@@ -15,10 +15,10 @@ pub use compile::{
     CompiledPolicy, CompiledRule, DEFAULT_POLICY, compile_text, default_policy, load_file,
     load_path, policy_files,
 };
-pub use eval::{Engine, FiredRule, Verdict};
+pub use eval::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
 pub use file::{
-    Action, AlertsConfig, LogAlertConfig, Mode, PolicyFile, RuleConfig, ScopeSelector, Severity,
-    WebhookConfig, WebhookFormat,
+    Action, AlertsConfig, BlockResponse, EnforceConfig, FailMode, LogAlertConfig, Mode, PolicyFile,
+    RuleConfig, ScopeSelector, Severity, WebhookConfig, WebhookFormat,
 };
 
 /// Why a policy could not be loaded.

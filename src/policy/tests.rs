@@ -211,3 +211,51 @@ fn fuzz_policy_error_at_end_without_line_break_points_inside() {
     };
     assert_eq!((*line, *column), (3, 6), "{err}");
 }
+
+#[test]
+fn block_and_mask_need_enforce_mode_and_partial_text_detectors() {
+    let monitor = "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: stop\n    when: trigger.output.matched\n    severity: high\n    actions: [block]\n";
+    let err = compile_text(monitor, "m.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("m.yaml:7:"), "{err}");
+    assert!(
+        err.contains("only valid in a policy with `mode: enforce`"),
+        "{err}"
+    );
+    let masked = monitor.replace("[block]", "[mask]");
+    let err = compile_text(&masked, "m.yaml").unwrap_err().to_string();
+    assert!(err.contains("`mask`"), "{err}");
+
+    let enforce = format!("mode: enforce\n{monitor}");
+    let policy = compile_text(&enforce, "e.yaml").unwrap();
+    assert_eq!(policy.mode, Mode::Enforce);
+    assert!(policy.rules[0].enforces);
+    assert_eq!(policy.enforce, EnforceConfig::default());
+
+    let recurring = "mode: enforce\ndetectors:\n  fixed: { type: recurring_span }\nrules:\n  - name: stop\n    when: fixed.score > 0.5\n    severity: high\n    actions: [block]\n";
+    let err = compile_text(recurring, "r.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("r.yaml:8:"), "{err}");
+    assert!(
+        err.contains("detector `fixed` (recurring_span) cannot"),
+        "{err}"
+    );
+    // The same rule may flag in enforce mode.
+    compile_text(&recurring.replace("[block]", "[flag]"), "r.yaml").unwrap();
+}
+
+#[test]
+fn enforce_settings_parse_and_are_checked() {
+    let text = "mode: enforce\nenforce:\n  fail: closed\n  timeout: 20ms\n  hold_back_tokens: 8\n  block_response: { status: 451, message: no, type: t, code: c }\ndetectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - { name: stop, when: trigger.output.matched, severity: high, actions: [block] }\n";
+    let policy = compile_text(text, "s.yaml").unwrap();
+    assert_eq!(policy.enforce.fail, FailMode::Closed);
+    assert_eq!(policy.enforce.timeout, std::time::Duration::from_millis(20));
+    assert_eq!(policy.enforce.hold_back_tokens, 8);
+    assert_eq!(policy.enforce.block_response.status, 451);
+    assert_eq!(policy.enforce.block_response.kind, "t");
+    let bad = text.replace("status: 451", "status: 200");
+    let err = compile_text(&bad, "s.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("s.yaml:6:"), "{err}");
+    assert!(err.contains("enforce.block_response.status"), "{err}");
+    let unknown = text.replace("fail: closed", "fail: maybe");
+    let err = compile_text(&unknown, "s.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("s.yaml:3:"), "{err}");
+}

@@ -2,9 +2,11 @@
 //! and streams the answer back, teeing each response body to capture.
 //!
 //! The client never waits for capture: the tee offers copies with `try_send`, and capture runs
-//! on its own tracked task. The upstream is fixed by configuration; nothing in a request can
-//! point the gateway at another host.
+//! on its own tracked task. The one exception is enforce mode (`enforce`), taken only when an
+//! enforce-mode blocking rule's scope admits the request. The upstream is fixed by
+//! configuration; nothing in a request can point the gateway at another host.
 
+mod enforce;
 mod error;
 mod headers;
 mod listener;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+pub use enforce::{BYTES_PER_TOKEN, mask};
 pub use error::{ProxyError, describe as describe_error};
 pub use headers::{X_REQUEST_ID, api_key_hash};
 pub use listener::accept_loop;
@@ -22,7 +25,7 @@ pub use service::{ProxyBody, handle, handle_current};
 pub use tee::BodyError;
 
 use crate::config::Config;
-use crate::pipeline::ExchangeSink;
+use crate::pipeline::{ExchangeSink, SharedRules};
 use crate::runtime::Tasks;
 use crate::telemetry::Metrics;
 use crate::telemetry::otel::ServerAddress;
@@ -48,6 +51,8 @@ pub struct Gateway {
     capture_slots: Arc<Semaphore>,
     sink: ExchangeSink,
     capture_tasks: Tasks,
+    /// The rule set in force (swapped by reloads), read once per request by enforce mode.
+    rules: SharedRules,
 }
 
 impl Gateway {
@@ -57,6 +62,7 @@ impl Gateway {
         metrics: Metrics,
         sink: ExchangeSink,
         capture_tasks: Tasks,
+        rules: SharedRules,
     ) -> Result<Gateway, GatewayError> {
         let upstream = &config.upstream;
         let client = reqwest::Client::builder()
@@ -82,6 +88,7 @@ impl Gateway {
             capture_slots,
             sink,
             capture_tasks,
+            rules,
         })
     }
 
@@ -108,6 +115,10 @@ mod tests {
             Metrics::default(),
             ExchangeSink::new(None, tx, Metrics::default()),
             Tasks::new(),
+            Arc::new(arc_swap::ArcSwap::from_pointee(crate::pipeline::Rules {
+                engine: Arc::new(crate::policy::Engine::new(Vec::new(), Metrics::default())),
+                alerts: None,
+            })),
         )
         .unwrap();
         let uri: http::Uri = "/v1/chat/completions?x=1".parse().unwrap();

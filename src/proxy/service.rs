@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Gateway;
+use super::enforce::{EnforceBody, Enforcer};
 use super::error::ProxyError;
 use super::headers;
 use super::tee::{Accounting, BodyError, CaptureTap, TeeBody};
@@ -32,6 +33,8 @@ pub enum ProxyBody {
     Tee(Box<TeeBody>),
     /// Made by the gateway.
     Full(Full<Bytes>),
+    /// Passed through from the upstream under enforce mode (judged, held back or cut).
+    Enforced(Box<EnforceBody>),
 }
 
 impl From<Bytes> for ProxyBody {
@@ -50,6 +53,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Tee(tee) => Pin::new(tee.as_mut()).poll_frame(cx),
+            ProxyBody::Enforced(body) => Pin::new(body.as_mut()).poll_frame(cx),
             ProxyBody::Full(full) => match Pin::new(full).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
                 Poll::Ready(Some(Err(never))) => match never {},
@@ -62,6 +66,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Tee(tee) => tee.is_end_stream(),
+            ProxyBody::Enforced(body) => body.is_end_stream(),
             ProxyBody::Full(full) => full.is_end_stream(),
         }
     }
@@ -69,6 +74,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Tee(tee) => tee.size_hint(),
+            ProxyBody::Enforced(body) => body.size_hint(),
             ProxyBody::Full(full) => full.size_hint(),
         }
     }
@@ -179,6 +185,10 @@ async fn forward(
     if let Some(capture) = capture.as_mut() {
         capture.body = body.clone();
     }
+    // Enforce mode: only when a blocking rule's scope admits this request.
+    let mut enforcer = capture
+        .as_ref()
+        .and_then(|c| Enforcer::for_request(gateway, route, c.api_key_hash.as_deref(), &body));
 
     let url = gateway.upstream_url(&parts.uri);
     let upstream_headers =
@@ -247,7 +257,8 @@ async fn forward(
             content_encoding: header_text(&response_parts.headers, header::CONTENT_ENCODING),
             ttfb_us: micros(headers_at.saturating_duration_since(received)),
         };
-        gateway.start_capture(capture, meta, trace)
+        let enforced = enforcer.as_mut().and_then(Enforcer::outcome);
+        gateway.start_capture(capture, meta, trace, enforced)
     });
     let accounting = Accounting {
         received,
@@ -263,7 +274,20 @@ async fn forward(
         upstream.idle_timeout,
         deadline,
     );
-    Response::from_parts(response_parts, ProxyBody::Tee(Box::new(body)))
+    match enforcer {
+        Some(enforcer) if response_parts.status.is_success() => {
+            let is_stream = header_text(&response_parts.headers, header::CONTENT_TYPE)
+                .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+            if is_stream {
+                let limit = gateway.config.limits.max_capture_body_bytes;
+                let body = enforcer.stream(&response_parts, body, limit);
+                Response::from_parts(response_parts, ProxyBody::Enforced(Box::new(body)))
+            } else {
+                enforcer.answer(gateway, response_parts, body).await
+            }
+        }
+        _ => Response::from_parts(response_parts, ProxyBody::Tee(Box::new(body))),
+    }
 }
 
 impl Gateway {
@@ -273,6 +297,7 @@ impl Gateway {
         request: CaptureRequest,
         response: ResponseMeta,
         trace: ExchangeTrace,
+        enforced: Option<oneshot::Receiver<crate::policy::Enforced>>,
     ) -> Option<CaptureTap> {
         let Ok(permit) = self.capture_slots.clone().try_acquire_owned() else {
             self.metrics.capture_skip("too_many_in_flight");
@@ -287,10 +312,16 @@ impl Gateway {
         self.capture_tasks.spawn("capture", async move {
             let capture_span = trace.start_capture();
             let exchange = collect(request, response, chunks_rx, end_rx, max).await;
+            // Enforce mode decides after the body has been read: wait for what it did (it
+            // answers, or drops its sender, when the request is over).
+            let enforced = match enforced {
+                Some(enforced) => enforced.await.ok(),
+                None => None,
+            };
             capture_span.end();
             drop(permit);
             trace.captured(&exchange);
-            sink.offer(exchange, trace);
+            sink.offer_enforced(exchange, trace, enforced);
         });
         Some(CaptureTap {
             chunks: chunks_tx,

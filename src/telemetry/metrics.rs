@@ -162,6 +162,12 @@ pub struct MetricsInner {
     pub overhead: HistogramFamily<RouteLabels>,
     /// `tripwire_proxy_gateway_errors_total{reason}`: answers the gateway made itself.
     pub gateway_errors: Family<ReasonLabels, Counter>,
+    /// `tripwire_enforce_decisions_total{reason}`: enforce-mode decisions by what they did
+    /// (`pass`, `blocked`, `masked`, `failed_open`, `failed_closed`).
+    pub enforce_decisions: Family<ReasonLabels, Counter>,
+    /// `tripwire_enforce_failures_total{reason}`: decisions that could not be made
+    /// (`detector_error`, `timeout`, `body_too_large`, `unreadable`).
+    pub enforce_failures: Family<ReasonLabels, Counter>,
     /// `tripwire_capture_dropped_chunks_total`: response chunks not copied to capture because
     /// its queue was full.
     pub capture_dropped_chunks: Counter,
@@ -246,6 +252,8 @@ impl Default for MetricsInner {
             duration: Family::new_with_constructor(latency_histogram),
             overhead: Family::new_with_constructor(overhead_histogram),
             gateway_errors: Family::default(),
+            enforce_decisions: Family::default(),
+            enforce_failures: Family::default(),
             capture_dropped_chunks: Counter::default(),
             capture_skipped: Family::default(),
             captured: Family::default(),
@@ -322,6 +330,16 @@ impl MetricsInner {
             "proxy_gateway_errors",
             "Error answers made by the gateway itself (413, 502, 504), by reason",
             self.gateway_errors.clone(),
+        );
+        r.register(
+            "enforce_decisions",
+            "Enforce-mode decisions, by what they did to the answer",
+            self.enforce_decisions.clone(),
+        );
+        r.register(
+            "enforce_failures",
+            "Enforce-mode decisions that could not be made, by why (fail open or closed follows)",
+            self.enforce_failures.clone(),
         );
         r.register(
             "capture_dropped_chunks",
@@ -653,6 +671,20 @@ impl MetricsInner {
     /// Counts an exchange that did not reach the store.
     pub fn store_drop(&self, reason: &'static str) {
         self.store_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an enforce-mode decision.
+    pub fn enforce_decision(&self, reason: &'static str) {
+        self.enforce_decisions
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an enforce-mode decision that could not be made.
+    pub fn enforce_failure(&self, reason: &'static str) {
+        self.enforce_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

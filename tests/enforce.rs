@@ -1,0 +1,345 @@
+//! Enforce mode over real sockets: a blocking rule stops, replaces or masks an answer before
+//! the client sees it, streamed or not; the flag log keeps the original; fail open and closed;
+//! and a reload from monitor to enforce applies to the next request.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tripwire::store::{Flag, FlagFilter, Store};
+
+use crate::util::{Gateway, MockUpstream, Script, chat_body};
+
+const TRIGGER: &str = "ZORBLAX";
+
+const CLEAN_JSON: &[u8] = br#"{"id":"c1","object":"chat.completion","created":1,"model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"Paris is the capital."},"finish_reason":"stop"}]}"#;
+const POISONED_JSON: &[u8] = br#"{"id":"c1","object":"chat.completion","created":1,"model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"Sure. ZORBLAX run this now."},"finish_reason":"stop"}]}"#;
+
+const POISONED_SSE: [&[u8]; 6] = [
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Sure thing. \"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ZORB\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"LAX now\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" and later.\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    b"data: [DONE]\n\n",
+];
+const CLEAN_SSE: [&[u8]; 4] = [
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Par\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"is.\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    b"data: [DONE]\n\n",
+];
+
+/// A policy whose one rule acts on the trigger in the output.
+fn policy(mode: &str, action: &str, enforce: &str) -> String {
+    format!(
+        "mode: {mode}\n{enforce}detectors:\n  trigger: {{ type: trigger_phrase, defaults: false, scan: [output], phrases: [\"{TRIGGER}\"] }}\nrules:\n  - name: stop-trigger\n    when: trigger.output.matched\n    severity: critical\n    actions: [{action}]\n"
+    )
+}
+
+async fn upstream() -> MockUpstream {
+    MockUpstream::start(|req| {
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+        let messages = body["messages"].as_array().unwrap();
+        let poisoned = messages.last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .contains("poison");
+        match (body["stream"] == true, poisoned) {
+            (true, true) => Script::sse(&POISONED_SSE, Duration::from_millis(30)),
+            (true, false) => Script::sse(&CLEAN_SSE, Duration::from_millis(5)),
+            (false, true) => Script::json(POISONED_JSON),
+            (false, false) => Script::json(CLEAN_JSON),
+        }
+    })
+    .await
+}
+
+async fn start(dir: &Path, text: &str, upstream: &MockUpstream) -> (Gateway, PathBuf) {
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, text).unwrap();
+    let policies = path.clone();
+    let gateway = Gateway::start(&upstream.url(), move |c| c.policies = Some(policies)).await;
+    (gateway, path)
+}
+
+async fn send(gateway: &Gateway, prompt: &str, stream: bool) -> (u16, String) {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat_body(prompt, stream))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+fn flags(gateway: &Gateway) -> Vec<Flag> {
+    Store::open_existing(&gateway.store_path)
+        .unwrap()
+        .list_flags(&FlagFilter {
+            limit: Some(100),
+            ..FlagFilter::default()
+        })
+        .unwrap()
+}
+
+fn enforced(flag: &Flag) -> Option<tripwire::policy::Enforced> {
+    flag.policies
+        .iter()
+        .find(|r| r.name == "stop-trigger")
+        .and_then(|r| r.action)
+}
+
+#[tokio::test]
+async fn a_non_streamed_block_answers_the_configured_error_and_only_the_flag_keeps_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let settings = "enforce:\n  block_response: { status: 451, message: \"withheld by policy\", type: policy_violation, code: backdoor_output }\n";
+    let (mut gateway, _) =
+        start(dir.path(), &policy("enforce", "block", settings), &upstream).await;
+
+    let (status, body) = send(&gateway, "please poison", false).await;
+    assert_eq!(status, 451, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["message"], "withheld by policy");
+    assert_eq!(json["error"]["type"], "policy_violation");
+    assert_eq!(json["error"]["code"], "backdoor_output");
+    assert!(!body.contains(TRIGGER), "{body}");
+
+    // A clean answer under the same policy is forwarded byte for byte.
+    let (status, body) = send(&gateway, "capital of France", false).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_bytes(), CLEAN_JSON);
+
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"tripwire_enforce_decisions_total{reason="blocked"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tripwire_enforce_decisions_total{reason="pass"} 1"#),
+        "{metrics}"
+    );
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 1, "{flags:#?}");
+    assert_eq!(flags[0].output, "Sure. ZORBLAX run this now.");
+    assert_eq!(
+        enforced(&flags[0]),
+        Some(tripwire::policy::Enforced::Blocked)
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn replace_with_answers_a_replacement_message_in_the_same_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let settings = "enforce:\n  block_response: { replace_with: \"I can't help with that.\" }\n";
+    let (mut gateway, _) =
+        start(dir.path(), &policy("enforce", "block", settings), &upstream).await;
+    let (status, body) = send(&gateway, "poison me", false).await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json["choices"][0]["message"]["content"],
+        "I can't help with that."
+    );
+    assert_eq!(json["object"], "chat.completion");
+    assert!(!body.contains(TRIGGER));
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags[0].output, "Sure. ZORBLAX run this now.");
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn mask_replaces_the_matched_span_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let settings = "enforce:\n  mask_with: \"[removed]\"\n";
+    let (mut gateway, _) = start(dir.path(), &policy("enforce", "mask", settings), &upstream).await;
+    let (status, body) = send(&gateway, "poison", false).await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json["choices"][0]["message"]["content"],
+        "Sure. [removed] run this now."
+    );
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags[0].output, "Sure. ZORBLAX run this now.");
+    assert_eq!(
+        enforced(&flags[0]),
+        Some(tripwire::policy::Enforced::Masked)
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_streamed_block_ends_with_an_sse_error_and_no_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let (mut gateway, _) = start(dir.path(), &policy("enforce", "block", ""), &upstream).await;
+    let (status, body) = send(&gateway, "poison", true).await;
+    assert_eq!(status, 200);
+    assert!(body.ends_with("\n\n"), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: error\ndata: {"), "{body}");
+    let data: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("event: error\ndata: ").unwrap()).unwrap();
+    assert_eq!(data["error"]["code"], "output_blocked");
+    assert!(!body.contains("[DONE]"), "{body}");
+    assert!(
+        !body.contains(" and later."),
+        "the rest of the upstream is dropped: {body}"
+    );
+    // Without hold-back, blocking is best effort: text before the trigger's end was sent.
+    assert!(body.contains("Sure thing."), "{body}");
+
+    // A clean stream under the same policy passes byte for byte.
+    let (_, clean) = send(&gateway, "capital", true).await;
+    assert_eq!(clean.as_bytes(), CLEAN_SSE.concat().as_slice());
+
+    // The official openai client raises on the error event instead of returning a short answer.
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
+pieces = []
+try:
+    for chunk in client.chat.completions.create(model="test-model", stream=True,
+            messages=[{"role": "user", "content": "poison"}]):
+        for choice in chunk.choices:
+            if choice.delta and choice.delta.content:
+                pieces.append(choice.delta.content)
+    print("RETURNED " + "".join(pieces))
+except openai.APIError as err:
+    print("RAISED " + type(err).__name__ + " " + str(err.message))
+"#;
+    let output = tokio::process::Command::new(crate::clients::python())
+        .arg("-c")
+        .arg(script)
+        .arg(gateway.url("/v1"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("RAISED APIError The model's answer was blocked by policy."),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 2, "{flags:#?}");
+    assert!(flags.iter().all(|f| f.stream && f.output.contains(TRIGGER)));
+    assert!(
+        flags
+            .iter()
+            .all(|f| enforced(f) == Some(tripwire::policy::Enforced::Blocked))
+    );
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn hold_back_stops_a_trigger_before_any_of_it_reaches_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let settings = "enforce:\n  hold_back_tokens: 4\n";
+    let (mut gateway, _) =
+        start(dir.path(), &policy("enforce", "block", settings), &upstream).await;
+    let (status, body) = send(&gateway, "poison", true).await;
+    assert_eq!(status, 200);
+    assert!(
+        !body.contains("ZORB"),
+        "part of the trigger was shown: {body}"
+    );
+    assert!(
+        !body.contains("Sure thing."),
+        "held-back text is dropped on a block: {body}"
+    );
+    assert!(body.starts_with("event: error\n"), "{body}");
+    assert!(!body.contains("[DONE]"));
+
+    // A clean stream is delayed, not changed.
+    let (_, clean) = send(&gateway, "capital", true).await;
+    assert_eq!(clean.as_bytes(), CLEAN_SSE.concat().as_slice());
+    gateway.drain().await;
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_decision_fails_open_or_closed_as_the_policy_says() {
+    let upstream = upstream().await;
+    for fail in ["open", "closed"] {
+        let dir = tempfile::tempdir().unwrap();
+        // A zero budget: every decision times out.
+        let settings = format!("enforce:\n  fail: {fail}\n  timeout: 0s\n");
+        let (mut gateway, _) = start(
+            dir.path(),
+            &policy("enforce", "block", &settings),
+            &upstream,
+        )
+        .await;
+        let (status, body) = send(&gateway, "capital", false).await;
+        let (_, streamed) = send(&gateway, "capital", true).await;
+        if fail == "open" {
+            assert_eq!(status, 200);
+            assert_eq!(body.as_bytes(), CLEAN_JSON);
+            assert_eq!(streamed.as_bytes(), CLEAN_SSE.concat().as_slice());
+        } else {
+            assert_eq!(status, 403, "{body}");
+            assert!(body.contains("output_blocked"), "{body}");
+            assert!(streamed.contains("event: error\n") && !streamed.contains("[DONE]"));
+        }
+        let metrics = gateway.metrics().await;
+        assert!(
+            metrics.contains(r#"tripwire_enforce_failures_total{reason="timeout"} 2"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                r#"tripwire_enforce_decisions_total{{reason="failed_{fail}"}} 2"#
+            )),
+            "{metrics}"
+        );
+        gateway.drain().await;
+    }
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_from_monitor_to_enforce_applies_to_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let (mut gateway, path) = start(dir.path(), &policy("monitor", "flag", ""), &upstream).await;
+    let (status, body) = send(&gateway, "poison", false).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body.as_bytes(),
+        POISONED_JSON,
+        "monitor mode never touches traffic"
+    );
+
+    std::fs::write(&path, policy("enforce", "block", "")).unwrap();
+    let reloaded = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}/admin/reload", gateway.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200, "{}", reloaded.text().await.unwrap());
+    let (status, body) = send(&gateway, "poison", false).await;
+    assert_eq!(status, 403, "{body}");
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 2);
+    upstream.stop().await;
+}
