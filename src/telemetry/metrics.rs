@@ -373,7 +373,9 @@ impl MetricsInner {
         );
         // Every reason exists from the start, at 0, so alert rules see the series.
         for reason in ["disk_full", "sql", "open", "json", "schema", "task"] {
-            let _zero = self.store_write_errors.get_or_create(&ReasonLabels { reason });
+            let _zero = self
+                .store_write_errors
+                .get_or_create(&ReasonLabels { reason });
         }
         r.register(
             "store_write_errors",
