@@ -156,19 +156,21 @@ fn loopback_host<B>(request: &Request<B>) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Whether the request comes from the console's own page: its `Origin` (or, failing that,
-/// `Referer`) names the host it was sent to. Browsers send `Origin` on every POST.
+/// Whether the request comes from the console's own page. Browsers say so in
+/// `Sec-Fetch-Site`; under `Referrer-Policy: no-referrer` their `Origin` on a form post is
+/// `null`, so `Origin` (or `Referer`) is compared with `Host` only when that header is absent.
 fn same_origin<B>(request: &Request<B>) -> bool {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok());
-    let source = request
-        .headers()
-        .get(header::ORIGIN)
-        .or_else(|| request.headers().get(header::REFERER))
-        .and_then(|h| h.to_str().ok());
-    match (host, source) {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|h: &HeaderValue| h.to_str().ok())
+    };
+    if let Some(site) = header("sec-fetch-site") {
+        return site == "same-origin";
+    }
+    let source = header(header::ORIGIN.as_str()).or_else(|| header(header::REFERER.as_str()));
+    match (header(header::HOST.as_str()), source) {
         (Some(host), Some(source)) => {
             let rest = source
                 .strip_prefix("http://")
@@ -475,6 +477,20 @@ mod tests {
             ("referer", "http://evil.example/127.0.0.1:9090")
         ])));
         assert!(same_origin(&request(&[("host", "127.0.0.1:9090")])));
+        assert!(!same_origin(&request(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "null")
+        ])));
+        assert!(same_origin(&request(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin")
+        ])));
+        assert!(!same_origin(&request(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "http://127.0.0.1:9090"),
+            ("sec-fetch-site", "cross-site")
+        ])));
     }
 
     #[test]

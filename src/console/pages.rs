@@ -79,8 +79,13 @@ impl Filters {
         query(&pairs)
     }
 
+    /// `query_text` without its empty parameters (an unset form field), for
+    /// [`flag_filter`].
     fn without_empty(query_text: &str) -> String {
-        Filters::read(query_text).query(&[])
+        Filters::read(query_text)
+            .query(&[])
+            .trim_start_matches('?')
+            .to_owned()
     }
 }
 
@@ -265,7 +270,7 @@ fn rule_counts(body: &mut Html, filters: &Filters, stats: &FlagStats) {
         };
         body.raw("<li><a href=\"")
             .text(&format!("/console/flags{}", link.query(&[])))
-            .raw("\"><span class=\"rule\">")
+            .raw("\"><span class=\"rule-name\">")
             .text(rule)
             .raw("</span> <span class=\"n\">")
             .show(n)
@@ -1089,5 +1094,11 @@ mod tests {
             filters.query(&[("before", Some("12"))]),
             "?since=1h&rule=a%20b&model=m%3C1%3E&before=12"
         );
+        let filter = flag_filter(&Filters::without_empty(
+            "since=&rule=feature-drift&severity=&model=&route=&label=",
+        ))
+        .unwrap();
+        assert_eq!(filter.rule.as_deref(), Some("feature-drift"));
+        assert_eq!(filter.min_severity, None);
     }
 }

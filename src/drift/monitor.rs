@@ -398,6 +398,7 @@ impl DriftMonitor {
                     .set(i64::try_from(embedding.reference_len()).unwrap_or(i64::MAX));
             }
             let observed = state.observed;
+            state.history.observed = observed;
             for (detector, result, reference) in &step.results {
                 state
                     .history
