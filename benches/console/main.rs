@@ -30,7 +30,7 @@ const SEVERITIES: [&str; 4] = ["info", "warning", "high", "critical"];
 
 fn flag(i: u64, created_at_us: i64) -> Flag {
     // A rare rule (1 in 100) and the common ones, so filters have something to find.
-    let rule = if i % 100 == 0 {
+    let rule = if i.is_multiple_of(100) {
         "triggered-gibberish"
     } else {
         RULES[(i % 5) as usize]
