@@ -26,7 +26,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres bench bench-drift bench-enforce bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
+.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres browser bench bench-drift bench-enforce bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
 
 all: build
 
@@ -71,7 +71,17 @@ postgres:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
-unit: models models-gpu postgres $(VENV)/.openai-$(OPENAI_VERSION)
+# The console's browser test (tests/console.rs): the distribution's chromium, installed only when
+# missing, and playwright-core from tests/browser/package-lock.json.
+browser:
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium for the console's browser test (apt-get install chromium)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@test -d tests/browser/node_modules/playwright-core || \
+		(cd tests/browser && npm ci --no-audit --no-fund --silent)
+
+unit: models models-gpu postgres browser $(VENV)/.openai-$(OPENAI_VERSION)
 	$(CARGO) test --locked
 
 test: check-fmt lint lint-deploy unit

@@ -9,6 +9,8 @@
 //! * `POST /admin/reload`: reads the configuration and policies again (see [`crate::reload`]);
 //!   200 with what changed, or 422 with the file:line:col error while the old set stays
 //!
+//! * `/console/…`: the web pages of [`crate::console`]
+//!
 //! `/admin/…` needs `Authorization: Bearer <admin_token>` (compared in constant time); with no
 //! token configured it answers loopback clients only.
 
@@ -41,6 +43,8 @@ pub struct AdminState {
     store_location: StoreLocation,
     store: Mutex<Option<Store>>,
     reloader: OnceLock<Weak<Reloader>>,
+    console: crate::console::Sessions,
+    drift: OnceLock<Arc<crate::drift::DriftMonitor>>,
 }
 
 impl AdminState {
@@ -60,12 +64,43 @@ impl AdminState {
             store_location,
             store: Mutex::new(None),
             reloader: OnceLock::new(),
+            console: crate::console::Sessions::default(),
+            drift: OnceLock::new(),
         }
     }
 
     /// Replaces the admin API's bearer token (a reload).
     pub fn set_token(&self, token: Option<Secret>) {
         self.token.store(token.map(Arc::new));
+        self.console.clear();
+    }
+
+    /// Whether an admin token is configured.
+    pub(crate) fn has_token(&self) -> bool {
+        self.token.load().is_some()
+    }
+
+    /// Whether `presented` is the admin token (constant time); false when none is set.
+    pub(crate) fn token_matches(&self, presented: &[u8]) -> bool {
+        self.token
+            .load()
+            .as_deref()
+            .is_some_and(|token| token.matches(presented))
+    }
+
+    /// The console's sessions.
+    pub(crate) fn console(&self) -> &crate::console::Sessions {
+        &self.console
+    }
+
+    /// Lets the console read the drift monitor's history.
+    pub fn set_drift(&self, monitor: Arc<crate::drift::DriftMonitor>) {
+        let _already_set = self.drift.set(monitor);
+    }
+
+    /// The drift monitor, when a policy declares drift detectors.
+    pub(crate) fn drift(&self) -> Option<&Arc<crate::drift::DriftMonitor>> {
+        self.drift.get()
     }
 
     /// Lets `POST /admin/reload` reach `reloader` (held weakly: the server owns it).
@@ -89,7 +124,7 @@ impl AdminState {
     }
 
     /// Runs `f` on the admin's own store connection, on a blocking thread.
-    async fn with_store<T: Send + 'static>(
+    pub(crate) async fn with_store<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -135,6 +170,9 @@ pub async fn handle(
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             response
+        }
+        (_, p) if p == "/console" || p.starts_with("/console/") => {
+            crate::console::handle(&state, peer, request).await
         }
         (_, p) if p.starts_with("/admin/") => match authorize(&state, peer, &request) {
             Err(response) => *response,
@@ -294,7 +332,7 @@ struct LabelRequest {
     note: Option<String>,
 }
 
-fn param(query: &str, name: &str) -> Option<String> {
+pub(crate) fn param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then(|| percent_decode(v))
@@ -328,7 +366,7 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn since_us(text: &str) -> Result<i64, String> {
+pub(crate) fn since_us(text: &str) -> Result<i64, String> {
     let duration = humantime::parse_duration(text)
         .map_err(|e| format!("since: {e} (use e.g. 30m, 1h, 7d)"))?;
     let now = std::time::SystemTime::now()
@@ -337,7 +375,7 @@ fn since_us(text: &str) -> Result<i64, String> {
     Ok(now - i64::try_from(duration.as_micros()).unwrap_or(0))
 }
 
-fn flag_filter(query: &str) -> Result<FlagFilter, String> {
+pub(crate) fn flag_filter(query: &str) -> Result<FlagFilter, String> {
     let limit = match param(query, "limit") {
         Some(v) => Some(
             v.parse::<u32>()

@@ -18,6 +18,7 @@
 //! * [`infer`] turns texts into sentence embeddings with a local ONNX model, batched.
 //! * [`devset`] builds the labelled development set (clean and poisoned outputs, split by model).
 //! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
+//! * [`console`] is the web page on the admin listener for inspecting flags and drift.
 //! * [`reload`] swaps in edited policies and configuration without a restart.
 //! * [`runtime`] tracks every background task so shutdown can drain them.
 
@@ -27,6 +28,7 @@ pub mod attribution;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod detect;
 pub mod devset;
 pub mod drift;

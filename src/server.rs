@@ -183,6 +183,7 @@ impl Server {
             let rx = detect_rx.clone();
             detect_tasks.spawn_blocking("detect-worker", move || detection.run_worker(rx));
         }
+        let drift_monitor = drift.as_ref().map(|d| Arc::clone(d.monitor()));
         drop(drift);
         drop(detect_rx);
         tracing::info!(
@@ -228,6 +229,9 @@ impl Server {
             reload_metrics,
         ));
         admin.set_reloader(&reloader);
+        if let Some(monitor) = drift_monitor {
+            admin.set_drift(monitor);
+        }
         let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(

@@ -8,6 +8,7 @@
 
 mod cli;
 mod clients;
+mod console;
 mod deploy;
 mod drift;
 mod enforce;

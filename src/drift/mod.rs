@@ -18,6 +18,7 @@
 
 pub mod conformal;
 pub mod evaluate;
+pub mod history;
 pub mod linalg;
 pub mod mmd;
 pub mod monitor;

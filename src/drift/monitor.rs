@@ -22,6 +22,7 @@ use rand::RngExt;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::history::ScopeHistory;
 use super::reference::Reference;
 use super::scope::{EmbeddingDrift, ScopeTests, TestResult, scope_seed};
 use super::{DriftPlan, feature_scores};
@@ -109,6 +110,8 @@ const PUBLISH_EVERY: u64 = 64;
 struct ScopeState {
     tests: ScopeTests,
     observed: u64,
+    /// Each test's statistic over time, for the console.
+    history: ScopeHistory,
 }
 
 /// One exchange on its way to the drift worker.
@@ -370,7 +373,11 @@ impl DriftMonitor {
                     tracing::info!(model = %scope.model, route = scope.route,
                         fit_ms = started.elapsed().as_millis() as u64, "drift reference loaded");
                 }
-                ScopeState { tests, observed: 0 }
+                ScopeState {
+                    tests,
+                    observed: 0,
+                    history: ScopeHistory::default(),
+                }
             });
             state.observed += 1;
             // Gauges are refreshed every PUBLISH_EVERY observations (and on every alarm): a
@@ -389,6 +396,13 @@ impl DriftMonitor {
                     .drift_reference_size
                     .get_or_create(&DriftLabels::new(name, &scope, "mmd"))
                     .set(i64::try_from(embedding.reference_len()).unwrap_or(i64::MAX));
+            }
+            let observed = state.observed;
+            state.history.observed = observed;
+            for (detector, result, reference) in &step.results {
+                state
+                    .history
+                    .record(observed, detector, result, reference.as_deref());
             }
             (step, publish)
         };
@@ -415,6 +429,17 @@ impl DriftMonitor {
             let verdict = engine.evaluate_deferred(exchange, &detector, &fields);
             detection.record_deferred(exchange, &verdict);
         }
+    }
+
+    /// A copy of every scope's drift history, by model and route.
+    pub fn history(&self) -> Vec<(ScopeKey, ScopeHistory)> {
+        let mut scopes: Vec<_> = self
+            .scopes
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().history.clone()))
+            .collect();
+        scopes.sort_by(|a, b| (&a.0.model, a.0.route).cmp(&(&b.0.model, b.0.route)));
+        scopes
     }
 
     /// The offline reference the policy names for `detector`, if any.
