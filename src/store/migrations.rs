@@ -73,6 +73,9 @@ const MIGRATIONS: &[&str] = &[
         last_sent_us INTEGER NOT NULL,
         PRIMARY KEY (rule, scope)
     );",
+    // 4: the counts of `flag_stats` (console, `flags stats`) read this index alone instead of
+    // the wide rows with their prompts and outputs.
+    "CREATE INDEX flags_stats ON flags (created_at_us, severity, severity_rank, model, label, rules);",
 ];
 
 /// Applies every migration the database has not seen, each in its own transaction.
