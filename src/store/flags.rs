@@ -332,7 +332,7 @@ impl Sqlite {
             rules.push((row.get::<_, String>(4)?, label));
         }
         let mut by_severity: Vec<(String, (i64, u64))> = severities.into_iter().collect();
-        by_severity.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+        by_severity.sort_by_key(|(_, (rank, _))| std::cmp::Reverse(*rank));
         stats.by_severity = by_severity.into_iter().map(|(k, (_, n))| (k, n)).collect();
         let mut by_model: Vec<(String, u64)> = models.into_iter().collect();
         by_model.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
