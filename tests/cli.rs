@@ -10,7 +10,9 @@ use crate::util::{MockUpstream, Script};
 const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
-pub(crate) use crate::util::process::{KillOnDrop, serve, terminate, tripwire, wait_for_listen};
+pub(crate) use crate::util::process::{
+    KillOnDrop, flags_json, serve, terminate, tripwire, wait_for_listen,
+};
 
 #[tokio::test]
 async fn api_keys_never_reach_logs_errors_or_the_store() {
@@ -474,19 +476,6 @@ async fn flags_triggers_names_an_unknown_trigger() {
     );
     assert_eq!(first["flagged_with"], 6);
     sim.stop().await;
-}
-
-fn flags_json(store: &std::path::Path) -> Vec<serde_json::Value> {
-    let output = tripwire()
-        .args(["flags", "list", "--json", "--limit", "1000000", "--store"])
-        .arg(store)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn rules_of(flags: &[serde_json::Value], request_id: &str) -> Vec<String> {

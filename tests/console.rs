@@ -7,7 +7,7 @@
 //! `target/console-screenshots/`.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::cli::{KillOnDrop, terminate, tripwire, wait_for_listen};
+use crate::cli::{KillOnDrop, flags_json, terminate, tripwire, wait_for_listen};
 use crate::util::{MockUpstream, Script, Step};
 
 const TOKEN: &str = "console-test-admin-token-5d1e9b";
@@ -208,19 +208,6 @@ fn browser_setup() -> PathBuf {
     chromium
 }
 
-fn flags_list_json(store: &Path) -> Vec<serde_json::Value> {
-    let output = tripwire()
-        .args(["flags", "list", "--json", "--limit", "1000", "--store"])
-        .arg(store)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_real_browser() {
     let chromium = browser_setup();
@@ -367,7 +354,7 @@ async fn the_console_in_a_real_browser() {
     }
 
     // The label the browser gave is the one `flags list --json` reports.
-    let flags = flags_list_json(&store);
+    let flags = flags_json(&store);
     let labelled = flags.iter().find(|f| f["id"] == ids[0]).unwrap();
     assert_eq!(labelled["label"]["verdict"], "true-positive", "{labelled}");
     assert_eq!(

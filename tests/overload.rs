@@ -2,13 +2,12 @@
 //! work (counted), never traffic; its memory stays within what the configured bounds allow;
 //! once the load drops, detection works again without a restart.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::util::chat_body;
-use crate::util::process::{KillOnDrop, metric, serve};
+use crate::util::process::{KillOnDrop, flags_json, metric, serve, terminate};
+use crate::util::request;
 
 async fn scrape(client: &reqwest::Client, admin: &str) -> String {
     client
@@ -76,27 +75,11 @@ async fn overload_sheds_detection_not_traffic_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let (mut guard, listen, admin) = start(dir.path(), CONFIG, POLICY);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://{listen}");
+    // Every answer must be 200 and whole: traffic is never shed.
     let send = |prompt: String, stream: bool| {
-        let client = client.clone();
-        let url = format!("http://{listen}/v1/chat/completions");
-        async move {
-            let response = client
-                .post(url)
-                .body(chat_body(&prompt, stream))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "traffic must never be shed");
-            let id = response.headers()["x-request-id"]
-                .to_str()
-                .unwrap()
-                .to_owned();
-            let body = response.text().await.unwrap();
-            if stream {
-                assert!(body.trim_end().ends_with("data: [DONE]"), "cut: {body}");
-            }
-            id
-        }
+        let (client, base) = (client.clone(), base.clone());
+        async move { request(&client, &base, &prompt, stream).await }
     };
     for i in 0..20 {
         send(format!("warm-up {i}"), i % 2 == 0).await;
@@ -188,21 +171,12 @@ async fn overload_sheds_detection_not_traffic_and_recovers() {
         "{text}"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &guard.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    terminate(&mut guard.0);
     assert!(guard.0.wait().unwrap().success());
-    let output = Command::new(env!("CARGO_BIN_EXE_tripwire"))
-        .args(["flags", "list", "--json", "--limit", "100000", "--store"])
-        .arg(dir.path().join("overload.db"))
-        .output()
-        .unwrap();
-    let flags = String::from_utf8_lossy(&output.stdout);
+    let flags = flags_json(&dir.path().join("overload.db"));
     for id in &after {
         assert!(
-            flags.contains(id.as_str()),
+            flags.iter().any(|f| f["request_id"] == id.as_str()),
             "request {id} not flagged after recovery"
         );
     }

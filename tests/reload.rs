@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tripwire::store::{Flag, FlagFilter, Store};
 
-use crate::util::{Gateway, Sim, chat_body};
+use crate::util::{Gateway, Sim, request};
 
 /// A policy whose one rule, named `name`, flags prompts carrying the simulated model's trigger.
 fn policy(name: &str) -> String {
@@ -52,35 +52,6 @@ async fn reload(gateway: &Gateway) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap())
-}
-
-/// Sends one request (streamed or not) and checks the answer is whole; returns its request id.
-async fn request(client: &reqwest::Client, gateway: &str, prompt: &str, stream: bool) -> String {
-    let response = client
-        .post(format!("{gateway}/v1/chat/completions"))
-        .body(chat_body(prompt, stream))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "prompt {prompt:?}");
-    let id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let body = response.text().await.unwrap();
-    if stream {
-        assert!(
-            body.trim_end().ends_with("data: [DONE]"),
-            "cut stream: {body}"
-        );
-    } else {
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert!(
-            json["choices"][0]["message"]["content"].is_string(),
-            "{body}"
-        );
-    }
-    id
 }
 
 async fn start(dir: &Path, watch: bool) -> (Sim, Gateway, PathBuf) {

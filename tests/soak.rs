@@ -4,7 +4,6 @@
 //! `make test`: ten minutes is too long for CI. Samples go to `target/soak/samples.csv`.
 
 use std::io::Write;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::util::chat_body;
-use crate::util::process::{metric, serve};
+use crate::util::process::{metric, serve, terminate};
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -186,10 +185,6 @@ async fn soak_keeps_memory_fds_and_tasks_flat() {
         idle.tasks
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &guard.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    terminate(&mut guard.0);
     assert!(guard.0.wait().unwrap().success());
 }

@@ -138,3 +138,37 @@ impl Sim {
         self.tasks.wait().await;
     }
 }
+
+/// Sends one request (streamed or not) and checks the answer is whole; returns its request id.
+pub async fn request(
+    client: &reqwest::Client,
+    gateway: &str,
+    prompt: &str,
+    stream: bool,
+) -> String {
+    let response = client
+        .post(format!("{gateway}/v1/chat/completions"))
+        .body(chat_body(prompt, stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "prompt {prompt:?}");
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.text().await.unwrap();
+    if stream {
+        assert!(
+            body.trim_end().ends_with("data: [DONE]"),
+            "cut stream: {body}"
+        );
+    } else {
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            json["choices"][0]["message"]["content"].is_string(),
+            "{body}"
+        );
+    }
+    id
+}

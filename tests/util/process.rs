@@ -100,3 +100,17 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Every flag in the SQLite log at `store`, as `tripwire flags list --json` prints them.
+pub fn flags_json(store: &std::path::Path) -> Vec<serde_json::Value> {
+    let output = tripwire()
+        .args(["flags", "list", "--json", "--limit", "1000000", "--store"])
+        .arg(store)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
