@@ -1,7 +1,6 @@
 //! The `tripwire` binary as a user runs it: `serve` under real signals, `demo`, and what the
 //! process writes (logs, database) checked for secrets.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
 pub(crate) use crate::util::process::{
-    KillOnDrop, flags_json, serve, terminate, tripwire, wait_for_listen,
+    KillOnDrop, flags_json, serve, serve_with, terminate, tripwire, wait_for_listen,
 };
 
 #[tokio::test]
@@ -21,40 +20,19 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     let store = dir.path().join("secrets.db");
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, "limits:\n  max_request_body_bytes: 1024\n").unwrap();
-    let mut guard = KillOnDrop(
-        tripwire()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .args(["--upstream", &upstream.url()])
-            .arg("--store")
-            .arg(&store)
-            .env("TRIPWIRE_LOG", "trace")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let url = upstream.url();
+    let mut served = serve_with(
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--upstream".as_ref(),
+            url.as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+        ],
+        &[("TRIPWIRE_LOG", "trace")],
     );
-    let child = &mut guard.0;
-    let mut log = String::new();
-    let addr = wait_for_listen(child, &mut log);
-    // Drain both pipes while the gateway runs: at trace level it writes more than a pipe holds.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).unwrap();
-            text
-        })
-    };
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let (child, addr) = (&mut served.guard.0, served.listen.clone());
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let body = crate::util::chat_body("hello", false);
     // The key in every header callers use, on a normal answer and on the gateway's own errors.
@@ -96,8 +74,8 @@ async fn api_keys_never_reach_logs_errors_or_the_store() {
     terminate(child);
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status} after SIGTERM");
-    log.push_str(&stderr.join().unwrap());
-    let stdout = stdout.join().unwrap();
+    let log = served.log.join().unwrap();
+    let stdout = served.stdout.join().unwrap();
     assert!(log.contains("tripwire stopped"), "{log}");
     assert!(!log.contains(SECRET), "the key appears in the log");
     assert!(!stdout.contains(SECRET));
@@ -760,49 +738,25 @@ async fn configured_secrets_never_reach_logs_flags_or_errors() {
         ),
     )
     .unwrap();
-    let mut guard = KillOnDrop(
-        tripwire()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--policies")
-            .arg(&policy)
-            .args(["--upstream", &upstream.url()])
-            .arg("--store")
-            .arg(&store)
-            .env("HOOK_SECRET", HOOK_SECRET)
-            .env("TRIPWIRE_LOG", "trace")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let url = upstream.url();
+    let mut served = serve_with(
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--policies".as_ref(),
+            policy.as_os_str(),
+            "--upstream".as_ref(),
+            url.as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+        ],
+        &[("HOOK_SECRET", HOOK_SECRET), ("TRIPWIRE_LOG", "trace")],
     );
-    let child = &mut guard.0;
-    let mut log = String::new();
-    let addr = wait_for_listen(child, &mut log);
-    let admin = log
-        .lines()
-        .find(|l| l.contains("tripwire serving"))
-        .and_then(|l| l.split("admin=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).unwrap();
-            text
-        })
-    };
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let (child, addr, admin) = (
+        &mut served.guard.0,
+        served.listen.clone(),
+        served.admin.clone(),
+    );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let flagged = client
         .post(format!("http://{addr}/v1/chat/completions"))
@@ -859,8 +813,8 @@ async fn configured_secrets_never_reach_logs_flags_or_errors() {
     );
     terminate(child);
     assert!(child.wait().unwrap().success());
-    log.push_str(&stderr.join().unwrap());
-    let stdout = stdout.join().unwrap();
+    let log = served.log.join().unwrap();
+    let stdout = served.stdout.join().unwrap();
     assert!(log.contains("webhook alert not delivered"), "{log}");
     let mut written = log + &stdout;
     for entry in std::fs::read_dir(dir.path()).unwrap() {

@@ -50,11 +50,27 @@ pub fn terminate(child: &mut Child) {
     assert!(status.success());
 }
 
-/// Starts `tripwire serve` with `args`; returns the child (killed on drop), the proxy and admin
-/// addresses, and a thread collecting its stderr.
+/// A `tripwire serve` started by a test: the child (killed on drop), the proxy and admin
+/// addresses, and threads collecting everything it writes to stderr and stdout.
+pub struct Served {
+    pub guard: KillOnDrop,
+    pub listen: String,
+    pub admin: String,
+    pub log: std::thread::JoinHandle<String>,
+    pub stdout: std::thread::JoinHandle<String>,
+}
+
+/// Starts `tripwire serve` on free ports with `args`.
 pub fn serve(
     args: &[&std::ffi::OsStr],
 ) -> (KillOnDrop, String, String, std::thread::JoinHandle<String>) {
+    let served = serve_with(args, &[]);
+    (served.guard, served.listen, served.admin, served.log)
+}
+
+/// [`serve`] with `env` set; both pipes are drained while it runs (at `trace` level it writes
+/// more than a pipe holds).
+pub fn serve_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Served {
     let mut guard = KillOnDrop(
         tripwire()
             .args([
@@ -65,9 +81,10 @@ pub fn serve(
                 "127.0.0.1:0",
             ])
             .args(args)
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
@@ -80,13 +97,21 @@ pub fn serve(
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap()
         .to_owned();
-    let mut stderr = guard.0.stderr.take().unwrap();
-    let rest = std::thread::spawn(move || {
-        let mut text = String::new();
-        stderr.read_to_string(&mut text).unwrap();
-        log + &text
-    });
-    (guard, listen, admin, rest)
+    let drain = |mut pipe: Box<dyn Read + Send>, mut text: String| {
+        std::thread::spawn(move || {
+            pipe.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let log = drain(Box::new(guard.0.stderr.take().unwrap()), log);
+    let stdout = drain(Box::new(guard.0.stdout.take().unwrap()), String::new());
+    Served {
+        guard,
+        listen,
+        admin,
+        log,
+        stdout,
+    }
 }
 
 /// The value of an unlabelled metric, or the sum of a labelled family, in Prometheus text.
