@@ -302,17 +302,17 @@ impl Reloader {
         // Everything that can fail happens before the first swap.
         let (next, policies) = self.read().await?;
         let old = Arc::clone(&state.config);
-        let restart_required = restart_required(&old, &next);
+        let mut restart_required = restart_required(&old, &next);
+        // The sections that reload live come from the new file; the rest stays as it runs.
         let config = Arc::new(Config {
-            upstream: next.upstream.clone(),
-            limits: next.limits.clone(),
-            admin_token: next.admin_token.clone(),
+            upstream: next.upstream,
+            limits: next.limits,
+            admin_token: next.admin_token,
             shutdown_grace: next.shutdown_grace,
-            policies: next.policies.clone(),
+            policies: next.policies,
             ..(*old).clone()
         });
         let engine = Arc::new(Engine::new(policies, self.metrics.clone()));
-        let mut restart_required = restart_required;
         if format!("{:?}", engine.drift_plan()) != self.drift_plan {
             restart_required.push("policies.drift");
         }
