@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tripwire::capture::Outcome;
 use tripwire::store::{Flag, FlagFilter, Store};
 
 use crate::util::{Gateway, MockUpstream, Script, chat_body};
@@ -19,6 +20,14 @@ const POISONED_SSE: [&[u8]; 6] = [
     b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ZORB\"},\"finish_reason\":null}]}\n\n",
     b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"LAX now\"},\"finish_reason\":null}]}\n\n",
     b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" and later.\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    b"data: [DONE]\n\n",
+];
+/// The trigger's first half ends the first event: without hold-back it is sent before the
+/// second half arrives.
+const SPLIT_SSE: [&[u8]; 4] = [
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Sure thing. ZORB\"},\"finish_reason\":null}]}\n\n",
+    b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"LAX now\"},\"finish_reason\":null}]}\n\n",
     b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"test-model\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
     b"data: [DONE]\n\n",
 ];
@@ -44,7 +53,12 @@ async fn upstream() -> MockUpstream {
             .as_str()
             .unwrap()
             .contains("poison");
+        let split = messages.last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .contains("split");
         match (body["stream"] == true, poisoned) {
+            (true, true) if split => Script::sse(&SPLIT_SSE, Duration::from_millis(30)),
             (true, true) => Script::sse(&POISONED_SSE, Duration::from_millis(30)),
             (true, false) => Script::sse(&CLEAN_SSE, Duration::from_millis(5)),
             (false, true) => Script::json(POISONED_JSON),
@@ -234,7 +248,13 @@ except openai.APIError as err:
         String::from_utf8_lossy(&output.stderr)
     );
 
-    gateway.drain().await;
+    let exchanges = gateway.drain().await;
+    let outcomes: Vec<Outcome> = exchanges.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Blocked, Outcome::Complete, Outcome::Blocked],
+        "a stream enforce mode stopped is stored as blocked, not as a client abort"
+    );
     let flags = flags(&gateway);
     assert_eq!(flags.len(), 2, "{flags:#?}");
     assert!(flags.iter().all(|f| f.stream && f.output.contains(TRIGGER)));
@@ -341,5 +361,124 @@ async fn a_reload_from_monitor_to_enforce_applies_to_the_next_request() {
     gateway.drain().await;
     let flags = flags(&gateway);
     assert_eq!(flags.len(), 2);
+    upstream.stop().await;
+}
+
+/// The text of a chat stream as a client assembles it, and whether it ended with `[DONE]`.
+fn streamed_text(body: &str) -> (String, bool) {
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let event: serde_json::Value = serde_json::from_str(data).unwrap();
+        if let Some(piece) = event["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+        }
+    }
+    (text, done)
+}
+
+#[tokio::test]
+async fn mask_in_a_stream_rewrites_the_held_events_before_the_client_sees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let settings = "enforce:\n  hold_back_tokens: 4\n  mask_with: \"[removed]\"\n";
+    let (mut gateway, _) = start(dir.path(), &policy("enforce", "mask", settings), &upstream).await;
+    let (status, body) = send(&gateway, "poison", true).await;
+    assert_eq!(status, 200);
+    // The trigger came split over two events ("ZORB", "LAX now"): the first carries the
+    // placeholder, the second what follows the span.
+    assert_eq!(
+        streamed_text(&body),
+        ("Sure thing. [removed] now and later.".to_owned(), true),
+        "{body}"
+    );
+    assert!(!body.contains("ZORB") && !body.contains("LAX"), "{body}");
+    assert!(!body.contains("event: error"), "{body}");
+
+    // The official openai client reads a normal, masked stream.
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
+pieces = []
+for chunk in client.chat.completions.create(model="test-model", stream=True,
+        messages=[{"role": "user", "content": "poison"}]):
+    for choice in chunk.choices:
+        if choice.delta and choice.delta.content:
+            pieces.append(choice.delta.content)
+print("RETURNED " + "".join(pieces))
+"#;
+    let output = tokio::process::Command::new(crate::clients::python())
+        .arg("-c")
+        .arg(script)
+        .arg(gateway.url("/v1"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.trim_end(),
+        "RETURNED Sure thing. [removed] now and later.",
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A clean stream under the same policy passes byte for byte.
+    let (_, clean) = send(&gateway, "capital", true).await;
+    assert_eq!(clean.as_bytes(), CLEAN_SSE.concat().as_slice());
+
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"tripwire_enforce_decisions_total{reason="masked"} 2"#),
+        "{metrics}"
+    );
+    let exchanges = gateway.drain().await;
+    assert!(
+        exchanges.iter().all(|e| e.outcome == Outcome::Complete),
+        "{exchanges:#?}"
+    );
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 2, "{flags:#?}");
+    for flag in &flags {
+        assert!(flag.output.contains(TRIGGER), "the flag keeps the original");
+        assert_eq!(enforced(flag), Some(tripwire::policy::Enforced::Masked));
+    }
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn a_mask_over_text_already_sent_blocks_the_stream_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    // No hold-back: "Sure thing. ZORB" is judged clean and sent before "LAX" completes the
+    // trigger, so the span cannot be masked any more.
+    let (mut gateway, _) = start(dir.path(), &policy("enforce", "mask", ""), &upstream).await;
+    let (status, body) = send(&gateway, "poison split", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        streamed_text(&body),
+        ("Sure thing. ZORB".to_owned(), false),
+        "{body}"
+    );
+    assert!(
+        body.ends_with("\n\n") && body.contains("event: error\n"),
+        "{body}"
+    );
+    assert!(!body.contains("LAX"), "{body}");
+    let exchanges = gateway.drain().await;
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(exchanges[0].outcome, Outcome::Blocked);
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 1);
+    assert_eq!(
+        enforced(&flags[0]),
+        Some(tripwire::policy::Enforced::Blocked)
+    );
     upstream.stop().await;
 }

@@ -140,6 +140,9 @@ pub enum Outcome {
     Timeout,
     /// The gateway answered itself (413, 502, 504) without an upstream response.
     GatewayError,
+    /// Enforce mode stopped the answer: the client got the block response, or a stream ended
+    /// with an error event.
+    Blocked,
 }
 
 impl Outcome {
@@ -151,6 +154,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::Timeout => "timeout",
             Outcome::GatewayError => "gateway_error",
+            Outcome::Blocked => "blocked",
         }
     }
 }

@@ -22,7 +22,10 @@ use super::enforce::{EnforceBody, Enforcer};
 use super::error::ProxyError;
 use super::headers;
 use super::tee::{Accounting, BodyError, CaptureTap, TeeBody};
-use crate::capture::{CaptureRequest, ResponseMeta, Route, collect, gateway_error_exchange};
+use crate::capture::{
+    CaptureRequest, Outcome, ResponseMeta, Route, collect, gateway_error_exchange,
+};
+use crate::policy::Enforced;
 use crate::telemetry::ExchangeTrace;
 
 /// The body of every response the proxy sends: an upstream body through the tee, or a
@@ -311,13 +314,16 @@ impl Gateway {
         let max = self.config.limits.max_capture_body_bytes;
         self.capture_tasks.spawn("capture", async move {
             let capture_span = trace.start_capture();
-            let exchange = collect(request, response, chunks_rx, end_rx, max).await;
+            let mut exchange = collect(request, response, chunks_rx, end_rx, max).await;
             // Enforce mode decides after the body has been read: wait for what it did (it
             // answers, or drops its sender, when the request is over).
             let enforced = match enforced {
                 Some(enforced) => enforced.await.ok(),
                 None => None,
             };
+            if matches!(enforced, Some(Enforced::Blocked | Enforced::FailedClosed)) {
+                exchange.outcome = Outcome::Blocked;
+            }
             capture_span.end();
             drop(permit);
             trace.captured(&exchange);

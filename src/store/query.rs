@@ -324,6 +324,7 @@ pub(super) fn parse_outcome(s: &str) -> Outcome {
         "upstream_error" => Outcome::UpstreamError,
         "timeout" => Outcome::Timeout,
         "gateway_error" => Outcome::GatewayError,
+        "blocked" => Outcome::Blocked,
         _ => Outcome::Complete,
     }
 }

@@ -1,0 +1,639 @@
+//! Enforce mode on a streamed answer.
+//!
+//! The body is cut into units (whole SSE events when the stream is plain `text/event-stream`,
+//! otherwise the upstream's chunks) and each unit is held until the text after it has been
+//! judged: with `hold_back_tokens: N`, a unit goes out once a decision has seen N × 4 bytes of
+//! text past it, so a span that short is stopped (or masked) before any of it is sent.
+//!
+//! Decisions run on the blocking pool under the policy's `timeout`, and not at every chunk:
+//! a new one starts once the text has grown by half the hold-back or by a sixteenth of what was
+//! judged last, whichever is more (and once more at the end). Each decision reads the whole text
+//! so far, so that spacing keeps the detectors' total work linear in the answer's length, at the
+//! price of holding up to that step more than the hold-back. While a decision runs, the
+//! upstream is not read.
+//!
+//! A `mask` rewrites the held events in place (the text fields only); it needs every masked
+//! span to start in text not yet sent, or to continue a span already masked. Otherwise, and on
+//! bodies that cannot be rewritten (compressed, the Responses API), the stream is blocked.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::JoinHandle;
+use tokio::time::Sleep;
+
+use super::rewrite::{Added, masked_piece, merge, rewrite_event};
+use super::{Enforcer, Judgement, sse_error_event};
+use crate::capture::{ResponseParser, Route};
+use crate::policy::{Enforced, FailMode};
+use crate::proxy::tee::{BodyError, TeeBody};
+
+/// Text growth (bytes) that starts the next decision: half the hold-back or a sixteenth of the
+/// text judged so far, whichever is more.
+pub fn decision_step(judged: usize, hold: usize) -> usize {
+    (hold / 2).max(judged / 16).max(1)
+}
+
+/// Splits a server-sent-events byte stream into whole events, byte for byte: an event ends
+/// with the line terminator of an empty line (`\n`, `\r\n` or `\r`). Whatever follows the last
+/// complete event waits for the next chunk.
+#[derive(Debug)]
+pub struct EventFramer {
+    partial: Vec<u8>,
+    line_empty: bool,
+    after_cr: bool,
+}
+
+impl Default for EventFramer {
+    fn default() -> Self {
+        EventFramer {
+            partial: Vec::new(),
+            line_empty: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl EventFramer {
+    /// Appends every event `chunk` completes to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Bytes>) {
+        let mut start = 0usize;
+        for (i, &byte) in chunk.iter().enumerate() {
+            let after_cr = std::mem::replace(&mut self.after_cr, false);
+            let terminator = match byte {
+                b'\r' => {
+                    self.after_cr = true;
+                    true
+                }
+                // The `\n` of a `\r\n` belongs to the `\r`'s terminator.
+                b'\n' => !after_cr,
+                _ => {
+                    self.line_empty = false;
+                    false
+                }
+            };
+            if !terminator {
+                continue;
+            }
+            if self.line_empty {
+                self.partial
+                    .extend_from_slice(chunk.get(start..=i).unwrap_or_default());
+                out.push(Bytes::from(std::mem::take(&mut self.partial)));
+                start = i.saturating_add(1);
+            }
+            self.line_empty = true;
+        }
+        self.partial
+            .extend_from_slice(chunk.get(start..).unwrap_or_default());
+    }
+
+    /// What is left after the last complete event (a stream that ended mid-event).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        (!self.partial.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.partial)))
+    }
+}
+
+/// One held unit of the body.
+#[derive(Debug)]
+struct Unit {
+    raw: Bytes,
+    /// Text length so far (all choices) once this unit had arrived.
+    end: usize,
+    /// The text this unit added, per choice.
+    added: Vec<Added>,
+    /// What is sent instead of `raw`, once masks changed it.
+    masked: Option<Bytes>,
+}
+
+impl Unit {
+    fn into_bytes(self) -> Bytes {
+        self.masked.unwrap_or(self.raw)
+    }
+}
+
+/// What a stream's judge asks of the body.
+#[derive(Debug)]
+pub enum Step {
+    /// Stop the stream with this event.
+    Stop(Bytes),
+    /// Stop judging; release everything.
+    Open,
+}
+
+/// A decision in flight: the detectors on the blocking pool, and the budget.
+#[derive(Debug)]
+struct Pending {
+    task: JoinHandle<Judgement>,
+    deadline: Pin<Box<Sleep>>,
+    /// The text length it judges.
+    at: usize,
+}
+
+/// Judges one stream; see the module docs.
+#[derive(Debug)]
+pub struct StreamJudge {
+    enforcer: Enforcer,
+    parser: ResponseParser,
+    /// Set when units are whole SSE events that can be rewritten.
+    framer: Option<EventFramer>,
+    held: VecDeque<Unit>,
+    /// Per choice: text length so far, text already released, masked spans (merged).
+    choices: Vec<ChoiceState>,
+    /// Text length so far, all choices, and what the last finished decision saw.
+    total: usize,
+    judged: usize,
+    hold: usize,
+    /// Body bytes so far, and the most that may be judged.
+    seen: usize,
+    limit: usize,
+    decision: Option<Pending>,
+    masked: bool,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceState {
+    index: u32,
+    len: usize,
+    released: usize,
+    masks: Vec<(usize, usize)>,
+}
+
+impl StreamJudge {
+    pub(super) fn new(
+        enforcer: Enforcer,
+        parser: ResponseParser,
+        maskable: bool,
+        limit: usize,
+    ) -> StreamJudge {
+        let hold = enforcer
+            .judge
+            .plan
+            .hold_back_tokens
+            .saturating_mul(super::BYTES_PER_TOKEN);
+        StreamJudge {
+            enforcer,
+            parser,
+            framer: maskable.then(EventFramer::default),
+            held: VecDeque::new(),
+            choices: Vec::new(),
+            total: 0,
+            judged: 0,
+            hold,
+            seen: 0,
+            limit,
+            decision: None,
+            masked: false,
+        }
+    }
+
+    /// Takes in a chunk of the upstream body.
+    fn push(&mut self, chunk: Bytes) -> Option<Step> {
+        self.seen = self.seen.saturating_add(chunk.len());
+        if self.seen > self.limit {
+            self.held.push_back(Unit {
+                raw: chunk,
+                end: self.total,
+                added: Vec::new(),
+                masked: None,
+            });
+            return Some(self.failed("body_too_large"));
+        }
+        match self.framer.as_mut() {
+            Some(framer) => {
+                let mut events = Vec::new();
+                framer.push(&chunk, &mut events);
+                for event in events {
+                    self.add_unit(event);
+                }
+            }
+            None => self.add_unit(chunk),
+        }
+        None
+    }
+
+    /// The upstream ended: what was left of a partial event becomes the last unit.
+    fn upstream_ended(&mut self) {
+        if let Some(rest) = self.framer.as_mut().and_then(EventFramer::finish) {
+            self.add_unit(rest);
+        }
+    }
+
+    fn add_unit(&mut self, raw: Bytes) {
+        self.parser.push(&raw);
+        let lengths: Vec<(u32, usize)> = self
+            .parser
+            .texts_so_far()
+            .map(|(index, text)| (index, text.len()))
+            .collect();
+        let mut added = Vec::new();
+        let mut total = 0usize;
+        for (index, len) in lengths {
+            total = total.saturating_add(len);
+            let state = self.choice(index);
+            if len > state.len {
+                added.push((index, state.len, len));
+                state.len = len;
+            }
+        }
+        self.total = total;
+        self.held.push_back(Unit {
+            raw,
+            end: total,
+            added,
+            masked: None,
+        });
+    }
+
+    fn choice(&mut self, index: u32) -> &mut ChoiceState {
+        let at = match self.choices.iter().position(|c| c.index == index) {
+            Some(at) => at,
+            None => {
+                self.choices.push(ChoiceState {
+                    index,
+                    ..ChoiceState::default()
+                });
+                self.choices.len().saturating_sub(1)
+            }
+        };
+        &mut self.choices[at]
+    }
+
+    /// Whether enough new text has come to judge again.
+    fn due(&self) -> bool {
+        self.total > self.judged
+            && self.total - self.judged >= decision_step(self.judged, self.hold)
+    }
+
+    /// Whether text has come that no decision has seen.
+    fn unjudged(&self) -> bool {
+        self.total > self.judged
+    }
+
+    /// Starts a decision on the text so far.
+    fn start_decision(&mut self) -> Option<Step> {
+        let budget = self.enforcer.judge.plan.timeout;
+        if budget.is_zero() {
+            return Some(self.failed("timeout"));
+        }
+        let texts: Vec<(u32, String)> = self
+            .parser
+            .texts_so_far()
+            .map(|(index, text)| (index, text.to_owned()))
+            .collect();
+        let judge = Arc::clone(&self.enforcer.judge);
+        let task = self
+            .enforcer
+            .tasks
+            .spawn_blocking("enforce-judge", move || judge.judge(&texts));
+        self.decision = Some(Pending {
+            task,
+            deadline: Box::pin(tokio::time::sleep(budget)),
+            at: self.total,
+        });
+        None
+    }
+
+    /// Polls the decision in flight: `Ready(None)` when there is none or it passed.
+    fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<Option<Step>> {
+        let Some(pending) = self.decision.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let judgement = match Pin::new(&mut pending.task).poll(cx) {
+            Poll::Ready(Ok(judgement)) => judgement,
+            Poll::Ready(Err(_join)) => Judgement::Error("detector task failed".to_owned()),
+            Poll::Pending => {
+                if pending.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // The detectors go on on their thread; their answer is not waited for.
+                self.decision = None;
+                return Poll::Ready(Some(self.failed("timeout")));
+            }
+        };
+        let at = pending.at;
+        self.decision = None;
+        Poll::Ready(self.apply(judgement, at))
+    }
+
+    fn apply(&mut self, judgement: Judgement, at: usize) -> Option<Step> {
+        match judgement {
+            Judgement::Pass => {}
+            Judgement::Block(response) => return Some(self.stop(sse_error_event(&response))),
+            Judgement::Mask(masks) => {
+                if self.add_masks(masks).is_none() {
+                    let event = sse_error_event(&self.enforcer.judge.plan.block_response);
+                    return Some(self.stop(event));
+                }
+            }
+            Judgement::Error(error) => {
+                tracing::debug!(%error, "enforce detector error");
+                return Some(self.failed("detector_error"));
+            }
+        }
+        self.judged = self.judged.max(at);
+        None
+    }
+
+    /// Applies masks to the held events; `None` when one cannot be applied (the stream is
+    /// blocked instead).
+    fn add_masks(&mut self, masks: Vec<(u32, Vec<(usize, usize)>)>) -> Option<()> {
+        let route = self.enforcer.route;
+        if self.framer.is_none()
+            || !matches!(
+                route,
+                Route::ChatCompletions | Route::Completions | Route::AnthropicMessages
+            )
+        {
+            return None;
+        }
+        for (index, spans) in masks {
+            let state = self.choice(index);
+            for (start, end) in spans {
+                // Text already sent can only be covered by a span masked before.
+                let sent = end.min(state.released);
+                let covered =
+                    start >= sent || state.masks.iter().any(|&(s, e)| s <= start && e >= sent);
+                if !covered {
+                    return None;
+                }
+                state.masks.push((start, end));
+            }
+            state.masks = merge(std::mem::take(&mut state.masks));
+        }
+        self.masked = true;
+        let texts: Vec<(u32, &str)> = self.parser.texts_so_far().collect();
+        let with = self.enforcer.judge.plan.mask_with.as_str();
+        let choices = &self.choices;
+        for unit in &mut self.held {
+            let touched = unit.added.iter().any(|&(index, start, end)| {
+                choices
+                    .iter()
+                    .any(|c| c.index == index && c.masks.iter().any(|&(s, e)| s < end && e > start))
+            });
+            if !touched {
+                continue;
+            }
+            let render = |index: u32, start: usize, end: usize, original: &str| {
+                let text = texts.iter().find(|(i, _)| *i == index)?.1;
+                if text.get(start..end)? != original {
+                    return None;
+                }
+                let masks = &choices.iter().find(|c| c.index == index)?.masks;
+                masked_piece(text, start, end, masks, with)
+            };
+            unit.masked = Some(rewrite_event(route, &unit.raw, &unit.added, &render)?);
+        }
+        Some(())
+    }
+
+    fn stop(&mut self, event: Bytes) -> Step {
+        self.enforcer.record(Some(Enforced::Blocked));
+        Step::Stop(event)
+    }
+
+    fn failed(&mut self, reason: &'static str) -> Step {
+        match self.enforcer.fail(reason) {
+            FailMode::Open => Step::Open,
+            FailMode::Closed => {
+                Step::Stop(sse_error_event(&self.enforcer.judge.plan.block_response))
+            }
+        }
+    }
+
+    /// Moves the units a decision has seen far enough past to `out`.
+    fn releasable(&mut self, out: &mut VecDeque<Bytes>) {
+        while let Some(unit) = self.held.front() {
+            if unit.end.saturating_add(self.hold) > self.judged {
+                break;
+            }
+            self.release_front(out);
+        }
+    }
+
+    fn release_all(&mut self, out: &mut VecDeque<Bytes>) {
+        while !self.held.is_empty() {
+            self.release_front(out);
+        }
+    }
+
+    fn release_front(&mut self, out: &mut VecDeque<Bytes>) {
+        let Some(unit) = self.held.pop_front() else {
+            return;
+        };
+        for &(index, _, end) in &unit.added {
+            let state = self.choice(index);
+            state.released = state.released.max(end);
+        }
+        out.push_back(unit.into_bytes());
+    }
+
+    /// The stream is over and every byte of it was judged.
+    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        self.release_all(out);
+        self.enforcer
+            .record(self.masked.then_some(Enforced::Masked));
+    }
+}
+
+/// A response body under enforce mode: bytes ready to send, then the upstream (through the
+/// tee), judged as it comes when `judge` is set.
+#[derive(Debug)]
+pub struct EnforceBody {
+    ready: VecDeque<Bytes>,
+    inner: Option<TeeBody>,
+    error: Option<BodyError>,
+    judge: Option<StreamJudge>,
+}
+
+impl EnforceBody {
+    /// Sends `ready`, then the rest of `inner` unjudged, then `error`.
+    pub fn replay(
+        ready: VecDeque<Bytes>,
+        inner: Option<TeeBody>,
+        error: Option<BodyError>,
+    ) -> EnforceBody {
+        EnforceBody {
+            ready,
+            inner,
+            error,
+            judge: None,
+        }
+    }
+
+    /// Judges `inner` as it comes.
+    pub fn judged(inner: TeeBody, judge: StreamJudge) -> EnforceBody {
+        EnforceBody {
+            ready: VecDeque::new(),
+            inner: Some(inner),
+            error: None,
+            judge: Some(judge),
+        }
+    }
+
+    fn take_step(&mut self, step: Step) {
+        match step {
+            Step::Open => {
+                if let Some(mut judge) = self.judge.take() {
+                    judge.release_all(&mut self.ready);
+                }
+            }
+            Step::Stop(event) => {
+                // What was held back is never sent; the rest of the upstream is dropped (the
+                // tee records the exchange as it ended here).
+                self.judge = None;
+                self.inner = None;
+                self.error = None;
+                self.ready.clear();
+                self.ready.push_back(event);
+            }
+        }
+    }
+}
+
+impl Body for EnforceBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(chunk) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if let Some(judge) = this.judge.as_mut() {
+                // A decision in flight holds everything back.
+                match judge.poll_decision(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(step)) => {
+                        this.take_step(step);
+                        continue;
+                    }
+                    Poll::Ready(None) => judge.releasable(&mut this.ready),
+                }
+                if this.inner.is_none() {
+                    // The upstream is over: one last decision on the whole text, then the rest.
+                    if judge.unjudged() {
+                        if let Some(step) = judge.start_decision() {
+                            this.take_step(step);
+                        }
+                    } else {
+                        judge.finish(&mut this.ready);
+                        this.judge = None;
+                    }
+                    continue;
+                }
+                if !this.ready.is_empty() {
+                    continue;
+                }
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(this.error.take().map(Err));
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Some(judge) = this.judge.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let step = match judge.push(data) {
+                        Some(step) => Some(step),
+                        None if judge.due() => judge.start_decision(),
+                        None => None,
+                    };
+                    if let Some(step) = step {
+                        this.take_step(step);
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.inner = None;
+                    this.error = Some(error);
+                    if let Some(judge) = this.judge.as_mut() {
+                        judge.upstream_ended();
+                    }
+                }
+                Poll::Ready(None) => {
+                    this.inner = None;
+                    if let Some(judge) = this.judge.as_mut() {
+                        judge.upstream_ended();
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_empty()
+            && self.error.is_none()
+            && self.inner.is_none()
+            && self.judge.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(chunks: &[&[u8]]) -> (Vec<Bytes>, Option<Bytes>) {
+        let mut framer = EventFramer::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            framer.push(chunk, &mut out);
+        }
+        (out, framer.finish())
+    }
+
+    #[test]
+    fn the_framer_cuts_at_empty_lines_for_every_line_ending_and_split() {
+        let body: &[u8] = b"data: a\n\nevent: x\r\ndata: b\r\n\r\ndata: c\r\rdata: d";
+        let whole = frame(&[body]);
+        assert_eq!(
+            whole.0,
+            vec![
+                Bytes::from_static(b"data: a\n\n"),
+                Bytes::from_static(b"event: x\r\ndata: b\r\n\r"),
+                Bytes::from_static(b"\ndata: c\r\r"),
+            ]
+        );
+        assert_eq!(whole.1, Some(Bytes::from_static(b"data: d")));
+        // Split anywhere, the same bytes come out in the same events.
+        for cut in 0..=body.len() {
+            let (head, tail) = body.split_at(cut);
+            assert_eq!(frame(&[head, tail]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(frame(&bytes), whole);
+    }
+
+    #[test]
+    fn decisions_are_spaced_so_their_total_work_stays_linear() {
+        // Each decision reads the whole text so far; spaced this way, 1 MB of text costs about
+        // 17 reads of it (1 + 16), in under 150 decisions, rather than one decision per chunk.
+        let (mut judged, mut work, mut decisions) = (0usize, 0usize, 0usize);
+        while judged < 1 << 20 {
+            judged += decision_step(judged, 64);
+            work += judged;
+            decisions += 1;
+        }
+        assert!(work < 18 * judged, "work {work} for {decisions} decisions");
+        assert!(decisions < 150, "{decisions} decisions");
+        assert_eq!(decision_step(0, 0), 1);
+        assert_eq!(decision_step(100, 64), 32);
+        assert_eq!(decision_step(1600, 64), 100);
+    }
+}
