@@ -587,7 +587,167 @@ impl Body for EnforceBody {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use tokio::sync::oneshot;
+
     use super::*;
+    use crate::capture::Exchange;
+    use crate::policy::{Decision, Engine, compile_text};
+    use crate::proxy::enforce::Judge;
+    use crate::proxy::tee::Accounting;
+    use crate::runtime::Tasks;
+    use crate::telemetry::Metrics;
+
+    const TRIGGER: &str = "ZORBLAX";
+
+    fn engine(hold_back_tokens: usize) -> Arc<Engine> {
+        let text = format!(
+            "mode: enforce\nenforce:\n  hold_back_tokens: {hold_back_tokens}\n  mask_with: \"[m]\"\n\
+             detectors:\n  trigger: {{ type: trigger_phrase, defaults: false, scan: [output], phrases: [\"{TRIGGER}\"] }}\n\
+             rules:\n  - name: mask-trigger\n    when: trigger.output.matched\n    severity: high\n    actions: [mask]\n"
+        );
+        let policy = compile_text(&text, "p.yaml").unwrap();
+        Arc::new(Engine::new(vec![policy], Metrics::default()))
+    }
+
+    fn judge(engine: &Arc<Engine>) -> Judge {
+        let plan = engine
+            .enforce_plan(Some("m"), Route::ChatCompletions, None)
+            .unwrap();
+        let mut exchange = Exchange::from_texts("m", "", "");
+        exchange.route = Route::ChatCompletions;
+        exchange.choices.clear();
+        Judge {
+            engine: Arc::clone(engine),
+            plan,
+            exchange,
+        }
+    }
+
+    fn event(text: &str) -> String {
+        let data = serde_json::json!({
+            "object": "chat.completion.chunk",
+            "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": null }],
+        });
+        format!("data: {data}\n\n")
+    }
+
+    /// The text a client assembles from a chat stream, and whether it saw `[DONE]`.
+    fn assembled(body: &[u8]) -> (String, bool) {
+        let mut decoder = crate::capture::SseDecoder::default();
+        let mut events = Vec::new();
+        decoder.push(body, &mut events);
+        let mut text = String::new();
+        let mut done = false;
+        for event in events {
+            if event.data == "[DONE]" {
+                done = true;
+            } else if let Ok(value) = serde_json::from_str::<serde_json::Value>(&event.data)
+                && let Some(piece) = value["choices"][0]["delta"]["content"].as_str()
+            {
+                text.push_str(piece);
+            }
+        }
+        (text, done)
+    }
+
+    /// Streams `chunks` through an enforce-mode body and returns what the client reads and
+    /// what enforce mode recorded.
+    async fn through(judge: Judge, chunks: Vec<Bytes>) -> (Vec<u8>, Option<Enforced>) {
+        let metrics = Metrics::default();
+        let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+        let accounting = Accounting {
+            received: tokio::time::Instant::now(),
+            upstream_wait: Duration::ZERO,
+            route: "chat_completions",
+            metrics: metrics.clone(),
+            first_byte: None,
+        };
+        let tee = TeeBody::new(
+            reqwest::Body::wrap_stream(stream),
+            None,
+            accounting,
+            Duration::from_secs(10),
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        );
+        let (done, outcome) = oneshot::channel();
+        let enforcer = Enforcer {
+            judge: Arc::new(judge),
+            route: Route::ChatCompletions,
+            metrics,
+            tasks: Tasks::new(),
+            done: Mutex::new(Some(done)),
+            outcome: None,
+        };
+        let limit = 1 << 20;
+        let parser = ResponseParser::with_limit(
+            Route::ChatCompletions,
+            Some("text/event-stream"),
+            None,
+            limit,
+        );
+        let mut body = EnforceBody::judged(tee, StreamJudge::new(enforcer, parser, true, limit));
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            out.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        drop(body);
+        (out, outcome.await.ok())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// With a hold-back at least as long as the trigger, a stream cut anywhere (into events
+        /// and, independently, into chunks) reaches the client as exactly the whole answer
+        /// masked by one decision on the whole text: nothing of a span leaks, nothing else
+        /// changes, and the stream ends normally.
+        #[test]
+        fn a_masked_stream_reads_as_the_whole_answer_masked_for_every_split(
+            words in prop::collection::vec(prop::sample::select(vec![TRIGGER, "ZORB", "LAX", "hello", "a", "world."]), 1..30),
+            event_cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            chunk_cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let text = words.join(" ");
+            let mut cuts: Vec<usize> = event_cuts.iter().map(|i| i.index(text.len() + 1)).collect();
+            cuts.extend([0, text.len()]);
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut body = String::new();
+            for pair in cuts.windows(2) {
+                body.push_str(&event(text.get(pair[0]..pair[1]).unwrap()));
+            }
+            body.push_str("data: [DONE]\n\n");
+            let bytes = body.as_bytes();
+            let mut at: Vec<usize> = chunk_cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            at.extend([0, bytes.len()]);
+            at.sort_unstable();
+            at.dedup();
+            let chunks: Vec<Bytes> = at.windows(2).map(|p| Bytes::copy_from_slice(&bytes[p[0]..p[1]])).collect();
+
+            let engine = engine(2);
+            let whole = judge(&engine);
+            let expected = match engine.decide(&whole.plan, &whole.exchange, &text) {
+                Decision::Mask(spans) => super::super::rewrite::mask(&text, &spans, "[m]"),
+                Decision::Pass => text.clone(),
+                other => panic!("{other:?}"),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (out, enforced) = runtime.block_on(through(whole, chunks));
+            prop_assert_eq!(assembled(&out), (expected.clone(), true));
+            if expected == text {
+                prop_assert_eq!(out.as_slice(), bytes, "an unmasked stream passes byte for byte");
+                prop_assert_eq!(enforced, None);
+            } else {
+                prop_assert!(!String::from_utf8_lossy(&out).contains(TRIGGER));
+                prop_assert_eq!(enforced, Some(Enforced::Masked));
+            }
+        }
+    }
 
     fn frame(chunks: &[&[u8]]) -> (Vec<Bytes>, Option<Bytes>) {
         let mut framer = EventFramer::default();
