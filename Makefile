@@ -96,7 +96,9 @@ deny-tool:
 # sources of everything in Cargo.lock, then the RustSec advisories: fetched from GitHub, else
 # from an offline copy at ADVISORY_DB (a git clone of https://github.com/rustsec/advisory-db),
 # else a notice that they were not checked (scripts/audit_advisories.sh).
-ADVISORY_DB ?= $(or $(TRIPWIRE_CACHE),$(HOME)/.cache/tripwire)/advisory-db
+# The default: ../shared/advisory-db (beside the checkout, where CI finds it too) when it
+# exists, else the per-user cache.
+ADVISORY_DB ?= $(firstword $(wildcard $(abspath ../shared/advisory-db)) $(or $(TRIPWIRE_CACHE),$(HOME)/.cache/tripwire)/advisory-db)
 audit: deny-tool
 	$(DENY) --locked check --hide-inclusion-graph licenses bans sources
 	DENY=$(DENY) ADVISORY_DB=$(ADVISORY_DB) \

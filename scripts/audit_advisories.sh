@@ -91,7 +91,8 @@ cat <<EOF
 #  copy <path> here (keep its .git: cargo-deny reads the last commit's date and refuses a
 #  database more than 90 days old), then run
 #      make test ADVISORY_DB=<path>        (or make audit ADVISORY_DB=<path>)
-#  or put it at the default location, ~/.cache/tripwire/advisory-db (\$TRIPWIRE_CACHE/advisory-db).
+#  or put it at a default location: ../shared/advisory-db beside the checkout (CI sees it
+#  too), or ~/.cache/tripwire/advisory-db (\$TRIPWIRE_CACHE/advisory-db).
 ###############################################################################################
 
 EOF
