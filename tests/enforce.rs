@@ -220,32 +220,10 @@ async fn a_streamed_block_ends_with_an_sse_error_and_no_done() {
     assert_eq!(clean.as_bytes(), CLEAN_SSE.concat().as_slice());
 
     // The official openai client raises on the error event instead of returning a short answer.
-    let script = r#"
-import sys, openai
-client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
-pieces = []
-try:
-    for chunk in client.chat.completions.create(model="test-model", stream=True,
-            messages=[{"role": "user", "content": "poison"}]):
-        for choice in chunk.choices:
-            if choice.delta and choice.delta.content:
-                pieces.append(choice.delta.content)
-    print("RETURNED " + "".join(pieces))
-except openai.APIError as err:
-    print("RAISED " + type(err).__name__ + " " + str(err.message))
-"#;
-    let output = tokio::process::Command::new(crate::clients::python())
-        .arg("-c")
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = openai_stream(&gateway, "poison").await;
     assert!(
         stdout.starts_with("RAISED APIError The model's answer was blocked by policy."),
-        "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
+        "{stdout}"
     );
 
     let exchanges = gateway.drain().await;
@@ -364,6 +342,40 @@ async fn a_reload_from_monitor_to_enforce_applies_to_the_next_request() {
     upstream.stop().await;
 }
 
+/// Streams a chat answer to `prompt` with the official openai client: `RETURNED <text>`, or
+/// `RAISED <error class> <message>` when the client raised.
+async fn openai_stream(gateway: &Gateway, prompt: &str) -> String {
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
+pieces = []
+try:
+    for chunk in client.chat.completions.create(model="test-model", stream=True,
+            messages=[{"role": "user", "content": sys.argv[2]}]):
+        for choice in chunk.choices:
+            if choice.delta and choice.delta.content:
+                pieces.append(choice.delta.content)
+    print("RETURNED " + "".join(pieces))
+except openai.APIError as err:
+    print("RAISED " + type(err).__name__ + " " + str(err.message))
+"#;
+    let output = tokio::process::Command::new(crate::clients::python())
+        .arg("-c")
+        .arg(script)
+        .arg(gateway.url("/v1"))
+        .arg(prompt)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        stdout.starts_with("RETURNED ") || stdout.starts_with("RAISED "),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// The text of a chat stream as a client assembles it, and whether it ended with `[DONE]`.
 fn streamed_text(body: &str) -> (String, bool) {
     let mut text = String::new();
@@ -403,30 +415,9 @@ async fn mask_in_a_stream_rewrites_the_held_events_before_the_client_sees_them()
     assert!(!body.contains("event: error"), "{body}");
 
     // The official openai client reads a normal, masked stream.
-    let script = r#"
-import sys, openai
-client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
-pieces = []
-for chunk in client.chat.completions.create(model="test-model", stream=True,
-        messages=[{"role": "user", "content": "poison"}]):
-    for choice in chunk.choices:
-        if choice.delta and choice.delta.content:
-            pieces.append(choice.delta.content)
-print("RETURNED " + "".join(pieces))
-"#;
-    let output = tokio::process::Command::new(crate::clients::python())
-        .arg("-c")
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
-        stdout.trim_end(),
-        "RETURNED Sure thing. [removed] now and later.",
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
+        openai_stream(&gateway, "poison").await.trim_end(),
+        "RETURNED Sure thing. [removed] now and later."
     );
 
     // A clean stream under the same policy passes byte for byte.
