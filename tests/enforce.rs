@@ -473,3 +473,79 @@ async fn a_mask_over_text_already_sent_blocks_the_stream_instead() {
     );
     upstream.stop().await;
 }
+
+const ANTHROPIC_SSE: [&[u8]; 7] = [
+    b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-test\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+    b"event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Sure. ZORB\"}}\n\n",
+    b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"LAX done.\"}}\n\n",
+    b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":6}}\n\n",
+    b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+];
+
+#[tokio::test]
+async fn mask_in_an_anthropic_stream_rewrites_the_text_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream =
+        MockUpstream::start(|_| Script::sse(&ANTHROPIC_SSE, Duration::from_millis(10))).await;
+    let settings = "enforce:\n  hold_back_tokens: 4\n  mask_with: \"[removed]\"\n";
+    let (mut gateway, _) = start(dir.path(), &policy("enforce", "mask", settings), &upstream).await;
+    let request = serde_json::json!({
+        "model": "claude-test",
+        "max_tokens": 64,
+        "stream": true,
+        "messages": [{ "role": "user", "content": "poison" }],
+    });
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(gateway.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01")
+        .body(request.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    // Every event keeps its name and order; only the text deltas changed.
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    let expected: Vec<&str> = ANTHROPIC_SSE
+        .iter()
+        .map(|e| {
+            std::str::from_utf8(e)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .strip_prefix("event: ")
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(names, expected, "{body}");
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+        .filter(|v| v["type"] == "content_block_delta")
+        .map(|v| v["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(text, "Sure. [removed] done.", "{body}");
+    assert!(!body.contains("ZORB") && !body.contains("LAX"), "{body}");
+
+    gateway.drain().await;
+    let flags = flags(&gateway);
+    assert_eq!(flags.len(), 1, "{flags:#?}");
+    assert_eq!(flags[0].route, "anthropic_messages");
+    assert!(flags[0].output.contains(TRIGGER));
+    assert_eq!(
+        enforced(&flags[0]),
+        Some(tripwire::policy::Enforced::Masked)
+    );
+    upstream.stop().await;
+}

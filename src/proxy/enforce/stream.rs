@@ -10,7 +10,8 @@
 //! judged last, whichever is more (and once more at the end). Each decision reads the whole text
 //! so far, so that spacing keeps the detectors' total work linear in the answer's length, at the
 //! price of holding up to that step more than the hold-back. While a decision runs, the
-//! upstream is not read.
+//! upstream is still read (up to [`MAX_AHEAD`] of text), so the next decision covers all that
+//! came meanwhile: a fast upstream costs a few decisions, not one per event.
 //!
 //! A `mask` rewrites the held events in place (the text fields only); it needs every masked
 //! span to start in text not yet sent, or to continue a span already masked. Otherwise, and on
@@ -32,6 +33,10 @@ use super::{Enforcer, Judgement, sse_error_event};
 use crate::capture::{ResponseParser, Route};
 use crate::policy::{Enforced, FailMode};
 use crate::proxy::tee::{BodyError, TeeBody};
+
+/// Text (bytes) read ahead of the last decision while the next one runs; past it, the upstream
+/// waits for the decision.
+const MAX_AHEAD: usize = 64 * 1024;
 
 /// Text growth (bytes) that starts the next decision: half the hold-back or a sixteenth of the
 /// text judged so far, whichever is more.
@@ -274,6 +279,16 @@ impl StreamJudge {
         self.total > self.judged
     }
 
+    /// Whether a decision is in flight.
+    fn deciding(&self) -> bool {
+        self.decision.is_some()
+    }
+
+    /// Text read past what the last decision saw.
+    fn ahead(&self) -> usize {
+        self.total.saturating_sub(self.judged)
+    }
+
     /// Starts a decision on the text so far.
     fn start_decision(&mut self) -> Option<Step> {
         let budget = self.enforcer.judge.plan.timeout;
@@ -509,17 +524,19 @@ impl Body for EnforceBody {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
             if let Some(judge) = this.judge.as_mut() {
-                // A decision in flight holds everything back.
-                match judge.poll_decision(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(step)) => {
-                        this.take_step(step);
-                        continue;
-                    }
-                    Poll::Ready(None) => judge.releasable(&mut this.ready),
+                if let Poll::Ready(Some(step)) = judge.poll_decision(cx) {
+                    this.take_step(step);
+                    continue;
+                }
+                judge.releasable(&mut this.ready);
+                if !this.ready.is_empty() {
+                    continue;
                 }
                 if this.inner.is_none() {
                     // The upstream is over: one last decision on the whole text, then the rest.
+                    if judge.deciding() {
+                        return Poll::Pending;
+                    }
                     if judge.unjudged() {
                         if let Some(step) = judge.start_decision() {
                             this.take_step(step);
@@ -530,8 +547,16 @@ impl Body for EnforceBody {
                     }
                     continue;
                 }
-                if !this.ready.is_empty() {
+                if !judge.deciding() && judge.due() {
+                    if let Some(step) = judge.start_decision() {
+                        this.take_step(step);
+                    }
                     continue;
+                }
+                // While a decision runs the upstream is still read, so the next decision covers
+                // all that came meanwhile; up to a bound, past which the upstream waits.
+                if judge.deciding() && judge.ahead() > MAX_AHEAD {
+                    return Poll::Pending;
                 }
             }
             let Some(inner) = this.inner.as_mut() else {
@@ -546,12 +571,7 @@ impl Body for EnforceBody {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
-                    let step = match judge.push(data) {
-                        Some(step) => Some(step),
-                        None if judge.due() => judge.start_decision(),
-                        None => None,
-                    };
-                    if let Some(step) = step {
+                    if let Some(step) = judge.push(data) {
                         this.take_step(step);
                     }
                 }
