@@ -624,9 +624,10 @@ mod tests {
 
     const TRIGGER: &str = "ZORBLAX";
 
-    fn engine(hold_back_tokens: usize) -> Arc<Engine> {
+    /// An enforce-mode policy masking the trigger; `settings` are more `enforce:` lines.
+    fn engine(settings: &str) -> Arc<Engine> {
         let text = format!(
-            "mode: enforce\nenforce:\n  hold_back_tokens: {hold_back_tokens}\n  mask_with: \"[m]\"\n\
+            "mode: enforce\nenforce:\n{settings}  mask_with: \"[m]\"\n\
              detectors:\n  trigger: {{ type: trigger_phrase, defaults: false, scan: [output], phrases: [\"{TRIGGER}\"] }}\n\
              rules:\n  - name: mask-trigger\n    when: trigger.output.matched\n    severity: high\n    actions: [mask]\n"
         );
@@ -677,7 +678,8 @@ mod tests {
 
     /// Streams `chunks` through an enforce-mode body and returns what the client reads and
     /// what enforce mode recorded.
-    async fn through(judge: Judge, chunks: Vec<Bytes>) -> (Vec<u8>, Option<Enforced>) {
+    /// Also returns how many decisions were still running when the body ended.
+    async fn through(judge: Judge, chunks: Vec<Bytes>) -> (Vec<u8>, Option<Enforced>, usize) {
         let metrics = Metrics::default();
         let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
         let accounting = Accounting {
@@ -695,15 +697,16 @@ mod tests {
             tokio::time::Instant::now() + Duration::from_secs(60),
         );
         let (done, outcome) = oneshot::channel();
+        let tasks = Tasks::new();
         let enforcer = Enforcer {
             judge: Arc::new(judge),
             route: Route::ChatCompletions,
             metrics,
-            tasks: Tasks::new(),
+            tasks: tasks.clone(),
             done: Mutex::new(Some(done)),
             outcome: None,
         };
-        let limit = 1 << 20;
+        let limit = 8 << 20;
         let parser = ResponseParser::with_limit(
             Route::ChatCompletions,
             Some("text/event-stream"),
@@ -715,8 +718,49 @@ mod tests {
         while let Some(frame) = body.frame().await {
             out.extend_from_slice(&frame.unwrap().into_data().unwrap());
         }
+        let running = tasks.len();
         drop(body);
-        (out, outcome.await.ok())
+        (out, outcome.await.ok(), running)
+    }
+
+    #[tokio::test]
+    async fn a_decision_slower_than_the_timeout_fails_the_stream_without_waiting_for_it() {
+        // One event carrying enough text that a decision on it takes well over 1 ms.
+        let text = "word ".repeat(400_000);
+        let body = format!("{}data: [DONE]\n\n", event(&text));
+        let probe = judge(&engine(""));
+        let started = tokio::time::Instant::now();
+        let _slow = probe.judge(&[(0, text.clone())]);
+        let decision = started.elapsed();
+        assert!(
+            decision > Duration::from_millis(20),
+            "a decision took only {decision:?}: the test needs a longer text"
+        );
+        for (fail, expected) in [
+            ("closed", Enforced::FailedClosed),
+            ("open", Enforced::FailedOpen),
+        ] {
+            let engine = engine(&format!("  timeout: 1ms\n  fail: {fail}\n"));
+            let chunks = vec![Bytes::from(body.clone())];
+            let (out, enforced, running) = through(judge(&engine), chunks).await;
+            assert_eq!(enforced, Some(expected), "fail: {fail}");
+            let out = String::from_utf8(out).unwrap();
+            if fail == "closed" {
+                assert!(
+                    out.starts_with("event: error\n"),
+                    "{}",
+                    out.chars().take(200).collect::<String>()
+                );
+                assert!(!out.contains("[DONE]") && !out.contains("word"));
+            } else {
+                assert_eq!(out, body, "fail open passes the stream unjudged");
+            }
+            // The stream did not wait for the decision it gave up on: that one still runs.
+            assert_eq!(
+                running, 1,
+                "a {decision:?} decision should outlast the stream"
+            );
+        }
     }
 
     proptest! {
@@ -749,7 +793,7 @@ mod tests {
             at.dedup();
             let chunks: Vec<Bytes> = at.windows(2).map(|p| Bytes::copy_from_slice(&bytes[p[0]..p[1]])).collect();
 
-            let engine = engine(2);
+            let engine = engine("  hold_back_tokens: 2\n");
             let whole = judge(&engine);
             let expected = match engine.decide(&whole.plan, &whole.exchange, &text) {
                 Decision::Mask(spans) => super::super::rewrite::mask(&text, &spans, "[m]"),
@@ -757,7 +801,7 @@ mod tests {
                 other => panic!("{other:?}"),
             };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let (out, enforced) = runtime.block_on(through(whole, chunks));
+            let (out, enforced, _) = runtime.block_on(through(whole, chunks));
             prop_assert_eq!(assembled(&out), (expected.clone(), true));
             if expected == text {
                 prop_assert_eq!(out.as_slice(), bytes, "an unmasked stream passes byte for byte");
