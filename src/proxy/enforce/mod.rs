@@ -176,12 +176,11 @@ impl Enforcer {
             .map(|c| (c.index, c.text))
             .collect();
         let budget = self.judge.plan.timeout;
-        let this = self;
         let judged = if budget.is_zero() {
             None
         } else {
-            let judge = Arc::clone(&this.judge);
-            let task = this
+            let judge = Arc::clone(&self.judge);
+            let task = self
                 .tasks
                 .spawn_blocking("enforce-judge", move || judge.judge(&texts));
             match tokio::time::timeout(budget, task).await {
@@ -192,28 +191,28 @@ impl Enforcer {
         };
         let judgement = match judged {
             Some(judgement) => judgement,
-            None => match this.fail("timeout") {
+            None => match self.fail("timeout") {
                 FailMode::Open => return full(parts, body),
-                FailMode::Closed => return block(parts, &this.judge.plan.block_response),
+                FailMode::Closed => return block(parts, &self.judge.plan.block_response),
             },
         };
         match judgement {
             Judgement::Pass => {
-                this.record(None);
+                self.record(None);
                 full(parts, body)
             }
             Judgement::Error(error) => {
                 tracing::debug!(%error, "enforce detector error");
-                match this.fail("detector_error") {
+                match self.fail("detector_error") {
                     FailMode::Open => full(parts, body),
-                    FailMode::Closed => block(parts, &this.judge.plan.block_response),
+                    FailMode::Closed => block(parts, &self.judge.plan.block_response),
                 }
             }
             Judgement::Block(response) => {
-                this.record(Some(Enforced::Blocked));
+                self.record(Some(Enforced::Blocked));
                 match &response.replace_with {
                     Some(text) if encoding.is_none() => {
-                        match rewrite_body(this.route, &body, &|_, _| Some(text.clone())) {
+                        match rewrite_body(self.route, &body, &|_, _| Some(text.clone())) {
                             Some(replaced) => {
                                 parts.headers.remove(header::CONTENT_LENGTH);
                                 full(parts, replaced)
@@ -228,22 +227,22 @@ impl Enforcer {
                 let masked = encoding
                     .is_none()
                     .then(|| {
-                        rewrite_body(this.route, &body, &|index, text| {
+                        rewrite_body(self.route, &body, &|index, text| {
                             let spans = masks.iter().find(|(i, _)| *i == index)?;
-                            Some(mask(text, &spans.1, &this.judge.plan.mask_with))
+                            Some(mask(text, &spans.1, &self.judge.plan.mask_with))
                         })
                     })
                     .flatten();
                 match masked {
                     Some(masked) => {
-                        this.record(Some(Enforced::Masked));
+                        self.record(Some(Enforced::Masked));
                         parts.headers.remove(header::CONTENT_LENGTH);
                         full(parts, masked)
                     }
                     // A compressed or unusual body cannot be rewritten: block rather than leak.
                     None => {
-                        this.record(Some(Enforced::Blocked));
-                        block(parts, &this.judge.plan.block_response)
+                        self.record(Some(Enforced::Blocked));
+                        block(parts, &self.judge.plan.block_response)
                     }
                 }
             }
