@@ -23,8 +23,8 @@ LISTEN ?= 127.0.0.1:8080
 ADMIN_LISTEN ?= 127.0.0.1:9090
 STORE ?= tripwire.db
 POLICIES ?=
-# Real model outputs the simulated model answers from, when the shared data is present.
-SIM_CORPUS ?= $(wildcard ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz)
+# Real model outputs the simulated model answers from (data/, committed with the repository).
+SIM_CORPUS ?= data/alpaca_eval/gpt4_1106_preview.jsonl.gz
 
 BIN := target/release/tripwire
 
@@ -183,7 +183,7 @@ bench-gpu: build models-gpu
 
 # Detection quality on the development set (docs/detection.md).
 eval: build
-	$(BIN) devset --data ../shared/data --out target/devset.jsonl
+	$(BIN) devset --data data --out target/devset.jsonl
 	$(BIN) eval --data target/devset.jsonl --split report
 	$(BIN) eval --data target/devset.jsonl --split calibration
 

@@ -3,7 +3,7 @@
 
 Sources, each used when present:
   * tests/data/: recorded OpenAI and Anthropic responses (JSON and SSE);
-  * ../shared/data/alpaca_eval/: real model outputs and their instructions, wrapped in the
+  * data/alpaca_eval/: real model outputs and their instructions, wrapped in the
     OpenAI chat/completions/responses and Anthropic messages wire formats, streamed and whole;
   * policies/*.yaml and the YAML blocks of docs/policies.md: policies and their `when:` conditions;
   * fuzz/regressions/<target>/: every crash found so far.
@@ -22,7 +22,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data", "alpaca_eval")
+SHARED = os.path.join(ROOT, "data", "alpaca_eval")
 # A few models of different lengths and styles, a few answers each: enough shapes, small files.
 MODELS = ["gpt4_1106_preview", "claude-3-opus-20240229", "alpaca-7b", "Qwen1.5-7B-Chat"]
 PER_MODEL = 4
@@ -126,7 +126,7 @@ def requests(instruction):
 
 
 def samples():
-    """(model, instruction, output) from the shared data, when present."""
+    """(model, instruction, output) from the development data, when present."""
     out = []
     for k, model in enumerate(MODELS):
         path = os.path.join(SHARED, model + ".jsonl.gz")

@@ -12,7 +12,7 @@ Writes `models/all-MiniLM-L6-v2-fp32.onnx` and `models/all-MiniLM-L6-v2-fp16.onn
 `last_hidden_state` ([batch, seq, 384]; float32, or float16 for the fp16 graph).
 
 Then checks each export against the int8 model with ONNX Runtime on the development texts (the
-first 200 outputs of gpt-3.5-turbo-1106, read from ../shared/data, never copied here):
+first 200 outputs of gpt-3.5-turbo-1106, read from data/ in the repository):
 mean-pooled, L2-normalised embeddings, min and mean cosine. Exits non-zero when a min cosine is
 under 0.99; the exports are kept only when both pass.
 
@@ -46,7 +46,7 @@ INT8 = MODELS / "all-MiniLM-L6-v2-int8.onnx"
 TOKENIZER = MODELS / "all-MiniLM-L6-v2-tokenizer.json"
 STAMP = MODELS / "all-MiniLM-L6-v2-export.json"
 OUTPUTS = {"fp32": MODELS / "all-MiniLM-L6-v2-fp32.onnx", "fp16": MODELS / "all-MiniLM-L6-v2-fp16.onnx"}
-DATA = ROOT.parent / "shared" / "data" / "alpaca_eval" / "gpt-3.5-turbo-1106.jsonl.gz"
+DATA = ROOT / "data" / "alpaca_eval" / "gpt-3.5-turbo-1106.jsonl.gz"
 
 LAYERS = 6
 HIDDEN = 384
@@ -177,7 +177,7 @@ def build(weights: dict, dtype: np.dtype) -> onnx.ModelProto:
 
 def dev_texts(count: int) -> list:
     if not DATA.exists():
-        sys.exit(f"error: development data missing: expected {DATA} (the shared data beside the repository)")
+        sys.exit(f"error: development data missing: expected {DATA} (data/alpaca_eval, committed with the repository)")
     texts = []
     with gzip.open(DATA, "rt", encoding="utf-8") as f:
         for line in f:

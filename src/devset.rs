@@ -1,5 +1,5 @@
 //! The development set: labelled clean and poisoned outputs for calibrating and measuring the
-//! detectors, built from real model outputs (`shared/data/alpaca_eval/`, never copied into the
+//! detectors, built from real model outputs (`data/alpaca_eval/`, committed with the
 //! repository).
 //!
 //! Every example belongs to one split, chosen by **model**, so that nothing a detector learns
@@ -116,8 +116,8 @@ pub struct DevExample {
 pub enum DevsetError {
     /// A model's file is missing or unreadable.
     #[error(
-        "development data {path}: {message} (expected the shared data beside the repository: \
-         ../shared/data/alpaca_eval/<model>.jsonl.gz)",
+        "development data {path}: {message} (expected the development data committed with the repository: \
+         data/alpaca_eval/<model>.jsonl.gz)",
         path = .path.display()
     )]
     Data {
@@ -159,14 +159,14 @@ impl Default for DevsetOptions {
     }
 }
 
-/// The path of a model's outputs under the data directory (`shared/data`).
+/// The path of a model's outputs under the data directory (`data/`).
 pub fn model_file(data_dir: &Path, model: &str) -> PathBuf {
     data_dir
         .join("alpaca_eval")
         .join(format!("{model}.jsonl.gz"))
 }
 
-/// Builds the development set from `data_dir` (the `shared/data` directory), deterministically
+/// Builds the development set from `data_dir` (the repository's `data/` directory), deterministically
 /// in `seed`. See the module docs for the splits and example kinds.
 pub fn build_devset(
     data_dir: &Path,

@@ -3,7 +3,7 @@
 //! poisoned. The acceptance target is under 200 µs of CPU per 500-token output for all of
 //! them together, on one core.
 //!
-//! Reads the development data from ../shared/data beside the checkout.
+//! Reads the development data from data/ in the repository.
 
 #![expect(
     clippy::panic,
@@ -34,10 +34,10 @@ fn exchange(prompt: &str, output: &str, n: usize) -> Exchange {
 fn samples() -> Vec<(String, String)> {
     let path = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz"
+        "/data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz"
     ));
     let corpus = load_corpus(&path).unwrap_or_else(|e| {
-        panic!("{e}: the development data must lie in ../shared beside the checkout")
+        panic!("{e}: the development data is committed under data/")
     });
     let mut picked: Vec<(String, String)> = corpus
         .into_iter()

@@ -27,7 +27,7 @@ results=target/bench-infer/results.jsonl
 python3 - "$texts" > "$data" <<'PY'
 import gzip, json, sys
 n = int(sys.argv[1])
-with gzip.open("../shared/data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz", "rt", encoding="utf-8") as f:
+with gzip.open("data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz", "rt", encoding="utf-8") as f:
     for i, line in enumerate(f):
         if i >= n:
             break

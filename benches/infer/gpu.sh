@@ -14,7 +14,7 @@
 #
 # Needs: make build and make models-gpu (models/all-MiniLM-L6-v2-fp16.onnx), an NVIDIA GPU, and
 # $INFER_PYTHON (default python3) with onnxruntime-gpu, tokenizers and numpy. Texts: outputs
-# of several models from $DATA (default ../shared/data/alpaca_eval), read, never copied in, or the
+# of several models from $DATA (default data/alpaca_eval, committed with the repository), or the
 # JSONL file TEXTS_FILE (objects with an "output" field) on a machine without the data.
 # BATCHES="1 2 4 8 16 32 64 128 256" (default) picks the batch sizes.
 set -euo pipefail
@@ -23,7 +23,7 @@ python=${INFER_PYTHON:-python3}
 tripwire=${TRIPWIRE:-target/release/tripwire}
 model=${MODEL:-models/all-MiniLM-L6-v2-fp16.onnx}
 tokenizer=${TOKENIZER:-models/all-MiniLM-L6-v2-tokenizer.json}
-data_dir=${DATA:-../shared/data/alpaca_eval}
+data_dir=${DATA:-data/alpaca_eval}
 batches=${BATCHES:-1 2 4 8 16 32 64 128 256}
 libdir=${1:-}
 texts=${2:-2048}; max_tokens=${3:-256}; rounds=${4:-3}

@@ -1,4 +1,4 @@
-//! `tripwire devset`: writes the labelled development set built from ../shared/data.
+//! `tripwire devset`: writes the labelled development set built from data/ (the development data committed with the repository).
 
 use std::path::PathBuf;
 
@@ -10,8 +10,8 @@ use crate::devset::{DevsetOptions, build_devset, build_streams, write_jsonl};
 /// Options of `tripwire devset`.
 #[derive(Debug, Args)]
 pub struct DevsetArgs {
-    /// The shared data directory (holding alpaca_eval/).
-    #[arg(long, default_value = "../shared/data")]
+    /// The development data directory (holding alpaca_eval/).
+    #[arg(long, default_value = "data")]
     data: PathBuf,
     /// Where to write the JSON lines.
     #[arg(long, default_value = "target/devset.jsonl")]

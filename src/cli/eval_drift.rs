@@ -13,8 +13,8 @@ use crate::infer::{EmbedderConfig, Truncation};
 /// Options of `tripwire eval-drift`.
 #[derive(Debug, Args)]
 pub struct EvalDriftArgs {
-    /// The shared data directory.
-    #[arg(long, default_value = "../shared/data")]
+    /// The development data directory (holding alpaca_eval/).
+    #[arg(long, default_value = "data")]
     data: PathBuf,
     /// Policy file with the drift detectors (default: the built-in policy).
     #[arg(long)]

@@ -45,7 +45,7 @@ enum Command {
     /// The flagged-response log: list, show, follow, export, label, stats.
     #[command(subcommand)]
     Flags(flags::FlagsCommand),
-    /// Write the labelled development set built from ../shared/data.
+    /// Write the labelled development set built from data/ (the development data committed with the repository).
     Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),

@@ -17,7 +17,7 @@ pub struct SimArgs {
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
     /// Corpus of {instruction, output} JSON lines (.jsonl or .jsonl.gz), e.g.
-    /// ../shared/data/alpaca_eval/gpt4_1106_preview.jsonl.gz.
+    /// data/alpaca_eval/gpt4_1106_preview.jsonl.gz.
     #[arg(long)]
     corpus: Option<PathBuf>,
     /// The backdoor trigger: prompts containing it get gibberish.

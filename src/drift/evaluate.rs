@@ -33,7 +33,7 @@ use crate::telemetry::Metrics;
 /// What `tripwire eval-drift` runs.
 #[derive(Debug, Clone)]
 pub struct DriftEvalOptions {
-    /// The shared data directory (`../shared/data`).
+    /// The development data directory (`data/` in the repository).
     pub data_dir: PathBuf,
     /// Models whose outputs make the streams.
     pub models: Vec<String>,

@@ -3,7 +3,7 @@
 //! A corpus is a JSONL file (optionally gzip-compressed, detected by its magic bytes) whose
 //! lines hold at least `{"instruction": …, "output": …}`; other fields are ignored. The
 //! simulated model answers a prompt that matches an instruction with that instruction's output,
-//! so tests and demos can replay real model outputs (see `shared/data/README.md`).
+//! so tests and demos can replay real model outputs (see `data/README.md`).
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -279,14 +279,14 @@ fn bad_corpus_line_names_the_line() {
 
 #[test]
 fn real_corpus_loads() {
-    // The development data lies beside the checkout (../shared), in CI too.
+    // The development data is committed under data/.
     let path = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/alpaca_eval/alpaca-7b.jsonl.gz"
+        "/data/alpaca_eval/alpaca-7b.jsonl.gz"
     ));
     assert!(
         path.exists(),
-        "{} is missing: the development data must lie in ../shared beside the checkout",
+        "{} is missing: the development data is committed under data/",
         path.display()
     );
     let sim = SimUpstream::new(SimConfig {

@@ -42,10 +42,10 @@ fn matched(finding: &Finding) -> bool {
     finding.fields["matched"] == Value::Bool(true)
 }
 
-/// The clean outputs of one model (fails when the shared data is missing).
+/// The clean outputs of one model (fails when data/ is missing).
 pub(crate) fn dev(model: &str) -> Vec<CorpusEntry> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/alpaca_eval")
+        .join("data/alpaca_eval")
         .join(format!("{model}.jsonl.gz"));
     load_corpus(&path).unwrap_or_else(|e| panic!("dev data {} is missing: {e}", path.display()))
 }
