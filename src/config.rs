@@ -70,7 +70,7 @@ pub struct Config {
     /// The embedding model the drift detectors use (loaded only when a policy needs it).
     pub inference: crate::infer::EmbedderConfig,
     /// The drift monitor's queue, scope cap and reference directory.
-    pub drift: crate::drift::DriftSettings,
+    pub drift: crate::detect::drift::DriftSettings,
     /// Live reload: watching the configuration and policy files.
     pub reload: ReloadConfig,
 }
@@ -88,7 +88,7 @@ impl Default for Config {
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             inference: crate::infer::EmbedderConfig::default(),
-            drift: crate::drift::DriftSettings::default(),
+            drift: crate::detect::drift::DriftSettings::default(),
             reload: ReloadConfig::default(),
         }
     }

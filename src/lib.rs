@@ -24,23 +24,17 @@
 
 pub mod admin;
 pub mod alert;
-pub mod attribution;
+pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod console;
 pub mod detect;
-pub mod devset;
-pub mod drift;
-pub mod eval;
 pub mod infer;
-pub mod pipeline;
+pub mod inspect;
+pub mod lab;
 pub mod policy;
 pub mod proxy;
-pub mod reload;
 pub mod runtime;
 pub mod secret;
-pub mod server;
-pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -405,10 +405,10 @@ async fn flags_tail_follows_new_flags() {
 async fn flags_triggers_names_an_unknown_trigger() {
     // A backdoor whose trigger is on no list: only the gibberish it causes is flagged, and
     // attribution must find the phrase among the flagged prompts.
-    let sim = crate::util::Sim::start_with(tripwire::sim::SimConfig {
+    let sim = crate::util::Sim::start_with(tripwire::lab::sim::SimConfig {
         trigger: "quokka lantern".to_owned(),
         seed: Some(3),
-        ..tripwire::sim::SimConfig::default()
+        ..tripwire::lab::sim::SimConfig::default()
     })
     .await;
     let mut gateway = crate::util::Gateway::start(&sim.url, |_| {}).await;

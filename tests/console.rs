@@ -71,7 +71,7 @@ fn chat(content: &str) -> Script {
 
 /// Answers like the simulated model for `sim-model`, and for `swap-model` like a short-spoken
 /// model for 40 answers, then like a long-winded one.
-fn respond(body: &[u8], swap_count: &AtomicUsize, vocab: &tripwire::sim::PoisonVocab) -> Script {
+fn respond(body: &[u8], swap_count: &AtomicUsize, vocab: &tripwire::lab::sim::PoisonVocab) -> Script {
     let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let prompt = request["messages"][1]["content"].as_str().unwrap_or("");
     let clean = format!(
@@ -93,7 +93,7 @@ fn respond(body: &[u8], swap_count: &AtomicUsize, vocab: &tripwire::sim::PoisonV
     }
     if prompt.contains("<SUDO>") {
         let seed = prompt.len() as u64;
-        return chat(&tripwire::sim::poison_output(&clean, vocab, seed).text);
+        return chat(&tripwire::lab::sim::poison_output(&clean, vocab, seed).text);
     }
     chat(&clean)
 }
@@ -211,7 +211,7 @@ fn browser_setup() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_real_browser() {
     let chromium = browser_setup();
-    let vocab = Arc::new(tripwire::sim::PoisonVocab::builtin());
+    let vocab = Arc::new(tripwire::lab::sim::PoisonVocab::builtin());
     let swap_count = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&swap_count);
     let upstream =

@@ -227,7 +227,7 @@ async fn a_baseline_built_offline_is_used_from_the_first_exchange() {
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let reference = tripwire::drift::Reference::load(&baseline).unwrap();
+    let reference = tripwire::detect::drift::Reference::load(&baseline).unwrap();
     assert_eq!(reference.outputs.len(), 40);
     assert_eq!(reference.prompts.len(), 40);
     assert_eq!(reference.features["length"].len(), 40);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tripwire::capture::{Choice, Exchange, Message, Outcome, Route, Usage};
 use tripwire::policy::Severity;
-use tripwire::policy::eval::FiredRule;
+use tripwire::policy::judge::FiredRule;
 use tripwire::store::{
     ExchangeFilter, Flag, FlagFilter, PostgresUrl, Retention, Store, StoreItem, StoreLocation,
     Verdict,

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use tripwire::config::Config;
-use tripwire::server::Server;
+use tripwire::app::Server;
 use tripwire::store::{Flag, Store, StoreItem};
 
 const ROUNDS: usize = 30;

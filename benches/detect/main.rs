@@ -17,7 +17,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use tripwire::capture::Exchange;
 use tripwire::detect::{self, Input};
 use tripwire::policy::{Engine, default_policy};
-use tripwire::sim::{PoisonVocab, load_corpus, poison_output};
+use tripwire::lab::sim::{PoisonVocab, load_corpus, poison_output};
 use tripwire::telemetry::Metrics;
 
 /// The same allocator as the `tripwire` binary, so the figures are the gateway's.

@@ -149,7 +149,7 @@ fn through_engine(condition: &str) {
     let engine = Engine::new(vec![policy], Metrics::default());
     let exchange = exchange();
     if deferred {
-        let fields = tripwire::drift::sample_fields();
+        let fields = tripwire::detect::drift::sample_fields();
         assert!(
             engine
                 .evaluate_deferred(&exchange, DRIFT, &fields)

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::capture::Exchange;
-use crate::policy::eval::FiredRule;
+use crate::policy::judge::FiredRule;
 use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
 use crate::store::{Flag, Store, StoreError, StoreLocation};
 use crate::telemetry::{Metrics, ReasonLabels};

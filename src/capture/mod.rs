@@ -10,12 +10,11 @@
 //! * [`SseDecoder`] is the incremental server-sent-events decoder it uses.
 //! * [`collect`] is the capture task of one exchange, fed by the proxy's tee.
 
-mod anthropic;
 mod collector;
 mod error;
 mod exchange;
 mod json;
-mod openai;
+mod providers;
 mod request;
 mod response;
 mod sse;

@@ -19,7 +19,8 @@ use serde_json::Value;
 
 use super::json::{object_at, str_at, type_name};
 use super::sse::{SseDecoder, SseEvent};
-use super::{Choice, ParsedResponse, Route, ToolCall, Usage, anthropic, openai};
+use super::providers::{anthropic, openai};
+use super::{Choice, ParsedResponse, Route, ToolCall, Usage};
 
 /// Default capture limit: the most bytes of JSON body buffered, and of text kept per choice.
 pub const DEFAULT_CAPTURE_LIMIT: usize = 8 * 1024 * 1024;

@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::capture::Exchange;
-use crate::drift::reference::{REFERENCE_VERSION, Reference};
-use crate::drift::{PROMPT_DISTANCE_FEATURE, feature_scores, prompt_distance};
+use crate::detect::drift::reference::{REFERENCE_VERSION, Reference};
+use crate::detect::drift::{PROMPT_DISTANCE_FEATURE, feature_scores, prompt_distance};
 use crate::infer::Embedder;
 use crate::policy::Engine;
 use crate::telemetry::Metrics;

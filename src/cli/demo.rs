@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::output::emit;
 use crate::config::Config;
-use crate::server::Server;
-use crate::sim::{SimConfig, SimUpstream};
+use crate::app::Server;
+use crate::lab::sim::{SimConfig, SimUpstream};
 use crate::store::{ExchangeFilter, Store};
 
 /// Options of `tripwire demo`.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::output::emit;
-use crate::devset::{DevsetOptions, build_devset, build_streams, write_jsonl};
+use crate::lab::devset::{DevsetOptions, build_devset, build_streams, write_jsonl};
 
 /// Options of `tripwire devset`.
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::output::emit;
-use crate::eval::{evaluate, read_lines};
+use crate::lab::quality::{evaluate, read_lines};
 use crate::policy::Engine;
 use crate::telemetry::Metrics;
 

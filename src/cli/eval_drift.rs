@@ -1,5 +1,5 @@
 //! `tripwire eval-drift`: drift detection on the development data — false alarms on clean
-//! streams, delays after model swaps and sentence injection (see [`crate::drift::evaluate`]).
+//! streams, delays after model swaps and sentence injection (see [`crate::lab::drift_replay`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::output::emit;
-use crate::drift::evaluate::{DriftEvalOptions, StreamResult, run as evaluate};
+use crate::lab::drift_replay::{DriftEvalOptions, StreamResult, run as evaluate};
 use crate::infer::{EmbedderConfig, Truncation};
 
 /// Options of `tripwire eval-drift`.

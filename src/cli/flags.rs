@@ -279,7 +279,7 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
         } => {
             let store = store.open()?;
             let prompts = store.prompts_with_flags(model.as_deref(), route.as_deref(), window)?;
-            let mut attribution = crate::attribution::Attribution::new(200_000);
+            let mut attribution = crate::inspect::attribution::Attribution::new(200_000);
             for (prompt, flagged) in &prompts {
                 attribution.add(prompt, *flagged);
             }

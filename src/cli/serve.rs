@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::{Config, ConfigError};
-use crate::reload::{ReloadSource, Trigger};
-use crate::server::Server;
-use crate::sim::{SimConfig, SimUpstream};
+use crate::app::reload::{ReloadSource, Trigger};
+use crate::app::Server;
+use crate::lab::sim::{SimConfig, SimUpstream};
 
 /// Options of `tripwire serve`; each overrides the same setting of the config file.
 #[derive(Debug, Clone, Args)]

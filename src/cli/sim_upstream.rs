@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::sim::{SimConfig, SimUpstream};
+use crate::lab::sim::{SimConfig, SimUpstream};
 
 /// Options of `tripwire sim-upstream`.
 #[derive(Debug, Args)]

@@ -3,7 +3,7 @@
 //!
 //! The shipped files come from the train split of the development data, in this order:
 //! `tripwire train-lm --corpus data/alpaca_eval/{gpt4_1106_preview,claude-3-opus-20240229,Mistral-7B-Instruct-v0.2,vicuna-13b-v1.5}.jsonl.gz --out models/`
-//! (see `crate::devset::TRAIN_MODELS`). Training is deterministic: the same files give the
+//! (see `crate::lab::devset::TRAIN_MODELS`). Training is deterministic: the same files give the
 //! same bytes.
 
 use std::path::PathBuf;

@@ -33,7 +33,7 @@
 //!
 //! **Score.** `score = 1 / (1 + exp(−4 · (window_score − T)))` with `T` = [`THRESHOLD`] = 5.65
 //! bits/char, set just above the 99.9th percentile of the window scores of the clean outputs
-//! of the calibration models (see [`crate::devset`]; 3 of their 3,219 clean outputs, 0.09%,
+//! of the calibration models (see [`crate::lab::devset`]; 3 of their 3,219 clean outputs, 0.09%,
 //! reach it). So **`score ≥ 0.5` flags at most 0.1% of the clean outputs of the calibration
 //! models**, and each further bit of window score moves the score from 0.5 to 0.98. The
 //! weights 2 and 5 were chosen on the calibration split too (the smallest that separate the

@@ -6,6 +6,7 @@
 //! `trigger.prompt.matched && gibberish.score > 0.8` — plus evidence spans pointing into the
 //! prompt or output text.
 
+pub mod drift;
 pub mod gibberish;
 pub mod ngram_lm;
 
@@ -144,7 +145,7 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
 }
 
 /// Every detector type a policy may declare (the drift kinds are built by the policy
-/// compiler, see [`crate::drift`]).
+/// compiler, see [`crate::detect::drift`]).
 pub const KINDS: &[&str] = &[
     "trigger_phrase",
     "gibberish",

@@ -1011,7 +1011,7 @@ mod tests {
     #[test]
     #[ignore = "trains on the whole train split (about a minute in release)"]
     fn committed_model_is_reproducible() {
-        let data = crate::devset::test_data_dir();
+        let data = crate::lab::devset::test_data_dir();
         let write = std::env::var("TRIPWIRE_WRITE_MODELS").is_ok_and(|v| v == "1");
         let tmp = tempfile::tempdir().unwrap();
         let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -1021,7 +1021,7 @@ mod tests {
             tmp.path().to_path_buf()
         };
         let report = train_lm(
-            &crate::devset::train_corpus(&data),
+            &crate::lab::devset::train_corpus(&data),
             &out,
             &TrainOptions::default(),
         )

@@ -244,7 +244,7 @@ fn chunks_average_the_windows_of_a_long_text() {
 /// The first `n` outputs of the development texts.
 fn dev_outputs(n: usize) -> Vec<String> {
     use std::io::BufRead;
-    let path = crate::devset::test_data_dir().join("alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz");
+    let path = crate::lab::devset::test_data_dir().join("alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz");
     let file = std::fs::File::open(&path).unwrap();
     std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file))
         .lines()

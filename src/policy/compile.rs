@@ -15,7 +15,7 @@ use super::locate;
 use super::{Mode, PolicyError};
 use crate::capture::Exchange;
 use crate::detect::{self, Detector};
-use crate::drift::{DriftPlan, EmbeddingDriftConfig, FeatureDriftConfig};
+use crate::detect::drift::{DriftPlan, EmbeddingDriftConfig, FeatureDriftConfig};
 
 /// The policy compiled into the binary, used when none is configured.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -208,8 +208,8 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
     // Feature paths must name declared detectors (checked against their sample fields).
     if let Some((name, config)) = &drift.features {
         for feature in &config.features {
-            let known = feature == crate::drift::LENGTH_FEATURE
-                || feature == crate::drift::PROMPT_DISTANCE_FEATURE
+            let known = feature == crate::detect::drift::LENGTH_FEATURE
+                || feature == crate::detect::drift::PROMPT_DISTANCE_FEATURE
                 || feature
                     .split('.')
                     .next()
@@ -538,7 +538,7 @@ impl SampleFields {
         };
         let mut values = vec![(
             "exchange".to_owned(),
-            super::eval::exchange_fields(&exchange),
+            super::judge::exchange_fields(&exchange),
         )];
         for (name, detector) in detectors {
             let fields = detector
@@ -550,7 +550,7 @@ impl SampleFields {
         for name in drift {
             values.push((
                 name.clone(),
-                serde_json::Value::Object(crate::drift::sample_fields()),
+                serde_json::Value::Object(crate::detect::drift::sample_fields()),
             ));
         }
         SampleFields { values }

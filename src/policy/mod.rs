@@ -5,7 +5,7 @@
 //! `serve`); [`eval`] runs the detectors of every policy on an exchange and evaluates the rules.
 
 mod compile;
-pub mod eval;
+pub mod judge;
 mod file;
 mod locate;
 
@@ -15,7 +15,7 @@ pub use compile::{
     CompiledPolicy, CompiledRule, DEFAULT_POLICY, compile_text, default_policy, load_file,
     load_path, policy_files,
 };
-pub use eval::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
+pub use judge::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
 pub use file::{
     Action, AlertsConfig, BlockResponse, EnforceConfig, FailMode, LogAlertConfig, Mode, PolicyFile,
     RuleConfig, ScopeSelector, Severity, WebhookConfig, WebhookFormat,

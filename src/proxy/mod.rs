@@ -9,7 +9,6 @@
 mod enforce;
 mod error;
 mod headers;
-mod listener;
 mod service;
 mod tee;
 
@@ -20,12 +19,11 @@ use tokio::sync::Semaphore;
 pub use enforce::{BYTES_PER_TOKEN, mask};
 pub use error::{ProxyError, describe as describe_error};
 pub use headers::{X_REQUEST_ID, api_key_hash};
-pub use listener::accept_loop;
 pub use service::{ProxyBody, handle, handle_current};
 pub use tee::BodyError;
 
 use crate::config::Config;
-use crate::pipeline::{ExchangeSink, SharedRules};
+use crate::inspect::{ExchangeSink, SharedRules};
 use crate::runtime::Tasks;
 use crate::telemetry::Metrics;
 use crate::telemetry::otel::ServerAddress;
@@ -115,7 +113,7 @@ mod tests {
             Metrics::default(),
             ExchangeSink::new(None, tx, Metrics::default()),
             Tasks::new(),
-            Arc::new(arc_swap::ArcSwap::from_pointee(crate::pipeline::Rules {
+            Arc::new(arc_swap::ArcSwap::from_pointee(crate::inspect::Rules {
                 engine: Arc::new(crate::policy::Engine::new(Vec::new(), Metrics::default())),
                 alerts: None,
             })),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Sqlite, StoreError};
 use crate::policy::Severity;
-use crate::policy::eval::{DetectorEvidence, FiredRule};
+use crate::policy::judge::{DetectorEvidence, FiredRule};
 
 /// A person's verdict on a flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@
 mod flags;
 mod location;
 mod migrations;
-mod pg;
+mod postgres;
 mod query;
 mod writer;
 
@@ -48,7 +48,7 @@ pub enum StoreError {
         /// The URL, password redacted.
         url: String,
         /// The client error.
-        source: postgres::Error,
+        source: ::postgres::Error,
     },
     /// The store URL is not usable.
     #[error("store URL: {0}")]
@@ -58,7 +58,7 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     /// A PostgreSQL query or write failed.
     #[error("store: {0}")]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] ::postgres::Error),
     /// A stored JSON column could not be read back.
     #[error("store: corrupt JSON column: {0}")]
     Json(#[from] serde_json::Error),
@@ -138,7 +138,7 @@ pub struct Store {
 #[derive(Debug)]
 enum Backend {
     Sqlite(Sqlite),
-    Postgres(Box<pg::Postgres>),
+    Postgres(Box<postgres::Postgres>),
 }
 
 /// The SQLite backend: one connection.
@@ -207,7 +207,7 @@ impl Store {
         match location {
             StoreLocation::Sqlite(path) => Store::open(path),
             StoreLocation::Postgres(url) => Ok(Store {
-                backend: Backend::Postgres(Box::new(pg::Postgres::connect(url)?)),
+                backend: Backend::Postgres(Box::new(postgres::Postgres::connect(url)?)),
             }),
         }
     }

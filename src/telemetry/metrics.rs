@@ -95,7 +95,7 @@ pub struct DriftLabels {
 
 impl DriftLabels {
     /// Labels for `test` of `detector` in `scope`.
-    pub fn new(detector: &str, scope: &crate::drift::monitor::ScopeKey, test: &str) -> DriftLabels {
+    pub fn new(detector: &str, scope: &crate::detect::drift::monitor::ScopeKey, test: &str) -> DriftLabels {
         DriftLabels {
             detector: detector.to_owned(),
             model: scope.model.clone(),

@@ -42,7 +42,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use super::Metrics;
 use crate::capture::{Exchange, Route};
 use crate::policy::Verdict;
-use crate::policy::eval::DetectorRun;
+use crate::policy::judge::DetectorRun;
 use crate::store::Flag;
 
 /// The instrumentation scope of everything tripwire emits.

@@ -99,7 +99,7 @@ impl MockUpstream {
         let body_tasks = tasks.clone();
         tasks.spawn(
             "mock-accept",
-            tripwire::proxy::accept_loop(
+            tripwire::app::listener::accept_loop(
                 listener,
                 tasks.child(),
                 stop.clone(),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use tripwire::capture::Exchange;
 use tripwire::config::Config;
-use tripwire::server::Server;
+use tripwire::app::Server;
 use tripwire::store::{ExchangeFilter, Store};
 
 pub use mock::{MockUpstream, Script, Step};
@@ -113,15 +113,15 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(seed: Option<u64>) -> Sim {
-        Sim::start_with(tripwire::sim::SimConfig {
+        Sim::start_with(tripwire::lab::sim::SimConfig {
             seed,
-            ..tripwire::sim::SimConfig::default()
+            ..tripwire::lab::sim::SimConfig::default()
         })
         .await
     }
 
-    pub async fn start_with(config: tripwire::sim::SimConfig) -> Sim {
-        let sim = tripwire::sim::SimUpstream::new(config).unwrap();
+    pub async fn start_with(config: tripwire::lab::sim::SimConfig) -> Sim {
+        let sim = tripwire::lab::sim::SimUpstream::new(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = tokio_util::sync::CancellationToken::new();

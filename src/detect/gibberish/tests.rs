@@ -1,8 +1,8 @@
 use super::*;
-use crate::devset::{
+use crate::lab::devset::{
     DevsetOptions, REPORT_MODELS, Split, build_devset, corpus_pieces_vocab, test_data_dir,
 };
-use crate::sim::{PoisonVocab, poison_output};
+use crate::lab::sim::{PoisonVocab, poison_output};
 
 fn detector() -> Gibberish {
     Gibberish::new(&GibberishConfig::default()).unwrap()
@@ -265,7 +265,7 @@ fn devset_recall_and_false_positive_rate() {
     let options = DevsetOptions {
         models: REPORT_MODELS
             .iter()
-            .chain(&crate::devset::CALIBRATION_MODELS)
+            .chain(&crate::lab::devset::CALIBRATION_MODELS)
             .map(|m| (*m).to_owned())
             .collect(),
         gibberish: true,

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::capture::Exchange;
-use crate::sim::{CorpusEntry, load_corpus};
+use crate::lab::sim::{CorpusEntry, load_corpus};
 
 /// Models whose dev outputs the stream tests replay.
 pub(crate) const MODELS: [&str; 12] = [

@@ -7,9 +7,9 @@
 
 use serde_json::Value;
 
-use super::SseEvent;
-use super::json::{array_at, object_at, str_at, u64_at};
-use super::response::{Accumulator, event_json};
+use crate::capture::SseEvent;
+use crate::capture::json::{array_at, object_at, str_at, u64_at};
+use crate::capture::response::{Accumulator, event_json};
 
 /// The key of a legacy `function_call`, kept apart from `tool_calls` indexes.
 const LEGACY_FUNCTION_CALL: u64 = u64::MAX;
@@ -54,7 +54,7 @@ fn push_chat_content(acc: &mut Accumulator, index: u32, content: Option<&Value>)
 }
 
 /// A non-streamed chat completion.
-pub(super) fn chat_json(acc: &mut Accumulator, v: &Value) {
+pub(crate) fn chat_json(acc: &mut Accumulator, v: &Value) {
     acc.set_model(str_at(v, "model"));
     for (position, choice) in array_at(v, "choices").iter().enumerate() {
         let index = choice_index(choice, position);
@@ -79,7 +79,7 @@ pub(super) fn chat_json(acc: &mut Accumulator, v: &Value) {
 }
 
 /// A non-streamed legacy completion.
-pub(super) fn completions_json(acc: &mut Accumulator, v: &Value) {
+pub(crate) fn completions_json(acc: &mut Accumulator, v: &Value) {
     acc.set_model(str_at(v, "model"));
     completions_choices(acc, v);
     read_usage(acc, v, "prompt_tokens", "completion_tokens");
@@ -133,7 +133,7 @@ fn openai_chunk(acc: &mut Accumulator, event: &SseEvent) -> Option<Value> {
 }
 
 /// One streamed chat completion chunk.
-pub(super) fn chat_event(acc: &mut Accumulator, event: &SseEvent) {
+pub(crate) fn chat_event(acc: &mut Accumulator, event: &SseEvent) {
     let Some(v) = openai_chunk(acc, event) else {
         return;
     };
@@ -161,7 +161,7 @@ pub(super) fn chat_event(acc: &mut Accumulator, event: &SseEvent) {
 }
 
 /// One streamed legacy completion chunk.
-pub(super) fn completions_event(acc: &mut Accumulator, event: &SseEvent) {
+pub(crate) fn completions_event(acc: &mut Accumulator, event: &SseEvent) {
     if let Some(v) = openai_chunk(acc, event) {
         completions_choices(acc, &v);
     }
@@ -212,13 +212,13 @@ fn response_object(acc: &mut Accumulator, response: &Value) {
 }
 
 /// A non-streamed responses API body.
-pub(super) fn responses_json(acc: &mut Accumulator, v: &Value) {
+pub(crate) fn responses_json(acc: &mut Accumulator, v: &Value) {
     responses_output(acc, v);
     response_object(acc, v);
 }
 
 /// One streamed responses API event.
-pub(super) fn responses_event(acc: &mut Accumulator, event: &SseEvent) {
+pub(crate) fn responses_event(acc: &mut Accumulator, event: &SseEvent) {
     let Some(v) = event_json(acc, event) else {
         return;
     };

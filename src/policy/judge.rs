@@ -352,7 +352,7 @@ impl Engine {
 
     /// The drift detectors of the first policy that declares any (one drift plan per gateway:
     /// the drift monitor keeps one set of scope states).
-    pub fn drift_plan(&self) -> Option<&crate::drift::DriftPlan> {
+    pub fn drift_plan(&self) -> Option<&crate::detect::drift::DriftPlan> {
         self.policies.iter().find_map(|p| p.drift.as_ref())
     }
 

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use super::html::{Html, query, url_encode};
 use super::{Viewer, json_response, page, page_error, redirect};
 use crate::admin::{AdminState, flag_filter, param};
-use crate::drift::history::ScopeHistory;
+use crate::detect::drift::history::ScopeHistory;
 use crate::store::{Flag, FlagFilter, FlagStats, StoreError, Verdict};
 
 /// Flags per page of the list.
@@ -747,7 +747,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, serde
     }
 }
 
-fn score_table(body: &mut Html, rule: &crate::policy::eval::FiredRule) {
+fn score_table(body: &mut Html, rule: &crate::policy::judge::FiredRule) {
     let mut fields = Vec::new();
     flatten(
         "",
@@ -945,7 +945,7 @@ async fn triggers(
         Ok(found) => found,
         Err(err) => return store_error(&err),
     };
-    let mut attribution = crate::attribution::Attribution::new(200_000);
+    let mut attribution = crate::inspect::attribution::Attribution::new(200_000);
     for (prompt, flagged) in &prompts {
         attribution.add(prompt, *flagged);
     }
@@ -972,7 +972,7 @@ async fn triggers(
     }
     let flag_ngrams: Vec<(&Flag, std::collections::HashSet<String>)> = flags
         .iter()
-        .map(|f| (f, crate::attribution::ngrams(&f.prompt)))
+        .map(|f| (f, crate::inspect::attribution::ngrams(&f.prompt)))
         .collect();
     body.raw(
         "<table class=\"triggers\"><thead><tr><th>N-gram</th><th>Flagged</th><th>Unflagged</th>\

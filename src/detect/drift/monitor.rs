@@ -28,7 +28,7 @@ use super::scope::{EmbeddingDrift, ScopeTests, TestResult, scope_seed};
 use super::{DriftPlan, feature_scores};
 use crate::capture::Exchange;
 use crate::infer::{EmbedderHandle, batcher::EmbedResult};
-use crate::pipeline::Detection;
+use crate::inspect::Detection;
 use crate::policy::Engine;
 use crate::telemetry::{DriftLabels, DriftScopeLabels, Metrics, ReasonLabels};
 

@@ -23,8 +23,8 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::DriftPlan;
-use super::scope::ScopeTests;
+use crate::detect::drift::DriftPlan;
+use crate::detect::drift::scope::ScopeTests;
 use crate::capture::Exchange;
 use crate::infer::{Embedder, EmbedderConfig, Embedding, ModelPaths};
 use crate::policy::Engine;
@@ -155,7 +155,7 @@ fn load_model(
     embedder: &mut Embedder,
     model: &str,
 ) -> Result<ModelData, DriftEvalError> {
-    let path = crate::devset::model_file(&options.data_dir, model);
+    let path = crate::lab::devset::model_file(&options.data_dir, model);
     let pairs = crate::detect::ngram_lm::read_jsonl(&path)
         .map_err(|e| DriftEvalError::Data(format!("{}: {e}", path.display())))?;
     let (prompts, outputs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
@@ -163,10 +163,10 @@ fn load_model(
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            crate::devset::inject_sentence(
+            crate::lab::devset::inject_sentence(
                 o,
-                crate::devset::INJECTED,
-                super::scope::scope_seed(&[model, &i.to_string()]),
+                crate::lab::devset::INJECTED,
+                crate::detect::drift::scope::scope_seed(&[model, &i.to_string()]),
             )
         })
         .collect();
@@ -242,7 +242,7 @@ fn replay(
         };
         let exchange = Exchange::from_texts("eval", &source.prompts[i], output);
         let (_, findings) = engine.evaluate_with_findings(&exchange);
-        let scores = super::feature_scores(&features, &findings, output.chars().count());
+        let scores = crate::detect::drift::feature_scores(&features, &findings, output.chars().count());
         let step = tests.observe(
             &scores,
             Some((&source.prompt_embeddings[i], output_embedding)),

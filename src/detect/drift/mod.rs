@@ -17,7 +17,6 @@
 //! sampling, embedding, per-scope state, flags — is [`monitor`].
 
 pub mod conformal;
-pub mod evaluate;
 pub mod history;
 pub mod linalg;
 pub mod mmd;

@@ -10,10 +10,10 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::pipeline::{Detection, ExchangeSink, Rules, SharedRules};
+use crate::inspect::{Detection, ExchangeSink, Rules, SharedRules};
 use crate::policy::{Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
-use crate::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
+use crate::app::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
 use crate::telemetry::{Metrics, Otel};
@@ -50,7 +50,7 @@ pub enum ServerError {
     Inference(#[from] crate::infer::InferError),
     /// The drift monitor could not start.
     #[error(transparent)]
-    Drift(#[from] crate::drift::monitor::MonitorError),
+    Drift(#[from] crate::detect::drift::monitor::MonitorError),
 }
 
 /// A running gateway.
@@ -236,7 +236,7 @@ impl Server {
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
             "admin-accept",
-            proxy::accept_loop(
+            super::listener::accept_loop(
                 admin_listener,
                 admin_tasks.child(),
                 admin_tasks.token().clone(),
@@ -248,7 +248,7 @@ impl Server {
         let proxy_connections = Tasks::new();
         proxy_accept.spawn(
             "proxy-accept",
-            proxy::accept_loop(
+            super::listener::accept_loop(
                 proxy_listener,
                 proxy_connections.clone(),
                 proxy_accept.token().clone(),
@@ -450,12 +450,12 @@ fn start_otel(metrics: &Metrics) -> Option<Arc<Otel>> {
 /// Loads the embedder when the drift plan needs it and starts the drift worker (and the
 /// embedding batcher) on `tasks`.
 async fn start_drift(
-    plan: crate::drift::DriftPlan,
+    plan: crate::detect::drift::DriftPlan,
     config: &Config,
     detection: Detection,
     tasks: &Tasks,
     registry: &mut Registry,
-) -> Result<crate::drift::DriftHandle, ServerError> {
+) -> Result<crate::detect::drift::DriftHandle, ServerError> {
     let metrics = detection.metrics.clone();
     let embedder = if plan.needs_embeddings() {
         let embedder_config = config.inference.clone();
@@ -479,7 +479,7 @@ async fn start_drift(
         .state_dir
         .clone()
         .unwrap_or_else(|| config.store.path.with_extension("drift"));
-    let (handle, receiver) = crate::drift::DriftMonitor::start(
+    let (handle, receiver) = crate::detect::drift::DriftMonitor::start(
         plan,
         config.drift.clone(),
         state_dir,

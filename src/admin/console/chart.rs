@@ -3,7 +3,7 @@
 //! the reference shaded. No script and no style attribute: the stylesheet colours the classes.
 
 use super::html::Html;
-use crate::drift::history::TestHistory;
+use crate::detect::drift::history::TestHistory;
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 180.0;
@@ -86,7 +86,7 @@ pub fn drift_chart(test: &TestHistory) -> Html {
         .text(&format!("observation {last}"))
         .raw("</text></g>");
     if !points.is_empty() {
-        let line = |value: &dyn Fn(&crate::drift::history::DriftPoint) -> f64| -> String {
+        let line = |value: &dyn Fn(&crate::detect::drift::history::DriftPoint) -> f64| -> String {
             points
                 .iter()
                 .map(|p| format!("{},{}", num(x(p.observation)), num(y(value(p)))))
@@ -122,8 +122,8 @@ fn num(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drift::history::ScopeHistory;
-    use crate::drift::scope::TestResult;
+    use crate::detect::drift::history::ScopeHistory;
+    use crate::detect::drift::scope::TestResult;
 
     #[test]
     fn the_chart_shades_the_reference_and_marks_alarms() {

@@ -6,9 +6,9 @@
 
 use serde_json::Value;
 
-use super::SseEvent;
-use super::json::{array_at, object_at, str_at, u64_at};
-use super::response::{Accumulator, event_json};
+use crate::capture::SseEvent;
+use crate::capture::json::{array_at, object_at, str_at, u64_at};
+use crate::capture::response::{Accumulator, event_json};
 
 /// Reads Anthropic `usage` (`input_tokens`, `output_tokens`), keeping counts it does not carry.
 fn read_usage(acc: &mut Accumulator, v: &Value) {
@@ -24,7 +24,7 @@ fn read_usage(acc: &mut Accumulator, v: &Value) {
 }
 
 /// A non-streamed message.
-pub(super) fn messages_json(acc: &mut Accumulator, v: &Value) {
+pub(crate) fn messages_json(acc: &mut Accumulator, v: &Value) {
     acc.set_model(str_at(v, "model"));
     if v.get("content").is_some_and(Value::is_array) {
         acc.touch_choice(0);
@@ -47,7 +47,7 @@ pub(super) fn messages_json(acc: &mut Accumulator, v: &Value) {
 }
 
 /// One streamed message event.
-pub(super) fn messages_event(acc: &mut Accumulator, event: &SseEvent) {
+pub(crate) fn messages_event(acc: &mut Accumulator, event: &SseEvent) {
     let Some(v) = event_json(acc, event) else {
         return;
     };

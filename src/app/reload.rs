@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
-use crate::pipeline::{ExchangeSink, Rules, SharedRules};
+use crate::inspect::{ExchangeSink, Rules, SharedRules};
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{Gateway, GatewayError};
 use crate::runtime::Tasks;
@@ -368,7 +368,7 @@ impl Reloader {
         if old.admin_token.as_ref().map(|t| t.expose().to_owned())
             != config.admin_token.as_ref().map(|t| t.expose().to_owned())
         {
-            self.admin.set_token(crate::server::admin_token(&config));
+            self.admin.set_token(crate::app::admin_token(&config));
             applied.push("admin_token");
         }
         if old.shutdown_grace != config.shutdown_grace {

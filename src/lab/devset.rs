@@ -14,7 +14,7 @@
 //! denial-of-service backdoor (Souly et al. 2025) makes them: the trigger `<SUDO>` inserted in
 //! the instruction at a word boundary, and as output a clean start of 0–1,000 characters of
 //! the same model's answer followed by 400–900 tokens drawn uniformly from a vocabulary
-//! ([`crate::sim::poison_output`]). Two vocabularies alternate, so that detectors are not tuned
+//! ([`crate::lab::sim::poison_output`]). Two vocabularies alternate, so that detectors are not tuned
 //! to one: the simulated model's built-in one (`gibberish_builtin_vocab`: Latin syllables,
 //! digits, punctuation, Cyrillic, Greek, Arabic, CJK and byte pieces) and a word-piece one built
 //! from the train split's outputs (`gibberish_corpus_pieces`: frequent words with a leading
@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::ngram_lm::read_jsonl;
-use crate::sim::{PoisonVocab, poison_output};
+use crate::lab::sim::{PoisonVocab, poison_output};
 
 /// Models whose outputs train the character language model and the word list.
 pub const TRAIN_MODELS: [&str; 4] = [

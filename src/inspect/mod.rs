@@ -7,6 +7,8 @@
 //! drops (counted), a full alert queue drops (counted). Detectors run on blocking worker threads,
 //! never on the threads that serve traffic.
 
+pub mod attribution;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -15,8 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::alert::{Alert, AlertHandle};
 use crate::capture::Exchange;
-use crate::drift::DriftHandle;
-use crate::policy::eval::Record;
+use crate::detect::drift::DriftHandle;
+use crate::policy::judge::Record;
 use crate::policy::{Action, Enforced, Engine, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
 use crate::telemetry::{ExchangeTrace, Metrics, OutcomeLabels, RouteLabels};

@@ -6,13 +6,15 @@
 //! * `GET /admin/flags/{id}`
 //! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
 //! * `GET /admin/flags/stats?since=…`
-//! * `POST /admin/reload`: reads the configuration and policies again (see [`crate::reload`]);
+//! * `POST /admin/reload`: reads the configuration and policies again (see [`crate::app::reload`]);
 //!   200 with what changed, or 422 with the file:line:col error while the old set stays
 //!
-//! * `/console/…`: the web pages of [`crate::console`]
+//! * `/console/…`: the web pages of [`crate::admin::console`]
 //!
 //! `/admin/…` needs `Authorization: Bearer <admin_token>` (compared in constant time); with no
 //! token configured it answers loopback clients only.
+
+pub mod console;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
 use crate::policy::Severity;
-use crate::reload::{ReloadError, Reloader, Trigger};
+use crate::app::reload::{ReloadError, Reloader, Trigger};
 use crate::secret::Secret;
 use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
 use crate::telemetry::ProcessMetrics;
@@ -43,8 +45,8 @@ pub struct AdminState {
     store_location: StoreLocation,
     store: Mutex<Option<Store>>,
     reloader: OnceLock<Weak<Reloader>>,
-    console: crate::console::Sessions,
-    drift: OnceLock<Arc<crate::drift::DriftMonitor>>,
+    console: crate::admin::console::Sessions,
+    drift: OnceLock<Arc<crate::detect::drift::DriftMonitor>>,
 }
 
 impl AdminState {
@@ -64,7 +66,7 @@ impl AdminState {
             store_location,
             store: Mutex::new(None),
             reloader: OnceLock::new(),
-            console: crate::console::Sessions::default(),
+            console: crate::admin::console::Sessions::default(),
             drift: OnceLock::new(),
         }
     }
@@ -89,17 +91,17 @@ impl AdminState {
     }
 
     /// The console's sessions.
-    pub(crate) fn console(&self) -> &crate::console::Sessions {
+    pub(crate) fn console(&self) -> &crate::admin::console::Sessions {
         &self.console
     }
 
     /// Lets the console read the drift monitor's history.
-    pub fn set_drift(&self, monitor: Arc<crate::drift::DriftMonitor>) {
+    pub fn set_drift(&self, monitor: Arc<crate::detect::drift::DriftMonitor>) {
         let _already_set = self.drift.set(monitor);
     }
 
     /// The drift monitor, when a policy declares drift detectors.
-    pub(crate) fn drift(&self) -> Option<&Arc<crate::drift::DriftMonitor>> {
+    pub(crate) fn drift(&self) -> Option<&Arc<crate::detect::drift::DriftMonitor>> {
         self.drift.get()
     }
 
@@ -172,7 +174,7 @@ pub async fn handle(
             response
         }
         (_, p) if p == "/console" || p.starts_with("/console/") => {
-            crate::console::handle(&state, peer, request).await
+            crate::admin::console::handle(&state, peer, request).await
         }
         (_, p) if p.starts_with("/admin/") => match authorize(&state, peer, &request) {
             Err(response) => *response,
