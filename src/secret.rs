@@ -4,6 +4,20 @@
 
 use serde::Deserialize;
 
+/// Describes an HTTP client error without its URL (which may carry credentials) and with its
+/// causes: the one way an upstream or webhook failure becomes text for a log or an error.
+pub fn describe_http_error(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A redacted string.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]

@@ -71,7 +71,11 @@ fn chat(content: &str) -> Script {
 
 /// Answers like the simulated model for `sim-model`, and for `swap-model` like a short-spoken
 /// model for 40 answers, then like a long-winded one.
-fn respond(body: &[u8], swap_count: &AtomicUsize, vocab: &tripwire::lab::sim::PoisonVocab) -> Script {
+fn respond(
+    body: &[u8],
+    swap_count: &AtomicUsize,
+    vocab: &tripwire::lab::sim::PoisonVocab,
+) -> Script {
     let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let prompt = request["messages"][1]["content"].as_str().unwrap_or("");
     let clean = format!(

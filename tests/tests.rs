@@ -15,6 +15,7 @@ mod drift;
 mod enforce;
 mod faults;
 mod flags;
+mod layout;
 mod otel;
 mod overload;
 mod proxy;

@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use tripwire::config::Config;
 use tripwire::app::Server;
+use tripwire::config::Config;
 use tripwire::store::{Flag, Store, StoreItem};
 
 const ROUNDS: usize = 30;

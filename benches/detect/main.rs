@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tripwire::capture::Exchange;
 use tripwire::detect::{self, Input};
-use tripwire::policy::{Engine, default_policy};
 use tripwire::lab::sim::{PoisonVocab, load_corpus, poison_output};
+use tripwire::policy::{Engine, default_policy};
 use tripwire::telemetry::Metrics;
 
 /// The same allocator as the `tripwire` binary, so the figures are the gateway's.
@@ -36,9 +36,8 @@ fn samples() -> Vec<(String, String)> {
         env!("CARGO_MANIFEST_DIR"),
         "/data/alpaca_eval/gpt-3.5-turbo-1106.jsonl.gz"
     ));
-    let corpus = load_corpus(&path).unwrap_or_else(|e| {
-        panic!("{e}: the development data is committed under data/")
-    });
+    let corpus = load_corpus(&path)
+        .unwrap_or_else(|e| panic!("{e}: the development data is committed under data/"));
     let mut picked: Vec<(String, String)> = corpus
         .into_iter()
         .filter(|e| (1800..=2600).contains(&e.output.chars().count()))

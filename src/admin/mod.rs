@@ -6,10 +6,11 @@
 //! * `GET /admin/flags/{id}`
 //! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
 //! * `GET /admin/flags/stats?since=…`
-//! * `POST /admin/reload`: reads the configuration and policies again (see [`crate::app::reload`]);
-//!   200 with what changed, or 422 with the file:line:col error while the old set stays
+//! * `POST /admin/reload`: reads the configuration and policies again (through the [`Reload`]
+//!   the composition root hands in); 200 with what changed, or 422 with the file:line:col
+//!   error while the old set stays
 //!
-//! * `/console/…`: the web pages of [`crate::admin::console`]
+//! * `/console/…`: the web pages of [`console`]
 //!
 //! `/admin/…` needs `Authorization: Bearer <admin_token>` (compared in constant time); with no
 //! token configured it answers loopback clients only.
@@ -17,9 +18,11 @@
 pub mod console;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 
@@ -30,84 +33,152 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
 use crate::policy::Severity;
-use crate::app::reload::{ReloadError, Reloader, Trigger};
 use crate::secret::Secret;
 use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
 use crate::telemetry::ProcessMetrics;
 
-/// What the admin endpoints read.
-#[derive(Debug)]
-pub struct AdminState {
-    registry: Registry,
-    process: ProcessMetrics,
-    ready: AtomicBool,
-    token: ArcSwapOption<Secret>,
-    store_location: StoreLocation,
-    store: Mutex<Option<Store>>,
-    reloader: OnceLock<Weak<Reloader>>,
-    console: crate::admin::console::Sessions,
-    drift: OnceLock<Arc<crate::detect::drift::DriftMonitor>>,
+/// What `POST /admin/reload` reaches: the gateway's reloader, handed in by the composition
+/// root (admin knows nothing of how a reload is done).
+pub trait Reload: Send + Sync {
+    /// Reads, validates and swaps in the configuration and policies.
+    fn reload(&self) -> Pin<Box<dyn Future<Output = ReloadAnswer> + Send + '_>>;
 }
 
-impl AdminState {
-    /// State over a filled registry; not ready until [`AdminState::set_ready`].
-    pub fn new(
-        registry: Registry,
-        token: Option<Secret>,
-        store_location: StoreLocation,
-    ) -> AdminState {
-        let mut registry = registry;
-        let process = ProcessMetrics::registered(&mut registry);
-        AdminState {
-            registry,
-            process,
-            ready: AtomicBool::new(false),
+/// How a reload went, as the admin API answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReloadAnswer {
+    /// It took effect; what changed.
+    Reloaded(serde_json::Value),
+    /// Shutdown has begun.
+    ShuttingDown,
+    /// It was refused (the file:line:col error); the old set stays.
+    Refused(String),
+}
+
+/// The admin API's bearer token, shared by the admin listener (which checks it) and the
+/// reloader (which replaces it).
+#[derive(Debug, Default)]
+pub struct AdminToken {
+    token: ArcSwapOption<Secret>,
+    /// One more per change: console sessions opened under an older token end.
+    generation: AtomicU64,
+}
+
+impl AdminToken {
+    /// A token cell holding `token` (none: the admin API answers loopback clients only).
+    pub fn new(token: Option<Secret>) -> AdminToken {
+        AdminToken {
             token: ArcSwapOption::from(token.map(Arc::new)),
-            store_location,
-            store: Mutex::new(None),
-            reloader: OnceLock::new(),
-            console: crate::admin::console::Sessions::default(),
-            drift: OnceLock::new(),
+            generation: AtomicU64::new(0),
         }
     }
 
-    /// Replaces the admin API's bearer token (a reload).
-    pub fn set_token(&self, token: Option<Secret>) {
+    /// Replaces the token (a reload); open console sessions end.
+    pub fn set(&self, token: Option<Secret>) {
         self.token.store(token.map(Arc::new));
-        self.console.clear();
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Whether an admin token is configured.
-    pub(crate) fn has_token(&self) -> bool {
+    /// Whether a token is configured.
+    pub fn is_set(&self) -> bool {
         self.token.load().is_some()
     }
 
-    /// Whether `presented` is the admin token (constant time); false when none is set.
-    pub(crate) fn token_matches(&self, presented: &[u8]) -> bool {
+    /// Whether `presented` is the token (constant time); false when none is set.
+    pub fn matches(&self, presented: &[u8]) -> bool {
         self.token
             .load()
             .as_deref()
             .is_some_and(|token| token.matches(presented))
     }
+}
 
-    /// The console's sessions.
-    pub(crate) fn console(&self) -> &crate::admin::console::Sessions {
-        &self.console
+/// What the admin listener serves from.
+pub struct AdminParts {
+    /// The metrics registry, filled by every part of the gateway.
+    pub registry: Registry,
+    /// The bearer token.
+    pub token: Arc<AdminToken>,
+    /// The flag log the API and the console read.
+    pub store_location: StoreLocation,
+    /// `POST /admin/reload`'s way in; none answers 503.
+    pub reloader: Option<Arc<dyn Reload>>,
+    /// The drift monitor, when a policy declares drift detectors (the console's charts).
+    pub drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
+}
+
+/// What the admin endpoints read, all given at construction.
+pub struct AdminState {
+    registry: Registry,
+    process: ProcessMetrics,
+    ready: AtomicBool,
+    token: Arc<AdminToken>,
+    /// The token generation the console's sessions were opened under.
+    sessions_generation: AtomicU64,
+    store_location: StoreLocation,
+    store: Mutex<Option<Store>>,
+    reloader: Option<Arc<dyn Reload>>,
+    console: console::Sessions,
+    drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("ready", &self.ready)
+            .field("store_location", &self.store_location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    /// State over its parts; not ready until [`AdminState::set_ready`].
+    pub fn new(parts: AdminParts) -> AdminState {
+        let AdminParts {
+            mut registry,
+            token,
+            store_location,
+            reloader,
+            drift,
+        } = parts;
+        let process = ProcessMetrics::registered(&mut registry);
+        let sessions_generation = AtomicU64::new(token.generation.load(Ordering::SeqCst));
+        AdminState {
+            registry,
+            process,
+            ready: AtomicBool::new(false),
+            token,
+            sessions_generation,
+            store_location,
+            store: Mutex::new(None),
+            reloader,
+            console: console::Sessions::default(),
+            drift,
+        }
     }
 
-    /// Lets the console read the drift monitor's history.
-    pub fn set_drift(&self, monitor: Arc<crate::detect::drift::DriftMonitor>) {
-        let _already_set = self.drift.set(monitor);
+    /// Whether an admin token is configured.
+    pub(crate) fn has_token(&self) -> bool {
+        self.token.is_set()
+    }
+
+    /// Whether `presented` is the admin token (constant time); false when none is set.
+    pub(crate) fn token_matches(&self, presented: &[u8]) -> bool {
+        self.token.matches(presented)
+    }
+
+    /// The console's sessions (all ended when the token changed since they were opened).
+    pub(crate) fn console(&self) -> &console::Sessions {
+        let now = self.token.generation.load(Ordering::SeqCst);
+        if self.sessions_generation.swap(now, Ordering::SeqCst) != now {
+            self.console.clear();
+        }
+        &self.console
     }
 
     /// The drift monitor, when a policy declares drift detectors.
     pub(crate) fn drift(&self) -> Option<&Arc<crate::detect::drift::DriftMonitor>> {
-        self.drift.get()
-    }
-
-    /// Lets `POST /admin/reload` reach `reloader` (held weakly: the server owns it).
-    pub fn set_reloader(&self, reloader: &Arc<Reloader>) {
-        let _already_set = self.reloader.set(Arc::downgrade(reloader));
+        self.drift.as_ref()
     }
 
     /// Marks the gateway ready (or not) for traffic.
@@ -187,19 +258,19 @@ pub async fn handle(
 
 /// `POST /admin/reload`.
 async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
-    let Some(reloader) = state.reloader.get().and_then(Weak::upgrade) else {
+    let Some(reloader) = &state.reloader else {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "reload is unavailable: the gateway is starting or stopping",
+            "reload is unavailable: this gateway was started without a reloader",
         );
     };
-    match reloader.reload(Trigger::Admin).await {
-        Ok(outcome) => json(StatusCode::OK, &outcome),
-        Err(ReloadError::ShuttingDown) => json_error(
+    match reloader.reload().await {
+        ReloadAnswer::Reloaded(outcome) => json(StatusCode::OK, &outcome),
+        ReloadAnswer::ShuttingDown => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is shutting down",
         ),
-        Err(err) => json_error(
+        ReloadAnswer::Refused(err) => json_error(
             StatusCode::UNPROCESSABLE_ENTITY,
             &format!("{err}; the previous configuration and policies stay in force"),
         ),
@@ -211,7 +282,7 @@ fn authorize<B>(
     peer: SocketAddr,
     request: &Request<B>,
 ) -> Result<(), Box<Response<Full<Bytes>>>> {
-    match state.token.load().as_deref() {
+    match state.token.token.load().as_deref() {
         Some(token) => {
             let presented = request
                 .headers()

@@ -48,7 +48,7 @@ impl Webhook {
             .timeout(config.timeout)
             .no_proxy()
             .build()
-            .map_err(|e| WebhookError::Setup(crate::proxy::describe_error(e)))?;
+            .map_err(|e| WebhookError::Setup(crate::secret::describe_http_error(e)))?;
         Ok(Webhook {
             client,
             url,
@@ -113,7 +113,7 @@ impl Webhook {
                         .map(Duration::from_secs)
                 }
                 Err(err) => {
-                    last = crate::proxy::describe_error(err);
+                    last = crate::secret::describe_http_error(err);
                     None
                 }
             };

@@ -8,12 +8,12 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminParts, AdminState, AdminToken};
+use crate::app::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
 use crate::config::Config;
 use crate::inspect::{Detection, ExchangeSink, Rules, SharedRules};
 use crate::policy::{Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
-use crate::app::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
 use crate::telemetry::{Metrics, Otel};
@@ -209,11 +209,7 @@ impl Server {
         let admin_addr = local_addr(&admin_listener, config.admin_listen);
 
         let reload_metrics = ReloadMetrics::registered(&mut registry);
-        let admin = Arc::new(AdminState::new(
-            registry,
-            admin_token(&config),
-            location.clone(),
-        ));
+        let token = Arc::new(AdminToken::new(admin_token(&config)));
         let reloader = Arc::new(Reloader::new(
             source,
             ReloadParts {
@@ -223,15 +219,18 @@ impl Server {
                 sink,
                 capture_tasks: capture_tasks.clone(),
                 alert_tasks: alert_tasks.clone(),
-                admin: Arc::clone(&admin),
+                admin_token: Arc::clone(&token),
                 metrics: metrics.clone(),
             },
             reload_metrics,
         ));
-        admin.set_reloader(&reloader);
-        if let Some(monitor) = drift_monitor {
-            admin.set_drift(monitor);
-        }
+        let admin = Arc::new(AdminState::new(AdminParts {
+            registry,
+            token,
+            store_location: location.clone(),
+            reloader: Some(Arc::clone(&reloader) as Arc<dyn admin::Reload>),
+            drift: drift_monitor,
+        }));
         let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -488,7 +487,7 @@ async fn start_drift(
     )?;
     let monitor = Arc::clone(handle.monitor());
     tasks.spawn_blocking("drift-worker", move || {
-        monitor.run_worker(receiver, detection)
+        monitor.run_worker(receiver, &detection)
     });
     Ok(handle)
 }

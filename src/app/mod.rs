@@ -6,5 +6,5 @@ mod build;
 pub mod listener;
 pub mod reload;
 
-pub use build::{Server, ServerError};
 pub(crate) use build::admin_token;
+pub use build::{Server, ServerError};

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminState;
+use crate::admin::{AdminToken, Reload, ReloadAnswer};
 use crate::config::{Config, ConfigError};
 use crate::inspect::{ExchangeSink, Rules, SharedRules};
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
@@ -200,8 +200,8 @@ pub struct ReloadParts {
     pub capture_tasks: Tasks,
     /// Where new alert senders run.
     pub alert_tasks: Tasks,
-    /// The admin endpoints (their bearer token is reloadable).
-    pub admin: Arc<AdminState>,
+    /// The admin API's bearer token (reloadable).
+    pub admin_token: Arc<AdminToken>,
     /// The gateway metrics.
     pub metrics: Metrics,
 }
@@ -223,7 +223,7 @@ pub struct Reloader {
     gateway: Arc<ArcSwapOption<Gateway>>,
     capture_tasks: Tasks,
     alert_tasks: Tasks,
-    admin: Arc<AdminState>,
+    admin_token: Arc<AdminToken>,
     metrics: Metrics,
     reload_metrics: ReloadMetrics,
     /// The drift plan the running drift monitor follows, to tell when a reload changes it.
@@ -249,7 +249,7 @@ impl Reloader {
             gateway: parts.gateway,
             capture_tasks: parts.capture_tasks,
             alert_tasks: parts.alert_tasks,
-            admin: parts.admin,
+            admin_token: parts.admin_token,
             metrics: parts.metrics,
             reload_metrics,
             drift_plan,
@@ -368,7 +368,7 @@ impl Reloader {
         if old.admin_token.as_ref().map(|t| t.expose().to_owned())
             != config.admin_token.as_ref().map(|t| t.expose().to_owned())
         {
-            self.admin.set_token(crate::app::admin_token(&config));
+            self.admin_token.set(super::admin_token(&config));
             applied.push("admin_token");
         }
         if old.shutdown_grace != config.shutdown_grace {
@@ -463,6 +463,22 @@ impl Reloader {
         })
         .await
         .unwrap_or(0)
+    }
+}
+
+impl Reload for Reloader {
+    fn reload(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ReloadAnswer> + Send + '_>> {
+        Box::pin(async move {
+            match Reloader::reload(self, Trigger::Admin).await {
+                Ok(outcome) => {
+                    ReloadAnswer::Reloaded(serde_json::to_value(&outcome).unwrap_or_default())
+                }
+                Err(ReloadError::ShuttingDown) => ReloadAnswer::ShuttingDown,
+                Err(err) => ReloadAnswer::Refused(err.to_string()),
+            }
+        })
     }
 }
 

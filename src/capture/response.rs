@@ -18,8 +18,8 @@ use flate2::write::{DeflateDecoder, GzDecoder, ZlibDecoder};
 use serde_json::Value;
 
 use super::json::{object_at, str_at, type_name};
-use super::sse::{SseDecoder, SseEvent};
 use super::providers::{anthropic, openai};
+use super::sse::{SseDecoder, SseEvent};
 use super::{Choice, ParsedResponse, Route, ToolCall, Usage};
 
 /// Default capture limit: the most bytes of JSON body buffered, and of text kept per choice.

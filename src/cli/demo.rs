@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::output::emit;
-use crate::config::Config;
 use crate::app::Server;
+use crate::config::Config;
 use crate::lab::sim::{SimConfig, SimUpstream};
 use crate::store::{ExchangeFilter, Store};
 

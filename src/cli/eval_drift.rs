@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::output::emit;
-use crate::lab::drift_replay::{DriftEvalOptions, StreamResult, run as evaluate};
 use crate::infer::{EmbedderConfig, Truncation};
+use crate::lab::drift_replay::{DriftEvalOptions, StreamResult, run as evaluate};
 
 /// Options of `tripwire eval-drift`.
 #[derive(Debug, Args)]

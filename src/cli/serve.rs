@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use crate::config::{Config, ConfigError};
-use crate::app::reload::{ReloadSource, Trigger};
 use crate::app::Server;
+use crate::app::reload::{ReloadSource, Trigger};
+use crate::config::{Config, ConfigError};
 use crate::lab::sim::{SimConfig, SimUpstream};
 
 /// Options of `tripwire serve`; each overrides the same setting of the config file.

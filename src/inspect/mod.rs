@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 
 use crate::alert::{Alert, AlertHandle};
 use crate::capture::Exchange;
-use crate::detect::drift::DriftHandle;
+use crate::detect::drift::{AlarmSink, DriftHandle};
 use crate::policy::judge::Record;
-use crate::policy::{Action, Enforced, Engine, Verdict};
+use crate::policy::{Action, Enforced, Engine, Severity, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
-use crate::telemetry::{ExchangeTrace, Metrics, OutcomeLabels, RouteLabels};
+use crate::telemetry::{ExchangeTrace, FlagLevel, FlagRecord, Metrics, OutcomeLabels, RouteLabels};
 
 /// A captured exchange on its way to detection, with its span (when traces are exported) and
 /// what enforce mode did to its answer, if anything.
@@ -185,10 +185,10 @@ impl Detection {
             }
         }
         if let Some(drift) = &self.drift {
-            drift.offer(&exchange, &findings, &rules.engine);
+            drift.offer(&exchange, &findings);
         }
         let span_context = trace.span_context();
-        trace.end_inspected(&exchange, &runs, &verdict);
+        trace.end_inspected(&exchange, &runs, &verdict.judged());
         let flag = self.flag_and_alert(&rules, &exchange, &verdict, span_context.as_ref());
         let mut annotations: Vec<String> = verdict
             .fired
@@ -218,15 +218,6 @@ impl Detection {
         }
     }
 
-    /// Records what a drift rule judged on an exchange inspected earlier (and already
-    /// stored): a flag, and alerts subject to their cooldowns.
-    pub fn record_deferred(&self, exchange: &Exchange, verdict: &Verdict) {
-        let rules = self.rules.load_full();
-        if let Some(flag) = self.flag_and_alert(&rules, exchange, verdict, None) {
-            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
-        }
-    }
-
     /// Logs the verdict's errors, makes its flag (when a flagging rule fired) and offers an
     /// alert for every alerting rule; the caller stores the flag. The flag also becomes an
     /// OpenTelemetry log record (in the exchange's trace, when `span` is given) when logs are
@@ -246,7 +237,7 @@ impl Detection {
             .then(|| self.flag(&rules.engine, exchange, verdict))
             .flatten();
         if let (Some(flag), Some(otel)) = (&flag, self.metrics.otel()) {
-            otel.emit_flag(flag, span);
+            otel.emit_flag(&flag_record(flag), span);
         }
         if let Some(alerts) = &rules.alerts {
             for rule in verdict
@@ -299,6 +290,55 @@ impl Detection {
             truncated: exchange.truncated,
             label: None,
         })
+    }
+}
+
+/// A drift alarm on an exchange inspected earlier (and already stored) is judged by the drift
+/// rules in force now, and recorded: a flag, and alerts subject to their cooldowns.
+impl AlarmSink for Detection {
+    fn alarm(
+        &self,
+        exchange: &Exchange,
+        detector: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        let rules = self.rules.load_full();
+        let verdict = rules.engine.evaluate_deferred(exchange, detector, fields);
+        if let Some(flag) = self.flag_and_alert(&rules, exchange, &verdict, None) {
+            store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
+        }
+    }
+}
+
+/// A flag as the OpenTelemetry log record reads it: its most severe rule first.
+fn flag_record(flag: &Flag) -> FlagRecord<'_> {
+    let top = flag
+        .policies
+        .iter()
+        .find(|r| r.severity == flag.severity)
+        .or_else(|| flag.policies.first());
+    let scores: serde_json::Map<String, serde_json::Value> = flag
+        .policies
+        .iter()
+        .flat_map(|r| r.scores.clone())
+        .collect();
+    FlagRecord {
+        id: flag.id.to_string(),
+        exchange_id: flag.exchange_id.to_string(),
+        request_id: &flag.request_id,
+        route: &flag.route,
+        model: flag.model.as_deref().unwrap_or_default(),
+        severity: flag.severity.as_str(),
+        level: match flag.severity {
+            Severity::Info => FlagLevel::Info,
+            Severity::Warning => FlagLevel::Warn,
+            Severity::High => FlagLevel::Error,
+            Severity::Critical => FlagLevel::Fatal,
+        },
+        rule: top.map_or("", |r| r.name.as_str()),
+        policy: top.map_or("", |r| r.policy.as_str()),
+        rules: flag.policies.iter().map(|r| r.name.as_str()).collect(),
+        scores: serde_json::Value::Object(scores).to_string(),
     }
 }
 

@@ -23,9 +23,9 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::capture::Exchange;
 use crate::detect::drift::DriftPlan;
 use crate::detect::drift::scope::ScopeTests;
-use crate::capture::Exchange;
 use crate::infer::{Embedder, EmbedderConfig, Embedding, ModelPaths};
 use crate::policy::Engine;
 use crate::telemetry::Metrics;
@@ -242,7 +242,8 @@ fn replay(
         };
         let exchange = Exchange::from_texts("eval", &source.prompts[i], output);
         let (_, findings) = engine.evaluate_with_findings(&exchange);
-        let scores = crate::detect::drift::feature_scores(&features, &findings, output.chars().count());
+        let scores =
+            crate::detect::drift::feature_scores(&features, &findings, output.chars().count());
         let step = tests.observe(
             &scores,
             Some((&source.prompt_embeddings[i], output_embedding)),

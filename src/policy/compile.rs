@@ -14,8 +14,8 @@ use super::file::{Action, EnforceConfig, PolicyFile, RuleConfig, ScopeSelector, 
 use super::locate;
 use super::{Mode, PolicyError};
 use crate::capture::Exchange;
-use crate::detect::{self, Detector};
 use crate::detect::drift::{DriftPlan, EmbeddingDriftConfig, FeatureDriftConfig};
+use crate::detect::{self, Detector};
 
 /// The policy compiled into the binary, used when none is configured.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -123,7 +123,7 @@ pub fn default_policy() -> Result<CompiledPolicy, PolicyError> {
 /// Parses and compiles policy text; `source` names it in errors.
 pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyError> {
     let file: PolicyFile = serde_yaml_ng::from_str(text).map_err(|err| {
-        let (line, column, message) = crate::config::yaml_error_parts_in(&err, text);
+        let (line, column, message) = super::locate::yaml_error_parts_in(&err, text);
         PolicyError::at(source, line, column, message)
     })?;
 

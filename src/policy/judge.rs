@@ -11,7 +11,7 @@ use super::compile::{CompiledPolicy, CompiledRule};
 use super::file::{Action, BlockResponse, FailMode, Mode, ScopeSelector, Severity};
 use crate::capture::Exchange;
 use crate::detect::{self, Evidence, Finding};
-use crate::telemetry::Metrics;
+use crate::telemetry::{DetectorRun, Judged, Metrics};
 
 /// Evidence with the detector that found it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,23 +108,6 @@ pub enum Decision {
 /// Every detector's fields, by detector name.
 pub type AllFindings = Vec<(String, serde_json::Map<String, serde_json::Value>)>;
 
-/// One detector's run on one exchange, as traces report it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DetectorRun {
-    /// The detector's name in its policy.
-    pub detector: String,
-    /// Its `type:`.
-    pub kind: String,
-    /// When it started.
-    pub started: std::time::SystemTime,
-    /// How long it took.
-    pub elapsed: std::time::Duration,
-    /// Its `score` field, when it reports one.
-    pub score: Option<f64>,
-    /// `error` or `panic` when it failed.
-    pub error: Option<&'static str>,
-}
-
 /// What an evaluation keeps besides its verdict, for callers that ask.
 #[derive(Debug, Default)]
 pub struct Record<'a> {
@@ -151,6 +134,20 @@ impl Verdict {
         self.fired
             .iter()
             .any(|r| r.actions.iter().any(|a| a.flags()))
+    }
+
+    /// What a trace reports of this verdict: the rules that fired, the detectors they read,
+    /// and whether it flags.
+    pub fn judged(&self) -> Judged<'_> {
+        Judged {
+            rules: self.fired.iter().map(|r| r.name.as_str()).collect(),
+            detectors: self
+                .fired
+                .iter()
+                .flat_map(|r| r.scores.keys().map(String::as_str))
+                .collect(),
+            flagged: self.flagged(),
+        }
     }
 
     /// The highest severity among fired rules that flag.

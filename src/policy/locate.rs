@@ -1,5 +1,6 @@
-//! Finds where a key of a parsed policy was written, so errors found after parsing (an unknown
-//! detector in a condition, a bad regex) still point at file:line:col.
+//! Positions in YAML files, for file:line:col errors: where a serde_yaml error points (policy
+//! and configuration files alike), and where a key of a parsed policy was written, so errors
+//! found after parsing (an unknown detector in a condition, a bad regex) still point there too.
 //!
 //! serde does not keep positions, so this reads the text again with the indentation rules of
 //! block-style YAML, and falls back to the enclosing key (or 1:1) when the layout is unusual.
@@ -134,6 +135,55 @@ pub fn nested_key(text: &str, path: &[&str]) -> Position {
         body = &after[..end];
     }
     found
+}
+
+/// Line, column and message of a YAML error. The message already starts with the field path
+/// ("upstream: unknown field …"); its tail " at line L column C" is dropped because callers put
+/// the position in front.
+pub fn yaml_error_parts(err: &serde_yaml_ng::Error) -> (usize, usize, String) {
+    let (line, column) = err
+        .location()
+        .map_or((0, 0), |loc| (loc.line(), loc.column()));
+    let message = err.to_string();
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(&message)
+        .to_owned();
+    (line, column, message)
+}
+
+/// Like [`yaml_error_parts`], for an error in `text`. libyaml's reader reports some errors
+/// (control characters, invalid UTF-8) as a byte offset, "… at position 450", with no line and
+/// column (1:1); this turns the offset into the line and column it points at.
+///
+/// At the end of a text whose last line has no line break, libyaml counts one line more than
+/// there is; such errors point at the end of the last line instead.
+pub fn yaml_error_parts_in(err: &serde_yaml_ng::Error, text: &str) -> (usize, usize, String) {
+    let (line, column, message) = yaml_error_parts(err);
+    let Some((problem, rest)) = message.split_once(" at position ") else {
+        let lines = text.split('\n').count();
+        if line > lines && !text.ends_with('\n') {
+            let last = text.rsplit('\n').next().unwrap_or_default();
+            return (lines, last.chars().count() + 1, message);
+        }
+        return (line, column, message);
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let Some(offset) = rest.get(..digits).and_then(|d| d.parse::<usize>().ok()) else {
+        return (line, column, message);
+    };
+    let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let column = 1 + String::from_utf8_lossy(before.get(line_start..).unwrap_or_default())
+        .chars()
+        .count();
+    let message = format!("{problem}{}", rest.get(digits..).unwrap_or_default());
+    (line, column, message)
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 //! `serve`); [`eval`] runs the detectors of every policy on an exchange and evaluates the rules.
 
 mod compile;
-pub mod judge;
 mod file;
+pub mod judge;
 mod locate;
+pub use locate::{yaml_error_parts, yaml_error_parts_in};
 
 use std::path::PathBuf;
 
@@ -15,11 +16,11 @@ pub use compile::{
     CompiledPolicy, CompiledRule, DEFAULT_POLICY, compile_text, default_policy, load_file,
     load_path, policy_files,
 };
-pub use judge::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
 pub use file::{
     Action, AlertsConfig, BlockResponse, EnforceConfig, FailMode, LogAlertConfig, Mode, PolicyFile,
     RuleConfig, ScopeSelector, Severity, WebhookConfig, WebhookFormat,
 };
+pub use judge::{Decision, EnforcePlan, Enforced, Engine, FiredRule, Verdict};
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]

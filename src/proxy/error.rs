@@ -96,19 +96,6 @@ impl ProxyError {
     }
 }
 
-/// Describes a reqwest error without its URL (which may carry credentials) and with its causes.
-pub fn describe(err: reqwest::Error) -> String {
-    let err = err.without_url();
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

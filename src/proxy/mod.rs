@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 pub use enforce::{BYTES_PER_TOKEN, mask};
-pub use error::{ProxyError, describe as describe_error};
+pub use error::ProxyError;
 pub use headers::{X_REQUEST_ID, api_key_hash};
 pub use service::{ProxyBody, handle, handle_current};
 pub use tee::BodyError;
@@ -73,7 +73,7 @@ impl Gateway {
             // The upstream is configured explicitly; environment proxies do not apply.
             .no_proxy()
             .build()
-            .map_err(|e| GatewayError::Client(error::describe(e)))?;
+            .map_err(|e| GatewayError::Client(crate::secret::describe_http_error(e)))?;
         let upstream_base = upstream.url.trim_end_matches('/').to_owned();
         let server_address = ServerAddress::from_url(&upstream_base);
         let capture_slots = Arc::new(Semaphore::new(config.limits.max_concurrent_captures));

@@ -205,7 +205,7 @@ async fn forward(
     let upstream_request = match upstream_request {
         Ok(r) => r,
         Err(err) => {
-            let err = ProxyError::BadRequest(super::error::describe(err));
+            let err = ProxyError::BadRequest(crate::secret::describe_http_error(err));
             return gateway_error(gateway, err, capture, trace, request_id, received);
         }
     };
@@ -222,9 +222,9 @@ async fn forward(
                 let err = if err.is_timeout() {
                     ProxyError::FirstByteTimeout(first_byte_wait)
                 } else if err.is_connect() {
-                    ProxyError::Unreachable(super::error::describe(err))
+                    ProxyError::Unreachable(crate::secret::describe_http_error(err))
                 } else {
-                    ProxyError::Upstream(super::error::describe(err))
+                    ProxyError::Upstream(crate::secret::describe_http_error(err))
                 };
                 trace.upstream(at(sent), at(Instant::now()), None, Some(err.kind()));
                 return gateway_error(gateway, err, capture, trace, request_id, received);

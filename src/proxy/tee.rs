@@ -198,7 +198,7 @@ impl Body for TeeBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
-                let message = super::error::describe(err);
+                let message = crate::secret::describe_http_error(err);
                 tracing::debug!(error = %message, "upstream body failed");
                 this.finish(Outcome::UpstreamError);
                 Poll::Ready(Some(Err(BodyError::Upstream(message))))

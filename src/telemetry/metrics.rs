@@ -94,12 +94,12 @@ pub struct DriftLabels {
 }
 
 impl DriftLabels {
-    /// Labels for `test` of `detector` in `scope`.
-    pub fn new(detector: &str, scope: &crate::detect::drift::monitor::ScopeKey, test: &str) -> DriftLabels {
+    /// Labels for `test` of `detector` in the scope of `model` and `route`.
+    pub fn new(detector: &str, model: &str, route: &'static str, test: &str) -> DriftLabels {
         DriftLabels {
             detector: detector.to_owned(),
-            model: scope.model.clone(),
-            route: scope.route,
+            model: model.to_owned(),
+            route,
             test: test.to_owned(),
         }
     }

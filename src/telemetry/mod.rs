@@ -12,5 +12,5 @@ pub use metrics::{
     DetectorLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels, ReasonLabels,
     RouteLabels, RouteStatusLabels, RuleSeverityLabels,
 };
-pub use otel::{ExchangeTrace, Otel, OtelSettings};
+pub use otel::{DetectorRun, ExchangeTrace, FlagLevel, FlagRecord, Judged, Otel, OtelSettings};
 pub use process::ProcessMetrics;

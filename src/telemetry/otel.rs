@@ -41,9 +41,74 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use super::Metrics;
 use crate::capture::{Exchange, Route};
-use crate::policy::Verdict;
-use crate::policy::judge::DetectorRun;
-use crate::store::Flag;
+
+/// One detector's run on one exchange, as traces report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectorRun {
+    /// The detector's name in its policy.
+    pub detector: String,
+    /// Its `type:`.
+    pub kind: String,
+    /// When it started.
+    pub started: std::time::SystemTime,
+    /// How long it took.
+    pub elapsed: std::time::Duration,
+    /// Its `score` field, when it reports one.
+    pub score: Option<f64>,
+    /// `error` or `panic` when it failed.
+    pub error: Option<&'static str>,
+}
+
+/// What detection concluded about one exchange, as its trace reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Judged<'a> {
+    /// The rules that fired.
+    pub rules: Vec<&'a str>,
+    /// The detectors the fired rules read.
+    pub detectors: Vec<&'a str>,
+    /// Whether a fired rule flags the exchange.
+    pub flagged: bool,
+}
+
+/// How bad a flag is, in OpenTelemetry's severity numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagLevel {
+    /// `info` flags.
+    Info,
+    /// `warning` flags.
+    Warn,
+    /// `high` flags.
+    Error,
+    /// `critical` flags.
+    Fatal,
+}
+
+/// A flag as an OpenTelemetry log record reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagRecord<'a> {
+    /// The flag's id.
+    pub id: String,
+    /// The exchange's id.
+    pub exchange_id: String,
+    /// The request id the client saw.
+    pub request_id: &'a str,
+    /// The route.
+    pub route: &'a str,
+    /// The model, or empty.
+    pub model: &'a str,
+    /// The severity's name.
+    pub severity: &'static str,
+    /// The severity as a level.
+    pub level: FlagLevel,
+    /// The most severe rule that fired.
+    pub rule: &'a str,
+    /// The policy file of that rule.
+    pub policy: &'a str,
+    /// Every rule that fired.
+    pub rules: Vec<&'a str>,
+    /// The fired rules' detector fields, as a JSON object.
+    pub scores: String,
+}
 
 /// The instrumentation scope of everything tripwire emits.
 const SCOPE: &str = "tripwire";
@@ -337,63 +402,50 @@ impl Otel {
     }
 
     /// Emits one log record for `flag`, in the trace of its exchange when `trace` has one.
-    pub fn emit_flag(&self, flag: &Flag, trace: Option<&SpanContext>) {
+    pub fn emit_flag(&self, flag: &FlagRecord<'_>, trace: Option<&SpanContext>) {
         let Some(logger) = &self.logger else {
             return;
         };
-        let Some(top) = flag
-            .policies
-            .iter()
-            .find(|r| r.severity == flag.severity)
-            .or_else(|| flag.policies.first())
-        else {
-            return;
-        };
-        let severity = flag.severity.as_str();
+        let severity = flag.severity;
         let mut record = logger.create_log_record();
         record.set_event_name("tripwire.flag");
         record.set_timestamp(SystemTime::now());
-        record.set_severity_number(match flag.severity {
-            crate::policy::Severity::Info => Severity::Info,
-            crate::policy::Severity::Warning => Severity::Warn,
-            crate::policy::Severity::High => Severity::Error,
-            crate::policy::Severity::Critical => Severity::Fatal,
+        record.set_severity_number(match flag.level {
+            FlagLevel::Info => Severity::Info,
+            FlagLevel::Warn => Severity::Warn,
+            FlagLevel::Error => Severity::Error,
+            FlagLevel::Fatal => Severity::Fatal,
         });
         record.set_severity_text(severity);
         record.set_body(AnyValue::from(format!(
             "tripwire flag: rule {} ({severity}) on exchange {}",
-            top.name, flag.exchange_id
+            flag.rule, flag.exchange_id
         )));
         let rules: Vec<AnyValue> = flag
-            .policies
+            .rules
             .iter()
-            .map(|r| AnyValue::from(r.name.clone()))
+            .map(|r| AnyValue::from((*r).to_owned()))
             .collect();
-        let scores: serde_json::Map<String, serde_json::Value> = flag
-            .policies
-            .iter()
-            .flat_map(|r| r.scores.clone())
-            .collect();
-        let model = flag.model.clone().unwrap_or_default();
+        let model = flag.model.to_owned();
         record.add_attributes([
-            ("tripwire.flag.id", AnyValue::from(flag.id.to_string())),
-            ("tripwire.flag.rule", AnyValue::from(top.name.clone())),
+            ("tripwire.flag.id", AnyValue::from(flag.id.clone())),
+            ("tripwire.flag.rule", AnyValue::from(flag.rule.to_owned())),
             ("tripwire.flag.rules", AnyValue::ListAny(Box::new(rules))),
             ("tripwire.flag.severity", AnyValue::from(severity)),
-            ("tripwire.flag.policy", AnyValue::from(top.policy.clone())),
             (
-                "tripwire.flag.scores",
-                AnyValue::from(serde_json::Value::Object(scores).to_string()),
+                "tripwire.flag.policy",
+                AnyValue::from(flag.policy.to_owned()),
             ),
+            ("tripwire.flag.scores", AnyValue::from(flag.scores.clone())),
             (
                 "tripwire.exchange.id",
-                AnyValue::from(flag.exchange_id.to_string()),
+                AnyValue::from(flag.exchange_id.clone()),
             ),
             (
                 "tripwire.request_id",
-                AnyValue::from(flag.request_id.clone()),
+                AnyValue::from(flag.request_id.to_owned()),
             ),
-            ("tripwire.route", AnyValue::from(flag.route.clone())),
+            ("tripwire.route", AnyValue::from(flag.route.to_owned())),
             (
                 "tripwire.scope",
                 AnyValue::from(format!("{model}|{}", flag.route)),
@@ -588,15 +640,12 @@ impl ExchangeTrace {
 
     /// Records one child span per detector run, sets the verdict's attributes and ends the
     /// exchange span at the time its response ended.
-    pub fn end_inspected(self, exchange: &Exchange, runs: &[DetectorRun], verdict: &Verdict) {
+    pub fn end_inspected(self, exchange: &Exchange, runs: &[DetectorRun], judged: &Judged<'_>) {
         let Some(live) = self.0 else {
             return;
         };
         for run in runs {
-            let fired = verdict
-                .fired
-                .iter()
-                .any(|rule| rule.scores.contains_key(&run.detector));
+            let fired = judged.detectors.contains(&run.detector.as_str());
             let mut attributes = vec![
                 KeyValue::new("tripwire.detector.name", run.detector.clone()),
                 KeyValue::new("tripwire.detector.kind", run.kind.clone()),
@@ -617,15 +666,15 @@ impl ExchangeTrace {
             }
             span.end_with_timestamp(run.started + run.elapsed);
         }
-        let rules: Vec<opentelemetry::StringValue> = verdict
-            .fired
+        let rules: Vec<opentelemetry::StringValue> = judged
+            .rules
             .iter()
-            .map(|r| r.name.clone().into())
+            .map(|r| (*r).to_owned().into())
             .collect();
         let span = live.cx.span();
         span.set_attributes([
             KeyValue::new("tripwire.inspected", true),
-            KeyValue::new("tripwire.flagged", verdict.flagged()),
+            KeyValue::new("tripwire.flagged", judged.flagged),
             KeyValue::new(
                 "tripwire.rules_fired",
                 opentelemetry::Value::Array(rules.into()),

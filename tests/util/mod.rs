@@ -7,9 +7,9 @@ pub mod process;
 
 use std::path::PathBuf;
 
+use tripwire::app::Server;
 use tripwire::capture::Exchange;
 use tripwire::config::Config;
-use tripwire::app::Server;
 use tripwire::store::{ExchangeFilter, Store};
 
 pub use mock::{MockUpstream, Script, Step};

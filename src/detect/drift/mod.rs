@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use monitor::{DriftHandle, DriftMonitor, DriftSettings};
+pub use monitor::{AlarmSink, DriftHandle, DriftMonitor, DriftSettings};
 pub use reference::{Reference, ReferenceError};
 
 /// Detector kinds handled here rather than by [`crate::detect::build`].

@@ -28,8 +28,6 @@ use super::scope::{EmbeddingDrift, ScopeTests, TestResult, scope_seed};
 use super::{DriftPlan, feature_scores};
 use crate::capture::Exchange;
 use crate::infer::{EmbedderHandle, batcher::EmbedResult};
-use crate::inspect::Detection;
-use crate::policy::Engine;
 use crate::telemetry::{DriftLabels, DriftScopeLabels, Metrics, ReasonLabels};
 
 /// The gateway config's `drift:` section.
@@ -114,10 +112,22 @@ struct ScopeState {
     history: ScopeHistory,
 }
 
+/// Where the drift worker sends an alarm: to be judged by the rules that read the detector and
+/// recorded. The inspection side implements it; drift knows nothing of rules or stores.
+pub trait AlarmSink {
+    /// `detector` alarmed on `exchange` (the exchange that completed the alarming window),
+    /// with `fields` for the rules to read.
+    fn alarm(
+        &self,
+        exchange: &Exchange,
+        detector: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    );
+}
+
 /// One exchange on its way to the drift worker.
 struct DriftJob {
     exchange: Exchange,
-    engine: Arc<Engine>,
     scores: Vec<(String, f64)>,
     embeddings: Option<(
         oneshot::Receiver<EmbedResult>,
@@ -265,12 +275,12 @@ impl DriftMonitor {
 
     /// Runs the drift worker until every sender is gone and the queue is empty. Blocks: run it
     /// on a blocking thread.
-    pub fn run_worker(self: Arc<DriftMonitor>, receiver: DriftReceiver, detection: Detection) {
+    pub fn run_worker(self: Arc<DriftMonitor>, receiver: DriftReceiver, alarms: &dyn AlarmSink) {
         // Exchanges waiting for their embeddings, in arrival order. Their feature scores are
         // tested on arrival, so a slow embedding batch never holds the queue up.
         let mut pending: VecDeque<PendingEmbedding> = VecDeque::new();
         loop {
-            self.finish_ready(&mut pending, &detection, false);
+            self.finish_ready(&mut pending, alarms, false);
             let job = if pending.is_empty() {
                 match receiver.0.recv() {
                     Ok(job) => job,
@@ -283,9 +293,9 @@ impl DriftMonitor {
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
             };
-            self.accept(job, &mut pending, &detection);
+            self.accept(job, &mut pending, alarms);
         }
-        self.finish_ready(&mut pending, &detection, true);
+        self.finish_ready(&mut pending, alarms, true);
         tracing::debug!("drift queue closed; drift worker done");
     }
 
@@ -294,17 +304,16 @@ impl DriftMonitor {
         &self,
         job: DriftJob,
         pending: &mut VecDeque<PendingEmbedding>,
-        detection: &Detection,
+        alarms: &dyn AlarmSink,
     ) {
         let DriftJob {
             exchange,
-            engine,
             scores,
             embeddings,
             sample_rate,
         } = job;
         if !scores.is_empty() {
-            self.observe(&exchange, &engine, &scores, None, sample_rate, detection);
+            self.observe(&exchange, &scores, None, sample_rate, alarms);
         }
         if let Some((prompt, output)) = embeddings {
             if pending.len() >= MAX_PENDING_EMBEDDINGS {
@@ -313,7 +322,6 @@ impl DriftMonitor {
             }
             pending.push_back(PendingEmbedding {
                 exchange,
-                engine,
                 prompt: Slot::Waiting(prompt),
                 output: Slot::Waiting(output),
                 sample_rate,
@@ -325,7 +333,7 @@ impl DriftMonitor {
     fn finish_ready(
         &self,
         pending: &mut VecDeque<PendingEmbedding>,
-        detection: &Detection,
+        alarms: &dyn AlarmSink,
         block: bool,
     ) {
         while let Some(front) = pending.front_mut() {
@@ -338,11 +346,10 @@ impl DriftMonitor {
             match (done.prompt.take(), done.output.take()) {
                 (Some(prompt), Some(output)) => self.observe(
                     &done.exchange,
-                    &done.engine,
                     &[],
                     Some((prompt, output)),
                     done.sample_rate,
-                    detection,
+                    alarms,
                 ),
                 _ => self.count_shed("embedding_failed"),
             }
@@ -352,11 +359,10 @@ impl DriftMonitor {
     fn observe(
         &self,
         exchange: &Exchange,
-        engine: &Arc<Engine>,
         scores: &[(String, f64)],
         embedded: Option<(Vec<f32>, Vec<f32>)>,
         sample_rate: f64,
-        detection: &Detection,
+        alarms: &dyn AlarmSink,
     ) {
         let scope = ScopeKey::of(exchange);
         if embedded.is_none() && scores.is_empty() {
@@ -394,7 +400,7 @@ impl DriftMonitor {
             {
                 self.metrics
                     .drift_reference_size
-                    .get_or_create(&DriftLabels::new(name, &scope, "mmd"))
+                    .get_or_create(&DriftLabels::new(name, &scope.model, scope.route, "mmd"))
                     .set(i64::try_from(embedding.reference_len()).unwrap_or(i64::MAX));
             }
             let observed = state.observed;
@@ -426,8 +432,7 @@ impl DriftMonitor {
                 threshold = result.threshold,
                 "drift alarm"
             );
-            let verdict = engine.evaluate_deferred(exchange, &detector, &fields);
-            detection.record_deferred(exchange, &verdict);
+            alarms.alarm(exchange, &detector, &fields);
         }
     }
 
@@ -470,7 +475,7 @@ impl DriftMonitor {
     }
 
     fn record(&self, detector: &str, scope: &ScopeKey, result: &TestResult) {
-        let labels = DriftLabels::new(detector, scope, &result.test);
+        let labels = DriftLabels::new(detector, &scope.model, scope.route, &result.test);
         self.metrics
             .drift_statistic
             .get_or_create(&labels)
@@ -507,7 +512,6 @@ impl DriftHandle {
         &self,
         exchange: &Exchange,
         findings: &[(String, serde_json::Map<String, serde_json::Value>)],
-        engine: &Arc<Engine>,
     ) {
         let scope = ScopeKey::of(exchange);
         if !self.monitor.samplers.contains_key(&scope)
@@ -543,7 +547,6 @@ impl DriftHandle {
         }
         let job = DriftJob {
             exchange: exchange.clone(),
-            engine: Arc::clone(engine),
             scores,
             embeddings,
             sample_rate,
@@ -574,7 +577,6 @@ const MAX_PENDING_EMBEDDINGS: usize = 4096;
 /// A sampled exchange whose embeddings are being computed.
 struct PendingEmbedding {
     exchange: Exchange,
-    engine: Arc<Engine>,
     prompt: Slot,
     output: Slot,
     sample_rate: f64,
