@@ -23,9 +23,28 @@ use crate::policy::{Action, Enforced, Engine, Severity, Verdict};
 use crate::store::{Flag, StoreItem, rfc3339};
 use crate::telemetry::{ExchangeTrace, FlagLevel, FlagRecord, Metrics, OutcomeLabels, RouteLabels};
 
-/// A captured exchange on its way to detection, with its span (when traces are exported) and
-/// what enforce mode did to its answer, if anything.
-pub type Inspection = (Exchange, ExchangeTrace, Option<Enforced>);
+/// A captured exchange on its way to detection.
+#[derive(Debug)]
+pub struct Inspection {
+    /// What was asked and answered.
+    pub exchange: Exchange,
+    /// Its span, when traces are exported.
+    pub trace: ExchangeTrace,
+    /// What enforce mode did to its answer, if anything: the flag's blocking rules record it,
+    /// and the exchange is annotated `enforce:<what>`.
+    pub enforced: Option<Enforced>,
+}
+
+impl Inspection {
+    /// An exchange enforce mode did not act on.
+    pub fn new(exchange: Exchange, trace: ExchangeTrace) -> Inspection {
+        Inspection {
+            exchange,
+            trace,
+            enforced: None,
+        }
+    }
+}
 
 /// Where captured exchanges go. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -50,17 +69,8 @@ impl ExchangeSink {
     }
 
     /// Hands an exchange on without waiting. Its span ends here when it goes uninspected.
-    pub fn offer(&self, exchange: Exchange, trace: ExchangeTrace) {
-        self.offer_enforced(exchange, trace, None);
-    }
-
-    /// Like [`ExchangeSink::offer`], for an answer enforce mode acted on.
-    pub fn offer_enforced(
-        &self,
-        exchange: Exchange,
-        trace: ExchangeTrace,
-        enforced: Option<Enforced>,
-    ) {
+    pub fn offer(&self, inspection: Inspection) {
+        let exchange = &inspection.exchange;
         self.metrics
             .captured
             .get_or_create(&OutcomeLabels {
@@ -76,23 +86,26 @@ impl ExchangeSink {
                 })
                 .inc();
         }
-        let (exchange, trace, reason) = match &self.detect {
-            Some(detect) => match detect.try_send((exchange, trace, enforced)) {
+        let (
+            Inspection {
+                exchange, trace, ..
+            },
+            reason,
+        ) = match &self.detect {
+            Some(detect) => match detect.try_send(inspection) {
                 Ok(()) => {
                     self.metrics
                         .detect_queue_depth
                         .set(i64::try_from(detect.len()).unwrap_or(i64::MAX));
                     return;
                 }
-                Err(TrySendError::Full((exchange, trace, _))) => {
+                Err(TrySendError::Full(inspection)) => {
                     self.metrics.detect_shed.inc();
-                    (exchange, trace, "detect_shed")
+                    (inspection, "detect_shed")
                 }
-                Err(TrySendError::Disconnected((exchange, trace, _))) => {
-                    (exchange, trace, "detect_closed")
-                }
+                Err(TrySendError::Disconnected(inspection)) => (inspection, "detect_closed"),
             },
-            None => (exchange, trace, "no_rules"),
+            None => (inspection, "no_rules"),
         };
         trace.end_uninspected(&exchange, reason);
         store_offer(
@@ -147,27 +160,21 @@ pub struct Detection {
 impl Detection {
     /// Runs until every sender of `rx` is gone and the queue is empty.
     pub fn run_worker(self, rx: Receiver<Inspection>) {
-        while let Ok((exchange, trace, enforced)) = rx.recv() {
+        while let Ok(inspection) = rx.recv() {
             self.metrics
                 .detect_queue_depth
                 .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-            self.process_enforced(exchange, trace, enforced);
+            self.process(inspection);
         }
     }
 
     /// Inspects one exchange and hands on what comes of it; ends its span.
-    pub fn process(&self, exchange: Exchange, trace: ExchangeTrace) {
-        self.process_enforced(exchange, trace, None);
-    }
-
-    /// Like [`Detection::process`] for an answer enforce mode acted on: the flag's blocking
-    /// rules record what was done, and the exchange is annotated `enforce:<what>`.
-    pub fn process_enforced(
-        &self,
-        mut exchange: Exchange,
-        trace: ExchangeTrace,
-        enforced: Option<Enforced>,
-    ) {
+    pub fn process(&self, inspection: Inspection) {
+        let Inspection {
+            mut exchange,
+            trace,
+            enforced,
+        } = inspection;
         self.metrics.detect_inspected.inc();
         let rules = self.rules.load_full();
         let mut findings = Vec::new();

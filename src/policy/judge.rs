@@ -283,21 +283,13 @@ impl Engine {
             if !errors.is_empty() {
                 return Decision::Error(errors.join("; "));
             }
-            let mut context = cel::Context::with_env(Arc::clone(&self.env));
-            let exchange_value = exchange_fields(exchange);
-            let mut ok = add_variable(&mut context, "exchange", &exchange_value);
-            for (name, finding) in &findings {
-                ok &= add_variable(&mut context, name, &finding.fields);
-            }
-            if !ok {
-                return Decision::Error(format!(
-                    "{}: detector fields not convertible",
-                    policy.source
-                ));
+            let bench = self.bench(policy, exchange, &findings);
+            if let Some(error) = bench.error {
+                return Decision::Error(error);
             }
             for rule in rules {
-                match rule.program.execute(&context) {
-                    Ok(cel::Value::Bool(true)) => {
+                match bench.judge(rule) {
+                    Ruling::Fired => {
                         if rule.actions.contains(&Action::Block) {
                             return Decision::Block(policy.enforce.block_response.clone());
                         }
@@ -318,11 +310,8 @@ impl Engine {
                         }
                         masked = true;
                     }
-                    Ok(_) => {}
-                    Err(err) => {
-                        self.metrics.rule_error(&rule.name);
-                        return Decision::Error(format!("rule {}: {err}", rule.name));
-                    }
+                    Ruling::Held | Ruling::Unread => {}
+                    Ruling::Failed(error) => return Decision::Error(error),
                 }
             }
         }
@@ -380,27 +369,13 @@ impl Engine {
             if rules.is_empty() {
                 continue;
             }
-            let mut context = cel::Context::with_env(Arc::clone(&self.env));
-            let exchange_value = exchange_fields(exchange);
-            if !(add_variable(&mut context, "exchange", &exchange_value)
-                && add_variable(&mut context, detector, fields))
-            {
-                verdict
-                    .errors
-                    .push(format!("{}: drift fields not convertible", policy.source));
+            let bench = self.bench(policy, exchange, &findings);
+            if let Some(error) = bench.error {
+                verdict.errors.push(error);
                 continue;
             }
             for rule in rules {
-                match rule.program.execute(&context) {
-                    Ok(cel::Value::Bool(true)) => {
-                        verdict.fired.push(fire(policy, rule, &findings));
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        self.metrics.rule_error(&rule.name);
-                        verdict.errors.push(format!("rule {}: {err}", rule.name));
-                    }
-                }
+                bench.record(rule, &mut verdict);
             }
         }
         verdict
@@ -451,53 +426,40 @@ impl Engine {
             if let Some(keep) = record.findings.as_deref_mut() {
                 keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
             }
-            let mut context = cel::Context::with_env(Arc::clone(&self.env));
-            let exchange_value = exchange_fields(exchange);
-            let mut ok = add_variable(&mut context, "exchange", &exchange_value);
-            for (name, finding) in &findings {
-                ok &= add_variable(&mut context, name, &finding.fields);
-            }
-            if !ok {
-                verdict.errors.push(format!(
-                    "{}: detector fields not convertible",
-                    policy.source
-                ));
+            let bench = self.bench(policy, exchange, &findings);
+            if let Some(error) = &bench.error {
+                // Rules that read only `exchange` can still be judged.
+                verdict.errors.push(error.clone());
             }
             for rule in applicable {
-                if rule
-                    .detectors
-                    .iter()
-                    .any(|d| !findings.iter().any(|(name, _)| name == d))
-                {
-                    // A detector this rule reads failed; the rule cannot be judged.
-                    continue;
-                }
-                match rule.program.execute(&context) {
-                    Ok(cel::Value::Bool(true)) => {
-                        verdict.fired.push(fire(policy, rule, &findings));
-                        for (name, finding) in &findings {
-                            if rule.detectors.contains(name) {
-                                for evidence in &finding.evidence {
-                                    let item = DetectorEvidence {
-                                        detector: name.clone(),
-                                        evidence: evidence.clone(),
-                                    };
-                                    if !verdict.evidence.contains(&item) {
-                                        verdict.evidence.push(item);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        self.metrics.rule_error(&rule.name);
-                        verdict.errors.push(format!("rule {}: {err}", rule.name));
-                    }
-                }
+                bench.record(rule, &mut verdict);
             }
         }
         verdict
+    }
+
+    /// The one place rules are judged: the CEL context of `exchange` and the detectors'
+    /// `findings` under `policy`, built once, for the monitor path, enforce decisions and
+    /// drift alarms alike.
+    fn bench<'a>(
+        &'a self,
+        policy: &'a CompiledPolicy,
+        exchange: &Exchange,
+        findings: &'a [(String, Finding)],
+    ) -> Bench<'a> {
+        let mut context = cel::Context::with_env(Arc::clone(&self.env));
+        let exchange_value = exchange_fields(exchange);
+        let mut ok = add_variable(&mut context, "exchange", &exchange_value);
+        for (name, finding) in findings {
+            ok &= add_variable(&mut context, name, &finding.fields);
+        }
+        Bench {
+            context,
+            policy,
+            findings,
+            metrics: &self.metrics,
+            error: (!ok).then(|| format!("{}: detector fields not convertible", policy.source)),
+        }
     }
 
     fn run_detectors(
@@ -551,6 +513,76 @@ impl Engine {
             }
         }
         findings
+    }
+}
+
+/// The CEL context one policy's rules are judged in, with the findings it was built from.
+struct Bench<'a> {
+    context: cel::Context<'a, 'a>,
+    policy: &'a CompiledPolicy,
+    findings: &'a [(String, Finding)],
+    metrics: &'a Metrics,
+    /// Why some fields could not enter the context (the rules that read them then fail).
+    error: Option<String>,
+}
+
+/// What one rule's condition came to.
+#[derive(Debug, Clone, PartialEq)]
+enum Ruling {
+    /// It held.
+    Fired,
+    /// It did not hold.
+    Held,
+    /// A detector it reads has no finding (it failed, or was not run): not judged.
+    Unread,
+    /// The condition failed to evaluate; why.
+    Failed(String),
+}
+
+impl Bench<'_> {
+    /// Judges one rule.
+    fn judge(&self, rule: &CompiledRule) -> Ruling {
+        if rule
+            .detectors
+            .iter()
+            .any(|d| !self.findings.iter().any(|(name, _)| name == d))
+        {
+            return Ruling::Unread;
+        }
+        match rule.program.execute(&self.context) {
+            Ok(cel::Value::Bool(true)) => Ruling::Fired,
+            Ok(_) => Ruling::Held,
+            Err(err) => {
+                self.metrics.rule_error(&rule.name);
+                Ruling::Failed(format!("rule {}: {err}", rule.name))
+            }
+        }
+    }
+
+    /// Judges one rule into `verdict`: when it fires, the rule with the fields it read and the
+    /// evidence of its detectors; when it fails, the error.
+    fn record(&self, rule: &CompiledRule, verdict: &mut Verdict) {
+        match self.judge(rule) {
+            Ruling::Fired => {
+                verdict.fired.push(fire(self.policy, rule, self.findings));
+                for (name, finding) in self.findings {
+                    if !rule.detectors.contains(name) {
+                        continue;
+                    }
+                    for evidence in &finding.evidence {
+                        let item = DetectorEvidence {
+                            detector: name.clone(),
+                            evidence: evidence.clone(),
+                        };
+                        if !verdict.evidence.contains(&item) {
+                            verdict.evidence.push(item);
+                        }
+                    }
+                }
+            }
+            Ruling::Held | Ruling::Unread => {}
+            Ruling::Failed(error) => verdict.errors.push(error),
+        }
     }
 }
 

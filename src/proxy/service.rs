@@ -25,6 +25,7 @@ use super::tee::{Accounting, BodyError, CaptureTap, TeeBody};
 use crate::capture::{
     CaptureRequest, Outcome, ResponseMeta, Route, collect, gateway_error_exchange,
 };
+use crate::inspect::Inspection;
 use crate::policy::Enforced;
 use crate::telemetry::ExchangeTrace;
 
@@ -327,7 +328,11 @@ impl Gateway {
             capture_span.end();
             drop(permit);
             trace.captured(&exchange);
-            sink.offer_enforced(exchange, trace, enforced);
+            sink.offer(Inspection {
+                exchange,
+                trace,
+                enforced,
+            });
         });
         Some(CaptureTap {
             chunks: chunks_tx,
@@ -352,7 +357,7 @@ fn gateway_error(
         let exchange = gateway_error_exchange(capture, status, latency);
         trace.mark_gateway_error(err.kind());
         trace.captured(&exchange);
-        gateway.sink.offer(exchange, trace);
+        gateway.sink.offer(Inspection::new(exchange, trace));
     }
     err.into_response(request_id)
 }
