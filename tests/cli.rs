@@ -659,9 +659,7 @@ async fn sigkill_while_flags_are_written_loses_no_committed_flag() {
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let store = store.clone();
-            acknowledged = tokio::task::spawn_blocking(move || flags_json(&store))
-                .await
-                .unwrap();
+            acknowledged = crate::util::blocking(move || flags_json(&store)).await;
         }
         let status = Command::new("kill")
             .args(["-KILL", &guard.0.id().to_string()])

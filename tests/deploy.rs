@@ -1343,7 +1343,7 @@ async fn dashboard_and_rules_name_only_metrics_a_live_gateway_exports() {
     let child = &mut guard.0;
     // --log-json: the "tripwire serving" line carries both addresses.
     let mut stderr = child.stderr.take().unwrap();
-    let (proxy, admin) = tokio::task::spawn_blocking(move || {
+    let (proxy, admin) = crate::util::blocking(move || {
         let mut log = String::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -1363,8 +1363,7 @@ async fn dashboard_and_rules_name_only_metrics_a_live_gateway_exports() {
             }
         }
     })
-    .await
-    .unwrap();
+    .await;
 
     // The image's health check against it: healthy; against a closed port: not.
     let health = |url: String| {

@@ -419,13 +419,12 @@ async fn a_full_store_keeps_the_proxy_serving_says_so_and_resumes_when_space_ret
 
     // Space returns (an operator deletes old rows): writing resumes by itself.
     let path = gateway.store_path.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::util::blocking(move || {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
         conn.execute("DELETE FROM exchanges", []).unwrap();
     })
-    .await
-    .unwrap();
+    .await;
     let written_before = metric(
         &gateway.metrics().await,
         "tripwire_store_rows_written_total",

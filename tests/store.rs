@@ -501,8 +501,8 @@ fn metric(text: &str, metric: &str, reason: &str) -> f64 {
 
 #[tokio::test]
 async fn two_gateways_write_one_postgres_log_and_send_one_alert_per_cooldown() {
-    let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
-    let password = tokio::task::spawn_blocking(pg::password).await.unwrap();
+    let url = crate::util::blocking(pg::database).await;
+    let password = crate::util::blocking(pg::password).await;
     let receiver = crate::util::MockUpstream::start(|_| crate::util::Script::json(b"{}")).await;
     let sim = Sim::start(Some(5)).await;
     let dir = tempfile::tempdir().unwrap();

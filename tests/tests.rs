@@ -20,6 +20,7 @@ mod otel;
 mod overload;
 mod proxy;
 mod reload;
+mod shutdown;
 mod sim;
 mod soak;
 mod store;

@@ -33,6 +33,7 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
 use crate::policy::Severity;
+use crate::runtime::Tasks;
 use crate::secret::Secret;
 use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
 use crate::telemetry::ProcessMetrics;
@@ -105,6 +106,8 @@ pub struct AdminParts {
     pub reloader: Option<Arc<dyn Reload>>,
     /// The drift monitor, when a policy declares drift detectors (the console's charts).
     pub drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
+    /// Where store reads run (blocking threads, tracked).
+    pub tasks: Tasks,
 }
 
 /// What the admin endpoints read, all given at construction.
@@ -120,6 +123,7 @@ pub struct AdminState {
     reloader: Option<Arc<dyn Reload>>,
     console: console::Sessions,
     drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -140,6 +144,7 @@ impl AdminState {
             store_location,
             reloader,
             drift,
+            tasks,
         } = parts;
         let process = ProcessMetrics::registered(&mut registry);
         let sessions_generation = AtomicU64::new(token.generation.load(Ordering::SeqCst));
@@ -154,6 +159,7 @@ impl AdminState {
             reloader,
             console: console::Sessions::default(),
             drift,
+            tasks,
         }
     }
 
@@ -202,21 +208,22 @@ impl AdminState {
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let state = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = state
-                .store
-                .lock()
-                .map_err(|_| StoreError::Task("admin store mutex poisoned".to_owned()))?;
-            if guard.is_none() {
-                *guard = Some(Store::connect(&state.store_location)?);
-            }
-            match guard.as_ref() {
-                Some(store) => f(store),
-                None => Err(StoreError::Task("admin store unavailable".to_owned())),
-            }
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.tasks
+            .spawn_blocking("admin-store", move || {
+                let mut guard = state
+                    .store
+                    .lock()
+                    .map_err(|_| StoreError::Task("admin store mutex poisoned".to_owned()))?;
+                if guard.is_none() {
+                    *guard = Some(Store::connect(&state.store_location)?);
+                }
+                match guard.as_ref() {
+                    Some(store) => f(store),
+                    None => Err(StoreError::Task("admin store unavailable".to_owned())),
+                }
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 

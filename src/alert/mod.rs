@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::capture::Exchange;
 use crate::policy::judge::FiredRule;
 use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
+use crate::runtime::Tasks;
 use crate::store::{Flag, Store, StoreError, StoreLocation};
 use crate::telemetry::{Metrics, ReasonLabels};
 
@@ -161,14 +162,16 @@ fn queued(tx: &mpsc::Sender<Alert>) -> i64 {
     i64::try_from(tx.max_capacity().saturating_sub(tx.capacity())).unwrap_or(i64::MAX)
 }
 
-/// Creates the alert queue when any sink is configured in `configs`; returns the handle and
-/// the worker future to spawn. The worker claims cooldown windows in the store at `claims`.
+/// Creates the alert queue when any sink is configured in `configs` and starts its sender on
+/// `tasks` (`alert-sender`); returns the queue's handle. The sender claims cooldown windows in
+/// the store at `claims`, and exits once every handle is dropped and the queue is delivered.
 pub fn start(
     configs: &[&AlertsConfig],
     queue: usize,
     claims: StoreLocation,
     metrics: Metrics,
-) -> Result<Option<(AlertHandle, impl Future<Output = ()> + Send + 'static)>, WebhookError> {
+    tasks: &Tasks,
+) -> Result<Option<AlertHandle>, WebhookError> {
     let webhooks: Vec<WebhookConfig> = configs.iter().filter_map(|c| c.webhook.clone()).collect();
     let logs: Vec<LogAlertConfig> = configs.iter().filter_map(|c| c.log.clone()).collect();
     if webhooks.is_empty() && logs.is_empty() {
@@ -187,8 +190,10 @@ pub fn start(
     let claims = Claims {
         location: claims,
         store: None,
+        tasks: tasks.clone(),
     };
-    Ok(Some((handle, run(rx, senders, logs, claims, metrics))))
+    tasks.spawn("alert-sender", run(rx, senders, logs, claims, metrics));
+    Ok(Some(handle))
 }
 
 /// The sender's own store connection for cooldown claims, opened on first use and again after
@@ -196,6 +201,8 @@ pub fn start(
 struct Claims {
     location: StoreLocation,
     store: Option<Store>,
+    /// Where the store calls run (blocking threads, tracked).
+    tasks: Tasks,
 }
 
 impl Claims {
@@ -209,21 +216,23 @@ impl Claims {
         let location = self.location.clone();
         let store = self.store.take();
         let cooldown_us = i64::try_from(cooldown.as_micros()).unwrap_or(i64::MAX);
-        let joined = tokio::task::spawn_blocking(move || {
-            let store = match store {
-                Some(store) => store,
-                None => match Store::connect(&location) {
-                    Ok(store) => store,
-                    Err(err) => return (None, Err(err)),
-                },
-            };
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-            let claimed = store.claim_alert(&rule, &scope, now_us, cooldown_us);
-            (Some(store), claimed)
-        })
-        .await;
+        let joined = self
+            .tasks
+            .spawn_blocking("alert-claim", move || {
+                let store = match store {
+                    Some(store) => store,
+                    None => match Store::connect(&location) {
+                        Ok(store) => store,
+                        Err(err) => return (None, Err(err)),
+                    },
+                };
+                let now_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+                let claimed = store.claim_alert(&rule, &scope, now_us, cooldown_us);
+                (Some(store), claimed)
+            })
+            .await;
         let result = match joined {
             Ok((store, result)) => {
                 self.store = store;

@@ -1,22 +1,26 @@
-//! Starting and stopping the whole gateway: store and writer, capture, proxy listener, admin
-//! listener, in that order; stopping runs the phases below in order under one grace timeout.
+//! Starting and stopping the whole gateway: store and writer, detection, drift, alerts, capture,
+//! the proxy and admin listeners, in that order. Every task runs under one root tracker, one
+//! child per shutdown phase; stopping runs the phases in order under one grace timeout and logs
+//! what was abandoned when it runs out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminParts, AdminState, AdminToken};
-use crate::app::reload::{ReloadMetrics, ReloadParts, ReloadSource, Reloader};
+use crate::alert::AlertHandle;
+use crate::app::reload::{ReloadParts, ReloadSource, Reloader};
 use crate::config::Config;
 use crate::inspect::{Detection, ExchangeSink, Rules, SharedRules};
-use crate::policy::{Engine, PolicyError};
+use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
 use crate::runtime::Tasks;
 use crate::store::{Store, StoreError, WriterConfig, run_writer};
-use crate::telemetry::{Metrics, Otel};
+use crate::telemetry::{Metrics, Otel, ReloadMetrics};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,8 @@ pub enum ServerError {
 /// A running gateway.
 #[derive(Debug)]
 pub struct Server {
+    /// The root of every task below: cancelling it cancels them all.
+    root: Tasks,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     admin: Arc<AdminState>,
@@ -87,6 +93,7 @@ impl Server {
         source: ReloadSource,
     ) -> Result<Server, ServerError> {
         let config = Arc::new(config);
+        let root = Tasks::new();
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -95,15 +102,16 @@ impl Server {
         let location = config.store.location();
         let store_location = location.clone();
         let hard_max_bytes = config.store.hard_max_bytes;
-        let store = tokio::task::spawn_blocking(move || {
-            let store = Store::connect(&store_location)?;
-            store.cap_size(hard_max_bytes)?;
-            Ok::<_, StoreError>(store)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        let store = root
+            .spawn_blocking("store-open", move || {
+                let store = Store::connect(&store_location)?;
+                store.cap_size(hard_max_bytes)?;
+                Ok::<_, StoreError>(store)
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
         let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
-        let writer_tasks = Tasks::new();
+        let writer_tasks = root.child();
         writer_tasks.spawn(
             "store-writer",
             run_writer(
@@ -120,36 +128,21 @@ impl Server {
                     },
                 },
                 metrics.clone(),
-                writer_tasks.token().clone(),
+                writer_tasks.clone(),
             ),
         );
 
-        let policies = match &config.policies {
-            Some(path) => crate::policy::load_path(path)?,
-            None => vec![crate::policy::default_policy()?],
-        };
+        let policies = super::load_policies(&config)?;
         let rule_count: usize = policies.iter().map(|p| p.rules.len()).sum();
         let engine = Arc::new(Engine::new(policies, metrics.clone()));
-        let alert_tasks = Tasks::new();
-        let alert_configs: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
-        let alerts = match crate::alert::start(
-            &alert_configs,
-            config.detect.alert_queue,
-            location.clone(),
-            metrics.clone(),
-        )? {
-            Some((handle, worker)) => {
-                alert_tasks.spawn("alert-sender", worker);
-                Some(handle)
-            }
-            None => None,
-        };
+        let alert_tasks = root.child();
+        let alerts = super::start_alerts(&engine, &config, &metrics, &alert_tasks)?;
         let policy_count = engine.policies().len();
         let rules: SharedRules = Arc::new(ArcSwap::from_pointee(Rules {
             engine: Arc::clone(&engine),
             alerts,
         }));
-        let drift_tasks = Tasks::new();
+        let drift_tasks = root.child();
         let drift = match engine.drift_plan() {
             Some(plan) => Some(
                 start_drift(
@@ -169,7 +162,7 @@ impl Server {
             None => None,
         };
         drop(engine);
-        let detect_tasks = Tasks::new();
+        let detect_tasks = root.child();
         let (detect_tx, detect_rx) = crossbeam_channel::bounded(config.detect.queue);
         // Workers run even without rules: a reload may add some.
         let workers = config.detect.workers;
@@ -193,7 +186,7 @@ impl Server {
             "detection ready"
         );
 
-        let capture_tasks = Tasks::new();
+        let capture_tasks = root.child();
         let sink = ExchangeSink::new(Some(detect_tx), exchanges_tx, metrics.clone());
         let gateway = Arc::new(ArcSwapOption::from_pointee(Gateway::new(
             Arc::clone(&config),
@@ -219,19 +212,21 @@ impl Server {
                 sink,
                 capture_tasks: capture_tasks.clone(),
                 alert_tasks: alert_tasks.clone(),
+                blocking: root.child(),
                 admin_token: Arc::clone(&token),
                 metrics: metrics.clone(),
             },
             reload_metrics,
         ));
+        let admin_tasks = root.child();
         let admin = Arc::new(AdminState::new(AdminParts {
             registry,
             token,
             store_location: location.clone(),
             reloader: Some(Arc::clone(&reloader) as Arc<dyn admin::Reload>),
             drift: drift_monitor,
+            tasks: admin_tasks.child(),
         }));
-        let admin_tasks = Tasks::new();
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
             "admin-accept",
@@ -243,8 +238,8 @@ impl Server {
             ),
         );
 
-        let proxy_accept = Tasks::new();
-        let proxy_connections = Tasks::new();
+        let proxy_accept = root.child();
+        let proxy_connections = root.child();
         proxy_accept.spawn(
             "proxy-accept",
             super::listener::accept_loop(
@@ -254,7 +249,7 @@ impl Server {
                 move |peer, request| proxy::handle_current(Arc::clone(&gateway), peer, request),
             ),
         );
-        let watch_tasks = Tasks::new();
+        let watch_tasks = root.child();
         if config.reload.watch {
             // Taken now, so an edit made as soon as start returns is seen as one.
             let baseline = reloader.fingerprint().await;
@@ -276,6 +271,7 @@ impl Server {
             "tripwire serving"
         );
         Ok(Server {
+            root,
             proxy_addr,
             admin_addr,
             admin,
@@ -320,17 +316,20 @@ impl Server {
     }
 
     /// Stops the gateway. Everything it captured before is in the store when this returns,
-    /// unless the grace period ran out first (then what was lost is logged and counted).
+    /// unless the grace period ran out first (then what was lost is logged and counted, and
+    /// every task still running is logged as abandoned).
     pub async fn shutdown(mut self) {
         let grace = self.reloader.config().await.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
+        // Phases 1 to 5 drain traffic and detection; 6 to 8 keep a share of the grace.
+        let drained_by = deadline - (grace / 4).min(FINAL_PHASES_MAX);
         // 1. Not ready: load balancers stop sending new traffic. No more reloads from files.
         self.admin.set_ready(false);
         self.watch_tasks.cancel();
-        self.watch_tasks.wait().await;
+        let _watch = tokio::time::timeout_at(drained_by, self.watch_tasks.wait()).await;
         // 2. Stop accepting; open connections finish their in-flight responses and close.
         self.proxy_accept.cancel();
-        let drained = tokio::time::timeout_at(deadline, async {
+        let drained = tokio::time::timeout_at(drained_by, async {
             self.proxy_accept.wait().await;
             self.proxy_connections.wait().await;
         })
@@ -343,7 +342,7 @@ impl Server {
         }
         // 3. Every response body has ended or been dropped, which closes every tee channel:
         //    capture tasks finish and hand their exchanges to the store queue.
-        if tokio::time::timeout_at(deadline, self.capture_tasks.wait())
+        if tokio::time::timeout_at(drained_by, self.capture_tasks.wait())
             .await
             .is_err()
         {
@@ -355,7 +354,7 @@ impl Server {
         // 4. No more exchanges can come: closing the capture side lets the detection workers
         //    finish what is queued and exit.
         self.reloader.close().await;
-        if tokio::time::timeout_at(deadline, self.detect_tasks.wait())
+        if tokio::time::timeout_at(drained_by, self.detect_tasks.wait())
             .await
             .is_err()
         {
@@ -363,7 +362,7 @@ impl Server {
         }
         // 5. The detection workers held the drift queue: the drift worker tests what is queued
         //    and exits, and the embedding batcher with it.
-        if tokio::time::timeout_at(deadline, self.drift_tasks.wait())
+        if tokio::time::timeout_at(drained_by, self.drift_tasks.wait())
             .await
             .is_err()
         {
@@ -371,17 +370,20 @@ impl Server {
         }
         self.reloader.release_alerts();
         // 6. The workers held the last store and alert senders: the writer drains its queue,
-        //    commits and exits; the alert sender delivers what is queued.
-        if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
+        //    commits and exits; the alert sender delivers what is queued. A writer still busy
+        //    halfway through the last share is asked to write what it holds now.
+        let writer_by = drained_by + (deadline - drained_by) / 2;
+        if tokio::time::timeout_at(writer_by, self.writer_tasks.wait())
             .await
             .is_err()
         {
-            // Ask the writer to write what it holds now, and give it a moment.
             self.writer_tasks.cancel();
-            let _late =
-                tokio::time::timeout(std::time::Duration::from_secs(5), self.writer_tasks.wait())
-                    .await;
-            tracing::warn!("shutdown grace ran out before the store writer drained");
+            if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("shutdown grace ran out before the store writer drained");
+            }
         }
         if tokio::time::timeout_at(deadline, self.alert_tasks.wait())
             .await
@@ -392,9 +394,10 @@ impl Server {
         // 7. Every exchange is ended and every flag recorded: export the last spans, metrics and
         //    flag log records to the collector.
         if let Some(otel) = self.otel.take() {
-            let flush = tokio::task::spawn_blocking(move || otel.shutdown());
-            let until = deadline.max(tokio::time::Instant::now() + OTEL_FLUSH_MIN);
-            if tokio::time::timeout_at(until, flush).await.is_err() {
+            let flush = self
+                .root
+                .spawn_blocking("otel-flush", move || otel.shutdown());
+            if tokio::time::timeout_at(deadline, flush).await.is_err() {
                 tracing::warn!(
                     "OpenTelemetry export did not finish before the shutdown grace ran out"
                 );
@@ -402,10 +405,57 @@ impl Server {
         }
         // 8. Admin goes last so /readyz and /metrics answer throughout.
         self.admin_tasks.cancel();
-        let _admin =
-            tokio::time::timeout(std::time::Duration::from_secs(1), self.admin_tasks.wait()).await;
+        let _admin = tokio::time::timeout_at(deadline, self.admin_tasks.wait()).await;
+        // Whatever still runs is abandoned: say what.
+        self.root.cancel();
+        let phases = [
+            ("reload-watch", &self.watch_tasks),
+            ("proxy-accept", &self.proxy_accept),
+            ("proxy-connections", &self.proxy_connections),
+            ("capture", &self.capture_tasks),
+            ("detect", &self.detect_tasks),
+            ("drift", &self.drift_tasks),
+            ("store-writer", &self.writer_tasks),
+            ("alerts", &self.alert_tasks),
+            ("admin", &self.admin_tasks),
+            ("blocking", &self.root),
+        ];
+        for (phase, tasks) in phases {
+            if !tasks.is_empty() {
+                tracing::warn!(
+                    phase,
+                    tasks = tasks.len(),
+                    "abandoned at shutdown: still running when the grace ran out"
+                );
+            }
+        }
         tracing::info!("tripwire stopped");
     }
+}
+
+/// The policies `config` names, compiled; the built-in default policy when it names none.
+pub(super) fn load_policies(config: &Config) -> Result<Vec<CompiledPolicy>, PolicyError> {
+    match &config.policies {
+        Some(path) => crate::policy::load_path(path),
+        None => Ok(vec![crate::policy::default_policy()?]),
+    }
+}
+
+/// Starts the alert sender of `engine`'s policies on `tasks` when any sink is configured.
+pub(super) fn start_alerts(
+    engine: &Engine,
+    config: &Config,
+    metrics: &Metrics,
+    tasks: &Tasks,
+) -> Result<Option<AlertHandle>, crate::alert::WebhookError> {
+    let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
+    crate::alert::start(
+        &sinks,
+        config.detect.alert_queue,
+        config.store.location(),
+        metrics.clone(),
+        tasks,
+    )
 }
 
 /// The admin API's bearer token: `admin_token`, else `TRIPWIRE_ADMIN_TOKEN`.
@@ -418,8 +468,9 @@ pub(crate) fn admin_token(config: &Config) -> Option<crate::secret::Secret> {
     })
 }
 
-/// The least time the OTLP exporters get to flush at shutdown, even when the grace is spent.
-const OTEL_FLUSH_MIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// The share of the grace kept for the last phases (store, alerts, telemetry, admin), so a
+/// slow drain of traffic still leaves the writer time to commit: a quarter, at most this.
+const FINAL_PHASES_MAX: Duration = Duration::from_secs(5);
 
 /// Builds the OpenTelemetry pipeline the `OTEL_*` environment asks for. A pipeline that cannot be
 /// built is logged and left off: the gateway serves without it.
@@ -458,12 +509,14 @@ async fn start_drift(
     let metrics = detection.metrics.clone();
     let embedder = if plan.needs_embeddings() {
         let embedder_config = config.inference.clone();
-        let embedder =
-            tokio::task::spawn_blocking(move || crate::infer::Embedder::load(&embedder_config))
-                .await
-                .map_err(|e| crate::infer::InferError::Run(e.to_string()))??;
+        let embedder = tasks
+            .spawn_blocking("embedder-load", move || {
+                crate::infer::Embedder::load(&embedder_config)
+            })
+            .await
+            .map_err(|e| crate::infer::InferError::Run(e.to_string()))??;
         tracing::info!(device = ?embedder.device(), "embedding model loaded for drift detection");
-        let _device = crate::infer::register_device_metric(registry, embedder.device());
+        let _device = crate::telemetry::register_embed_device(registry, embedder.device().as_str());
         Some(crate::infer::batcher::start(
             embedder,
             &config.inference,

@@ -8,3 +8,4 @@ pub mod reload;
 
 pub(crate) use build::admin_token;
 pub use build::{Server, ServerError};
+use build::{load_policies, start_alerts};

@@ -19,14 +19,9 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +31,7 @@ use crate::inspect::{ExchangeSink, Rules, SharedRules};
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{Gateway, GatewayError};
 use crate::runtime::Tasks;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, ReloadMetrics};
 
 /// Reads the configuration again: the file, then the command-line overrides.
 pub type LoadConfig = dyn Fn() -> Result<Config, ConfigError> + Send + Sync;
@@ -133,58 +128,6 @@ pub struct ReloadOutcome {
     pub restart_required: Vec<&'static str>,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReloadLabels {
-    trigger: &'static str,
-    result: &'static str,
-}
-
-/// The reload metrics.
-#[derive(Debug, Clone, Default)]
-pub struct ReloadMetrics {
-    reloads: Family<ReloadLabels, Counter>,
-    generation: Gauge,
-    last_success: Gauge,
-}
-
-impl ReloadMetrics {
-    /// New reload metrics, registered in `registry`.
-    pub fn registered(registry: &mut Registry) -> ReloadMetrics {
-        let metrics = ReloadMetrics::default();
-        metrics.register(registry);
-        metrics.succeeded(1);
-        metrics
-    }
-
-    fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("tripwire");
-        r.register(
-            "config_reloads",
-            "Configuration reloads, by trigger (signal, admin, watch) and result (ok, error)",
-            self.reloads.clone(),
-        );
-        r.register(
-            "config_generation",
-            "Configuration generation in force: 1 at start, one more per reload that took effect",
-            self.generation.clone(),
-        );
-        r.register(
-            "config_last_reload_success_timestamp_seconds",
-            "Unix time of the last reload that took effect (or of the start)",
-            self.last_success.clone(),
-        );
-    }
-
-    fn succeeded(&self, generation: u64) {
-        self.generation
-            .set(i64::try_from(generation).unwrap_or(i64::MAX));
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.last_success.set(now);
-    }
-}
-
 /// What the gateway needs to build the parts a reload replaces.
 #[derive(Debug)]
 pub struct ReloadParts {
@@ -200,6 +143,8 @@ pub struct ReloadParts {
     pub capture_tasks: Tasks,
     /// Where new alert senders run.
     pub alert_tasks: Tasks,
+    /// Where a reload reads and compiles files (blocking threads).
+    pub blocking: Tasks,
     /// The admin API's bearer token (reloadable).
     pub admin_token: Arc<AdminToken>,
     /// The gateway metrics.
@@ -223,6 +168,7 @@ pub struct Reloader {
     gateway: Arc<ArcSwapOption<Gateway>>,
     capture_tasks: Tasks,
     alert_tasks: Tasks,
+    blocking: Tasks,
     admin_token: Arc<AdminToken>,
     metrics: Metrics,
     reload_metrics: ReloadMetrics,
@@ -249,6 +195,7 @@ impl Reloader {
             gateway: parts.gateway,
             capture_tasks: parts.capture_tasks,
             alert_tasks: parts.alert_tasks,
+            blocking: parts.blocking,
             admin_token: parts.admin_token,
             metrics: parts.metrics,
             reload_metrics,
@@ -265,11 +212,7 @@ impl Reloader {
     /// changes. Logged and counted either way.
     pub async fn reload(&self, trigger: Trigger) -> Result<ReloadOutcome, ReloadError> {
         let result = self.reload_inner().await;
-        let labels = ReloadLabels {
-            trigger: trigger.as_str(),
-            result: if result.is_ok() { "ok" } else { "error" },
-        };
-        self.reload_metrics.reloads.get_or_create(&labels).inc();
+        self.reload_metrics.count(trigger.as_str(), result.is_ok());
         match &result {
             Ok(outcome) => {
                 tracing::info!(
@@ -334,22 +277,12 @@ impl Reloader {
         let alerts = if alert_sinks(&current.engine) == alert_sinks(&engine) {
             current.alerts.clone()
         } else {
-            let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
-            match crate::alert::start(
-                &sinks,
-                config.detect.alert_queue,
-                config.store.location(),
-                self.metrics.clone(),
-            )? {
-                Some((mut handle, worker)) => {
-                    if let Some(previous) = &current.alerts {
-                        handle.keep_cooldowns_of(previous);
-                    }
-                    self.alert_tasks.spawn("alert-sender", worker);
-                    Some(handle)
-                }
-                None => None,
+            let mut alerts =
+                super::start_alerts(&engine, &config, &self.metrics, &self.alert_tasks)?;
+            if let (Some(handle), Some(previous)) = (alerts.as_mut(), &current.alerts) {
+                handle.keep_cooldowns_of(previous);
             }
+            alerts
         };
 
         // The swap.
@@ -389,15 +322,13 @@ impl Reloader {
     /// Reads the configuration and compiles the policies on a blocking thread.
     async fn read(&self) -> Result<(Config, Vec<CompiledPolicy>), ReloadError> {
         let config = (self.source.load)()?;
-        tokio::task::spawn_blocking(move || {
-            let policies = match &config.policies {
-                Some(path) => crate::policy::load_path(path)?,
-                None => vec![crate::policy::default_policy()?],
-            };
-            Ok((config, policies))
-        })
-        .await
-        .map_err(|e| ReloadError::Task(e.to_string()))?
+        self.blocking
+            .spawn_blocking("reload-read", move || {
+                let policies = super::load_policies(&config)?;
+                Ok((config, policies))
+            })
+            .await
+            .map_err(|e| ReloadError::Task(e.to_string()))?
     }
 
     /// Ends reloading for shutdown and drops this side's hold on the capture side (the sink and
@@ -447,22 +378,23 @@ impl Reloader {
     pub async fn fingerprint(&self) -> u64 {
         let policies = self.state.lock().await.config.policies.clone();
         let config_file = self.source.config_file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut files: Vec<PathBuf> = config_file.into_iter().collect();
-            if let Some(path) = policies
-                && let Ok(found) = crate::policy::policy_files(&path)
-            {
-                files.extend(found);
-            }
-            let mut hasher = DefaultHasher::new();
-            for file in files {
-                file.hash(&mut hasher);
-                std::fs::read(&file).ok().hash(&mut hasher);
-            }
-            hasher.finish()
-        })
-        .await
-        .unwrap_or(0)
+        self.blocking
+            .spawn_blocking("reload-fingerprint", move || {
+                let mut files: Vec<PathBuf> = config_file.into_iter().collect();
+                if let Some(path) = policies
+                    && let Ok(found) = crate::policy::policy_files(&path)
+                {
+                    files.extend(found);
+                }
+                let mut hasher = DefaultHasher::new();
+                for file in files {
+                    file.hash(&mut hasher);
+                    std::fs::read(&file).ok().hash(&mut hasher);
+                }
+                hasher.finish()
+            })
+            .await
+            .unwrap_or(0)
     }
 }
 

@@ -102,8 +102,38 @@ pub trait Detector: Send + Sync + std::fmt::Debug {
     fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError>;
 }
 
-/// Builds a detector from its policy entry (`{type: trigger_phrase, …}`).
-pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detector>, DetectError> {
+/// What a policy's detector entry builds into.
+#[derive(Debug, Clone)]
+pub enum Built {
+    /// A detector that inspects each exchange.
+    Exchange(std::sync::Arc<dyn Detector>),
+    /// The settings of an embedding drift test, run per scope by the drift monitor.
+    EmbeddingDrift(drift::EmbeddingDriftConfig),
+    /// The settings of a feature drift test, run per scope by the drift monitor.
+    FeatureDrift(drift::FeatureDriftConfig),
+}
+
+/// Builds a detector of any kind from its policy entry (`{type: trigger_phrase, …}`), checking
+/// its parameters.
+pub fn build(config: &serde_yaml_ng::Value) -> Result<Built, DetectError> {
+    use std::sync::Arc;
+    match config.get("type").and_then(|t| t.as_str()) {
+        Some("embedding_drift") => {
+            let parsed: drift::EmbeddingDriftConfig = parameters(config.clone())?;
+            drift::check_embedding_drift(&parsed).map_err(DetectError::Config)?;
+            return Ok(Built::EmbeddingDrift(parsed));
+        }
+        Some("feature_drift") => {
+            let parsed: drift::FeatureDriftConfig = parameters(config.clone())?;
+            if parsed.reference.size < 10 && parsed.reference.file.is_none() {
+                return Err(DetectError::Config(
+                    "reference.size must be at least 10".to_owned(),
+                ));
+            }
+            return Ok(Built::FeatureDrift(parsed));
+        }
+        _ => {}
+    }
     let mut config = config.clone();
     let kind = match config.as_mapping_mut().and_then(|map| map.remove("type")) {
         Some(serde_yaml_ng::Value::String(kind)) => kind,
@@ -118,34 +148,25 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<std::sync::Arc<dyn Detecto
     if config.is_null() {
         config = serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new());
     }
-    match kind.as_str() {
-        "trigger_phrase" => Ok(std::sync::Arc::new(trigger_phrase::TriggerPhrase::new(
-            &parameters(config)?,
-        )?)),
-        "gibberish" => Ok(std::sync::Arc::new(gibberish::Gibberish::new(
-            &parameters(config)?,
-        )?)),
-        "recurring_span" => Ok(std::sync::Arc::new(recurring_span::RecurringSpan::new(
-            &parameters(config)?,
-        )?)),
-        "refusal" => Ok(std::sync::Arc::new(refusal::Refusal::new(&parameters(
-            config,
-        )?)?)),
-        "language_switch" => Ok(std::sync::Arc::new(language_switch::LanguageSwitch::new(
-            &parameters(config)?,
-        )?)),
-        "style" => Ok(std::sync::Arc::new(style::Style::new(&parameters(
-            config,
-        )?)?)),
-        other => Err(DetectError::Config(format!(
-            "unknown detector type `{other}`; one of: {}",
-            KINDS.join(", ")
-        ))),
-    }
+    let detector: Arc<dyn Detector> = match kind.as_str() {
+        "trigger_phrase" => Arc::new(trigger_phrase::TriggerPhrase::new(&parameters(config)?)?),
+        "gibberish" => Arc::new(gibberish::Gibberish::new(&parameters(config)?)?),
+        "recurring_span" => Arc::new(recurring_span::RecurringSpan::new(&parameters(config)?)?),
+        "refusal" => Arc::new(refusal::Refusal::new(&parameters(config)?)?),
+        "language_switch" => Arc::new(language_switch::LanguageSwitch::new(&parameters(config)?)?),
+        "style" => Arc::new(style::Style::new(&parameters(config)?)?),
+        other => {
+            return Err(DetectError::Config(format!(
+                "unknown detector type `{other}`; one of: {}",
+                KINDS.join(", ")
+            )));
+        }
+    };
+    Ok(Built::Exchange(detector))
 }
 
-/// Every detector type a policy may declare (the drift kinds are built by the policy
-/// compiler, see [`crate::detect::drift`]).
+/// Every detector type a policy may declare: the per-exchange kinds, then the drift kinds
+/// (their tests run per scope in [`drift`]).
 pub const KINDS: &[&str] = &[
     "trigger_phrase",
     "gibberish",

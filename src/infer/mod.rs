@@ -388,13 +388,6 @@ fn normalise(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= norm);
 }
 
-/// Labels of `tripwire_embed_device`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct DeviceLabels {
-    /// `cpu` or `cuda`: where the embedding model runs.
-    pub device: &'static str,
-}
-
 impl Device {
     /// The metric label value: `cpu`, `cuda` or `auto` (unresolved).
     pub fn as_str(self) -> &'static str {
@@ -404,35 +397,6 @@ impl Device {
             Device::Auto => "auto",
         }
     }
-}
-
-/// Registers the gauge `tripwire_embed_device{device="cpu"|"cuda"}`, 1 for the device the
-/// loaded embedder runs on ([`Embedder::device`]), so a dashboard shows whether the model-based
-/// detectors run on the GPU or fell back to the CPU. The server calls it once the embedder is
-/// loaded, before the registry is handed to the admin endpoint; it lives here rather than in
-/// `telemetry::Metrics` because the device is only known after loading.
-pub fn register_device_metric(
-    registry: &mut prometheus_client::registry::Registry,
-    device: Device,
-) -> prometheus_client::metrics::family::Family<
-    DeviceLabels,
-    prometheus_client::metrics::gauge::Gauge,
-> {
-    let family = prometheus_client::metrics::family::Family::<
-        DeviceLabels,
-        prometheus_client::metrics::gauge::Gauge,
-    >::default();
-    family
-        .get_or_create(&DeviceLabels {
-            device: device.as_str(),
-        })
-        .set(1);
-    registry.sub_registry_with_prefix("tripwire").register(
-        "embed_device",
-        "Where the embedding model runs: 1 for the device serving (cpu or cuda)",
-        family.clone(),
-    );
-    family
 }
 
 /// Cosine similarity of two embeddings (their dot product, as both are unit-norm).

@@ -332,7 +332,7 @@ fn device_auto_falls_back_to_the_cpu_and_the_int8_model() {
 #[test]
 fn the_device_gauge_names_the_serving_device() {
     let mut registry = prometheus_client::registry::Registry::default();
-    let _family = register_device_metric(&mut registry, Device::Cpu);
+    let _family = crate::telemetry::register_embed_device(&mut registry, Device::Cpu.as_str());
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(

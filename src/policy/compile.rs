@@ -14,8 +14,8 @@ use super::file::{Action, EnforceConfig, PolicyFile, RuleConfig, ScopeSelector, 
 use super::locate;
 use super::{Mode, PolicyError};
 use crate::capture::Exchange;
-use crate::detect::drift::{DriftPlan, EmbeddingDriftConfig, FeatureDriftConfig};
-use crate::detect::{self, Detector};
+use crate::detect::drift::DriftPlan;
+use crate::detect::{self, Built, Detector};
 
 /// The policy compiled into the binary, used when none is configured.
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.yaml");
@@ -150,40 +150,28 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         let at = |message: String| {
             PolicyError::at(source, line, column, format!("detectors.{name}: {message}"))
         };
-        match config.get("type").and_then(|t| t.as_str()) {
-            Some("embedding_drift") => {
-                let parsed: EmbeddingDriftConfig =
-                    serde_yaml_ng::from_value(config.clone()).map_err(|e| at(e.to_string()))?;
-                check_embedding_drift(&parsed).map_err(at)?;
+        match detect::build(config).map_err(|err| at(err.to_string()))? {
+            Built::EmbeddingDrift(parsed) => {
                 if drift.embedding.is_some() {
                     return Err(at(
                         "a policy may declare one embedding_drift detector".into()
                     ));
                 }
                 drift.embedding = Some((name.clone(), parsed));
-                continue;
             }
-            Some("feature_drift") => {
-                let parsed: FeatureDriftConfig =
-                    serde_yaml_ng::from_value(config.clone()).map_err(|e| at(e.to_string()))?;
-                if parsed.reference.size < 10 && parsed.reference.file.is_none() {
-                    return Err(at("reference.size must be at least 10".into()));
-                }
+            Built::FeatureDrift(parsed) => {
                 if drift.features.is_some() {
                     return Err(at("a policy may declare one feature_drift detector".into()));
                 }
                 drift.features = Some((name.clone(), parsed));
-                continue;
             }
-            _ => {}
+            Built::Exchange(detector) => {
+                if let Some(kind) = config.get("type").and_then(|t| t.as_str()) {
+                    detector_kinds.insert(name.clone(), kind.to_owned());
+                }
+                detectors.push((name.clone(), detector));
+            }
         }
-        let detector = detect::build(config).map_err(|err| {
-            PolicyError::at(source, line, column, format!("detectors.{name}: {err}"))
-        })?;
-        if let Some(kind) = config.get("type").and_then(|t| t.as_str()) {
-            detector_kinds.insert(name.clone(), kind.to_owned());
-        }
-        detectors.push((name.clone(), detector));
     }
 
     let mut redact = Vec::new();
@@ -276,45 +264,6 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         redact,
         drift: (!drift_names.is_empty()).then_some(drift),
     })
-}
-
-fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String> {
-    if !(0.0..=1.0).contains(&config.sample_rate) {
-        return Err(format!(
-            "sample_rate {} must be between 0 and 1",
-            config.sample_rate
-        ));
-    }
-    if config.window < 2 {
-        return Err("window must be at least 2".to_owned());
-    }
-    if config.min_sampled_per_minute.is_nan()
-        || config.max_sampled_per_minute.is_nan()
-        || config.min_sampled_per_minute < 0.0
-        || config.max_sampled_per_minute < config.min_sampled_per_minute
-    {
-        return Err(format!(
-            "max_sampled_per_minute ({}) must be at least min_sampled_per_minute ({}), both \
-             non-negative",
-            config.max_sampled_per_minute, config.min_sampled_per_minute
-        ));
-    }
-    if config.reference.file.is_none() && config.reference.size < config.window + 10 {
-        return Err(format!(
-            "reference.size {} must exceed window {} by at least 10",
-            config.reference.size, config.window
-        ));
-    }
-    if config.topics > 1 && config.topic_window < 2 {
-        return Err("topic_window must be at least 2".to_owned());
-    }
-    if config.bandwidth_scale.is_nan() || config.bandwidth_scale <= 0.0 {
-        return Err("bandwidth_scale must be positive".to_owned());
-    }
-    if config.projection_dims == 0 {
-        return Err("projection_dims must be at least 1".to_owned());
-    }
-    Ok(())
 }
 
 fn compile_rule(

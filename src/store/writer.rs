@@ -8,8 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::runtime::Tasks;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError, StoreItem};
 use crate::telemetry::Metrics;
@@ -34,8 +34,9 @@ pub async fn run_writer(
     mut rx: mpsc::Receiver<StoreItem>,
     config: WriterConfig,
     metrics: Metrics,
-    stop: CancellationToken,
+    tasks: Tasks,
 ) {
+    let stop = tasks.token().clone();
     if config.retention.max_bytes > 0 && !store.enforces_size_limit() {
         tracing::info!(
             "store.max_bytes is not applied to PostgreSQL; rows are deleted by age only"
@@ -49,7 +50,7 @@ pub async fn run_writer(
     loop {
         if tokio::time::Instant::now() >= next_retention {
             next_retention = tokio::time::Instant::now() + config.retention.interval;
-            retain(&store, config.retention).await;
+            retain(&store, config.retention, &tasks).await;
         }
         if batch.is_empty() {
             let received = tokio::select! {
@@ -75,7 +76,7 @@ pub async fn run_writer(
         metrics
             .store_queue_depth
             .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-        match write(&store, &mut batch, &metrics).await {
+        match write(&store, &mut batch, &metrics, &tasks).await {
             Ok(()) => {
                 backoff = Duration::from_millis(50);
                 if let Some(since) = failing_since.take() {
@@ -122,7 +123,7 @@ pub async fn run_writer(
     rx.close();
     if !batch.is_empty() {
         let pending = batch.len();
-        if let Err(err) = write(&store, &mut batch, &metrics).await {
+        if let Err(err) = write(&store, &mut batch, &metrics, &tasks).await {
             for _ in 0..pending {
                 metrics.store_drop("shutdown_write_failed");
             }
@@ -132,13 +133,14 @@ pub async fn run_writer(
     metrics.store_queue_depth.set(0);
 }
 
-async fn retain(store: &Arc<Mutex<Store>>, retention: super::Retention) {
+async fn retain(store: &Arc<Mutex<Store>>, retention: super::Retention, tasks: &Tasks) {
     let store = Arc::clone(store);
-    let result = tokio::task::spawn_blocking(move || match store.lock() {
-        Ok(store) => store.apply_retention(&retention),
-        Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
-    })
-    .await;
+    let result = tasks
+        .spawn_blocking("store-retention", move || match store.lock() {
+            Ok(store) => store.apply_retention(&retention),
+            Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
+        })
+        .await;
     match result {
         Ok(Ok((0, 0))) => {}
         Ok(Ok((exchanges, flags))) => {
@@ -154,19 +156,21 @@ async fn write(
     store: &Arc<Mutex<Store>>,
     batch: &mut Vec<StoreItem>,
     metrics: &Metrics,
+    tasks: &Tasks,
 ) -> Result<(), StoreError> {
     let rows = std::mem::take(batch);
     let store = Arc::clone(store);
     let started = tokio::time::Instant::now();
-    let (rows, result) = tokio::task::spawn_blocking(move || {
-        let result = match store.lock() {
-            Ok(mut store) => store.insert_batch(&rows),
-            Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
-        };
-        (rows, result)
-    })
-    .await
-    .map_err(|e| StoreError::Task(e.to_string()))?;
+    let (rows, result) = tasks
+        .spawn_blocking("store-write", move || {
+            let result = match store.lock() {
+                Ok(mut store) => store.insert_batch(&rows),
+                Err(_) => Err(StoreError::Task("store mutex poisoned".to_owned())),
+            };
+            (rows, result)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
     metrics
         .store_batch_seconds
         .observe(started.elapsed().as_secs_f64());

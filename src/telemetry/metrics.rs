@@ -133,6 +133,93 @@ fn overhead_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 2.0, 13))
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    trigger: &'static str,
+    result: &'static str,
+}
+
+/// The reload metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadMetrics {
+    reloads: Family<ReloadLabels, Counter>,
+    generation: Gauge,
+    last_success: Gauge,
+}
+
+impl ReloadMetrics {
+    /// New reload metrics, registered in `registry`.
+    pub fn registered(registry: &mut Registry) -> ReloadMetrics {
+        let metrics = ReloadMetrics::default();
+        metrics.register(registry);
+        metrics.succeeded(1);
+        metrics
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tripwire");
+        r.register(
+            "config_reloads",
+            "Configuration reloads, by trigger (signal, admin, watch) and result (ok, error)",
+            self.reloads.clone(),
+        );
+        r.register(
+            "config_generation",
+            "Configuration generation in force: 1 at start, one more per reload that took effect",
+            self.generation.clone(),
+        );
+        r.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last reload that took effect (or of the start)",
+            self.last_success.clone(),
+        );
+    }
+
+    /// Counts one reload asked for by `trigger` (`signal`, `admin`, `watch`).
+    pub fn count(&self, trigger: &'static str, ok: bool) {
+        let labels = ReloadLabels {
+            trigger,
+            result: if ok { "ok" } else { "error" },
+        };
+        self.reloads.get_or_create(&labels).inc();
+    }
+
+    /// Records that configuration `generation` took effect now.
+    pub fn succeeded(&self, generation: u64) {
+        self.generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.last_success.set(now);
+    }
+}
+
+/// Labels of `tripwire_embed_device`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// `cpu` or `cuda`: where the embedding model runs.
+    pub device: &'static str,
+}
+
+/// Registers the gauge `tripwire_embed_device{device="cpu"|"cuda"}`, 1 for the device the
+/// loaded embedder runs on, so a dashboard shows whether the model-based detectors run on the
+/// GPU or fell back to the CPU. Registered once the embedder is loaded (the device is known only
+/// then), before the registry is handed to the admin endpoint.
+pub fn register_embed_device(
+    registry: &mut Registry,
+    device: &'static str,
+) -> Family<DeviceLabels, Gauge> {
+    let family = Family::<DeviceLabels, Gauge>::default();
+    family.get_or_create(&DeviceLabels { device }).set(1);
+    registry.sub_registry_with_prefix("tripwire").register(
+        "embed_device",
+        "Where the embedding model runs: 1 for the device serving (cpu or cuda)",
+        family.clone(),
+    );
+    family
+}
+
 /// The gateway's metrics, shared: one `Arc` to clone per request, not one per metric.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics(Arc<MetricsInner>);

@@ -9,8 +9,9 @@ mod process;
 
 pub use logging::init_logging;
 pub use metrics::{
-    DetectorLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels, ReasonLabels,
-    RouteLabels, RouteStatusLabels, RuleSeverityLabels,
+    DetectorLabels, DeviceLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels,
+    ReasonLabels, ReloadMetrics, RouteLabels, RouteStatusLabels, RuleSeverityLabels,
+    register_embed_device,
 };
 pub use otel::{DetectorRun, ExchangeTrace, FlagLevel, FlagRecord, Judged, Otel, OtelSettings};
 pub use process::ProcessMetrics;

@@ -172,3 +172,13 @@ pub async fn request(
     }
     id
 }
+
+/// Runs a test's own blocking call (a file, a database) off the runtime's threads and waits
+/// for it. The gateway's code goes through `runtime::Tasks`; a test awaits its call in place.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "awaited in place: nothing outlives the test"
+)]
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}

@@ -260,6 +260,46 @@ pub fn feature_scores(
     scores
 }
 
+/// Checks an `embedding_drift` detector's parameters; the error says which is wrong.
+pub fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&config.sample_rate) {
+        return Err(format!(
+            "sample_rate {} must be between 0 and 1",
+            config.sample_rate
+        ));
+    }
+    if config.window < 2 {
+        return Err("window must be at least 2".to_owned());
+    }
+    if config.min_sampled_per_minute.is_nan()
+        || config.max_sampled_per_minute.is_nan()
+        || config.min_sampled_per_minute < 0.0
+        || config.max_sampled_per_minute < config.min_sampled_per_minute
+    {
+        return Err(format!(
+            "max_sampled_per_minute ({}) must be at least min_sampled_per_minute ({}), both \
+             non-negative",
+            config.max_sampled_per_minute, config.min_sampled_per_minute
+        ));
+    }
+    if config.reference.file.is_none() && config.reference.size < config.window + 10 {
+        return Err(format!(
+            "reference.size {} must exceed window {} by at least 10",
+            config.reference.size, config.window
+        ));
+    }
+    if config.topics > 1 && config.topic_window < 2 {
+        return Err("topic_window must be at least 2".to_owned());
+    }
+    if config.bandwidth_scale.is_nan() || config.bandwidth_scale <= 0.0 {
+        return Err("bandwidth_scale must be positive".to_owned());
+    }
+    if config.projection_dims == 0 {
+        return Err("projection_dims must be at least 1".to_owned());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,7 +142,10 @@ pub struct DriftMonitor {
     plan: DriftPlan,
     settings: DriftSettings,
     state_dir: PathBuf,
-    embedder: Option<EmbedderHandle>,
+    /// The embedding batcher's queue; released when the drift worker ends, so the batcher,
+    /// which runs until its last handle is gone, ends with it (the monitor itself lives on for
+    /// the console).
+    embedder: arc_swap::ArcSwapOption<EmbedderHandle>,
     offline_embedding: Option<Arc<Reference>>,
     offline_features: Option<Arc<Reference>>,
     samplers: DashMap<ScopeKey, Sampler>,
@@ -197,7 +200,7 @@ impl DriftMonitor {
             plan,
             settings,
             state_dir,
-            embedder,
+            embedder: arc_swap::ArcSwapOption::from(embedder.map(Arc::new)),
             offline_embedding,
             offline_features,
             samplers: DashMap::new(),
@@ -296,6 +299,7 @@ impl DriftMonitor {
             self.accept(job, &mut pending, alarms);
         }
         self.finish_ready(&mut pending, alarms, true);
+        self.embedder.store(None);
         tracing::debug!("drift queue closed; drift worker done");
     }
 
@@ -528,7 +532,8 @@ impl DriftHandle {
             .map(|(_, c)| feature_scores(&c.features, findings, exchange.output().chars().count()))
             .unwrap_or_default();
         let (sampled, sample_rate) = self.monitor.sample(&scope);
-        let embeddings = match &self.monitor.embedder {
+        let embedder = self.monitor.embedder.load();
+        let embeddings = match embedder.as_deref() {
             Some(embedder) if sampled => {
                 let prompt = crate::detect::prompt_text(exchange);
                 match (
