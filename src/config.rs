@@ -96,7 +96,7 @@ impl Default for Config {
 
 /// How the gateway notices edited configuration and policy files (SIGHUP and
 /// `POST /admin/reload` reload whatever this says).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct ReloadConfig {
     /// Reload when the configuration file or a policy file changes.
@@ -116,7 +116,7 @@ impl Default for ReloadConfig {
 }
 
 /// The upstream model endpoint and the timeouts that guard it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct UpstreamConfig {
     /// Base URL: scheme, host, port and an optional path prefix. The request path is appended,
@@ -156,7 +156,7 @@ impl Default for UpstreamConfig {
 }
 
 /// Limits on what the gateway accepts and how much the capture side may hold.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct LimitsConfig {
     /// Largest request body forwarded; larger ones get 413.
@@ -181,7 +181,7 @@ impl Default for LimitsConfig {
 }
 
 /// The exchange and flag log (SQLite, or PostgreSQL for several replicas) and its batch writer.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct StoreConfig {
     /// SQLite database file. Created with its directory when missing. Unused with `url`.
@@ -243,7 +243,7 @@ impl Default for StoreConfig {
 }
 
 /// The detection workers that run policies on captured exchanges.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct DetectConfig {
     /// Worker threads running detectors (each takes a core while busy).

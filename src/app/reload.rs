@@ -173,7 +173,7 @@ pub struct Reloader {
     metrics: Metrics,
     reload_metrics: ReloadMetrics,
     /// The drift plan the running drift monitor follows, to tell when a reload changes it.
-    drift_plan: String,
+    drift_plan: Option<crate::detect::drift::DriftPlan>,
 }
 
 impl Reloader {
@@ -183,7 +183,7 @@ impl Reloader {
         parts: ReloadParts,
         reload_metrics: ReloadMetrics,
     ) -> Reloader {
-        let drift_plan = format!("{:?}", parts.rules.load().engine.drift_plan());
+        let drift_plan = parts.rules.load().engine.drift_plan().cloned();
         Reloader {
             source,
             state: tokio::sync::Mutex::new(State {
@@ -256,12 +256,12 @@ impl Reloader {
             ..(*old).clone()
         });
         let engine = Arc::new(Engine::new(policies, self.metrics.clone()));
-        if format!("{:?}", engine.drift_plan()) != self.drift_plan {
+        if engine.drift_plan() != self.drift_plan.as_ref() {
             restart_required.push("policies.drift");
         }
         let mut applied = vec!["policies"];
-        let gateway_changed = section_changed(&old.upstream, &config.upstream)
-            || section_changed(&old.limits, &config.limits);
+        let gateway_changed = old.upstream != config.upstream
+            || old.limits != config.limits;
         let gateway = if gateway_changed {
             Some(Arc::new(Gateway::new(
                 Arc::clone(&config),
@@ -291,10 +291,10 @@ impl Reloader {
         self.rules.store(Arc::new(Rules { engine, alerts }));
         if let Some(gateway) = gateway {
             self.gateway.store(Some(gateway));
-            if section_changed(&old.upstream, &config.upstream) {
+            if old.upstream != config.upstream {
                 applied.push("upstream");
             }
-            if section_changed(&old.limits, &config.limits) {
+            if old.limits != config.limits {
                 applied.push("limits");
             }
         }
@@ -425,27 +425,19 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("admin_listen");
     }
     let sections: [(&'static str, bool); 5] = [
-        ("store", section_changed(&old.store, &new.store)),
-        ("detect", section_changed(&old.detect, &new.detect)),
-        ("inference", section_changed(&old.inference, &new.inference)),
-        ("drift", section_changed(&old.drift, &new.drift)),
-        ("reload", section_changed(&old.reload, &new.reload)),
+        ("store", old.store != new.store),
+        ("detect", old.detect != new.detect),
+        ("inference", old.inference != new.inference),
+        ("drift", old.drift != new.drift),
+        ("reload", old.reload != new.reload),
     ];
     changed.extend(sections.iter().filter(|(_, c)| *c).map(|(name, _)| *name));
     changed
 }
 
-/// Whether two values of a configuration section differ. The sections are plain data whose
-/// `Debug` output lists every field, which saves deriving `PartialEq` through every nested
-/// type; secrets print redacted and are compared separately.
-fn section_changed<T: std::fmt::Debug>(old: &T, new: &T) -> bool {
-    format!("{old:?}") != format!("{new:?}")
-}
-
 /// The alert sinks of an engine's policies, comparable across reloads.
-fn alert_sinks(engine: &Engine) -> String {
-    let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
-    format!("{sinks:?}")
+fn alert_sinks(engine: &Engine) -> Vec<&crate::policy::AlertsConfig> {
+    engine.policies().iter().map(|p| &p.alerts).collect()
 }
 
 #[cfg(test)]
@@ -469,8 +461,8 @@ mod tests {
     fn sections_compare_by_every_field() {
         let old = Config::default();
         let mut new = Config::default();
-        assert!(!section_changed(&old.upstream, &new.upstream));
+        assert_eq!(old.upstream, new.upstream);
         new.upstream.idle_timeout += Duration::from_millis(1);
-        assert!(section_changed(&old.upstream, &new.upstream));
+        assert_ne!(old.upstream, new.upstream);
     }
 }

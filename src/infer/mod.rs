@@ -179,7 +179,7 @@ impl ModelPaths {
 }
 
 /// The embedding model's configuration (`inference:` in the gateway config).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default, rename_all = "snake_case")]
 pub struct EmbedderConfig {
     /// The ONNX Runtime library; default `ORT_DYLIB_PATH`, then `models/libonnxruntime.so.1.32.0`.

@@ -261,7 +261,7 @@ pub struct ScopeSelector {
 }
 
 /// Alert sinks.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct AlertsConfig {
     /// An HTTP endpoint receiving a JSON POST per alert.
@@ -273,7 +273,7 @@ pub struct AlertsConfig {
 }
 
 /// Webhook sink.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct WebhookConfig {
     /// Endpoint URL; `${VAR}` is replaced from the environment.
@@ -319,7 +319,7 @@ pub enum WebhookFormat {
 }
 
 /// Log sink.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct LogAlertConfig {
     /// Alerts below this severity are not logged.
