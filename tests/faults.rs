@@ -313,7 +313,12 @@ async fn a_slow_reader_holds_the_upstream_back_instead_of_filling_memory() {
     let tasks = Tasks::new();
     let written = Arc::new(AtomicUsize::new(0));
     let url = firehose_upstream(&tasks, TOTAL, Arc::clone(&written)).await;
-    let mut gateway = Gateway::start(&url, |_| {}).await;
+    // The default policy reads the whole captured answer (8 MB): in a debug build on two
+    // loaded cores that takes seconds, so the drain gets a grace that fits it.
+    let mut gateway = Gateway::start(&url, |config| {
+        config.shutdown_grace = Duration::from_secs(60);
+    })
+    .await;
     let response = send_chat(&gateway, "everything, please", true).await;
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();

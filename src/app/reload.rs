@@ -260,8 +260,7 @@ impl Reloader {
             restart_required.push("policies.drift");
         }
         let mut applied = vec!["policies"];
-        let gateway_changed = old.upstream != config.upstream
-            || old.limits != config.limits;
+        let gateway_changed = old.upstream != config.upstream || old.limits != config.limits;
         let gateway = if gateway_changed {
             Some(Arc::new(Gateway::new(
                 Arc::clone(&config),

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use crate::detect::ngram_lm::{LmParams, TrainOptions, train_lm};
+use crate::detect::ngram_lm::LmParams;
+use crate::lab::lm_training::{TrainOptions, train_lm};
 
 /// Arguments of `tripwire train-lm`.
 #[derive(Debug, Args)]

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::detect::ngram_lm::read_jsonl;
+use crate::lab::lm_training::read_jsonl;
 use crate::lab::sim::{PoisonVocab, poison_output};
 
 /// Models whose outputs train the character language model and the word list.

@@ -156,7 +156,7 @@ fn load_model(
     model: &str,
 ) -> Result<ModelData, DriftEvalError> {
     let path = crate::lab::devset::model_file(&options.data_dir, model);
-    let pairs = crate::detect::ngram_lm::read_jsonl(&path)
+    let pairs = crate::lab::lm_training::read_jsonl(&path)
         .map_err(|e| DriftEvalError::Data(format!("{}: {e}", path.display())))?;
     let (prompts, outputs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
     let injected: Vec<String> = outputs

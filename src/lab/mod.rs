@@ -5,5 +5,6 @@
 
 pub mod devset;
 pub mod drift_replay;
+pub mod lm_training;
 pub mod quality;
 pub mod sim;

@@ -230,7 +230,8 @@ fn config_parses_and_is_checked() {
 
 #[test]
 fn model_and_words_load_from_configured_paths() {
-    use crate::detect::ngram_lm::{LmParams, checksum_path, sha256_hex, train};
+    use crate::detect::ngram_lm::{LmParams, checksum_path, sha256_hex};
+    use crate::lab::lm_training::train;
     let dir = tempfile::tempdir().unwrap();
     let lm = train(
         [ENGLISH, ENGLISH_2, FRENCH].into_iter(),
