@@ -7,7 +7,9 @@
 //!
 //! * [`parse_request`] reads a request body into a [`ParsedRequest`].
 //! * [`ResponseParser`] reads a response body, chunk by chunk, into a [`ParsedResponse`].
-//! * [`SseDecoder`] is the incremental server-sent-events decoder it uses.
+//! * [`SseFramer`] is the one framer of server-sent events: [`SseDecoder`], the incremental
+//!   decoder the parser uses, and [`SseSplitter`], which keeps whole raw events for enforce
+//!   mode, both cut the stream with it.
 //! * [`collect`] is the capture task of one exchange, fed by the proxy's tee.
 
 mod collector;
@@ -26,4 +28,4 @@ pub use exchange::{
 };
 pub use request::parse_request;
 pub use response::{DEFAULT_CAPTURE_LIMIT, ResponseParser};
-pub use sse::{DEFAULT_MAX_LINE, SseDecoder, SseError, SseEvent};
+pub use sse::{DEFAULT_MAX_LINE, SseDecoder, SseError, SseEvent, SseFramer, SsePiece, SseSplitter};

@@ -9,10 +9,13 @@
 //!   `hold_back_tokens`, text is released only once a decision has seen that much (4 bytes per
 //!   token) after it, so a span is stopped or masked before the client sees it; without,
 //!   blocking is best effort. A block ends the stream with an SSE `error` event and no
-//!   `[DONE]`.
+//!   `[DONE]`. What is held back, whole SSE events cut by capture's framer, is [`held`]; the
+//!   body the client reads is [`body`].
 //!
 //! The capture tee sits below this layer, so the flag log always gets the original answer.
 
+mod body;
+mod held;
 mod rewrite;
 mod stream;
 
@@ -24,9 +27,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
+pub use body::EnforceBody;
 pub use rewrite::mask;
 use rewrite::rewrite_body;
-pub use stream::EnforceBody;
 use stream::StreamJudge;
 
 use super::Gateway;

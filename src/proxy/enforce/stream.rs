@@ -1,17 +1,18 @@
-//! Enforce mode on a streamed answer.
+//! Enforce mode on a streamed answer: when to judge, and what to release.
 //!
 //! The body is cut into units (whole SSE events when the stream is plain `text/event-stream`,
-//! otherwise the upstream's chunks) and each unit is held until the text after it has been
-//! judged: with `hold_back_tokens: N`, a unit goes out once a decision has seen N × 4 bytes of
-//! text past it, so a span that short is stopped (or masked) before any of it is sent.
+//! otherwise the upstream's chunks; see [`super::held`]) and each unit is held until the text
+//! after it has been judged: with `hold_back_tokens: N`, a unit goes out once a decision has
+//! seen N × 4 bytes of text past it, so a span that short is stopped (or masked) before any of
+//! it is sent.
 //!
 //! Decisions run on the blocking pool under the policy's `timeout`, and not at every chunk:
 //! a new one starts once the text has grown by half the hold-back or by a sixteenth of what was
 //! judged last, whichever is more (and once more at the end). Each decision reads the whole text
 //! so far, so that spacing keeps the detectors' total work linear in the answer's length, at the
 //! price of holding up to that step more than the hold-back. While a decision runs, the
-//! upstream is still read (up to [`MAX_AHEAD`] of text), so the next decision covers all that
-//! came meanwhile: a fast upstream costs a few decisions, not one per event.
+//! upstream is still read (up to a bound, in [`super::body`]), so the next decision covers all
+//! that came meanwhile: a fast upstream costs a few decisions, not one per event.
 //!
 //! A `mask` rewrites the held events in place (the text fields only); it needs every masked
 //! span to start in text not yet sent, or to continue a span already masked. Otherwise, and on
@@ -24,101 +25,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
-use super::rewrite::{Added, masked_piece, merge, rewrite_event};
+use super::held::Held;
 use super::{Enforcer, Judgement, sse_error_event};
-use crate::capture::{ResponseParser, Route};
+use crate::capture::ResponseParser;
 use crate::policy::{Enforced, FailMode};
-use crate::proxy::tee::{BodyError, TeeBody};
-
-/// Text (bytes) read ahead of the last decision while the next one runs; past it, the upstream
-/// waits for the decision.
-const MAX_AHEAD: usize = 64 * 1024;
 
 /// Text growth (bytes) that starts the next decision: half the hold-back or a sixteenth of the
 /// text judged so far, whichever is more.
 pub fn decision_step(judged: usize, hold: usize) -> usize {
     (hold / 2).max(judged / 16).max(1)
-}
-
-/// Splits a server-sent-events byte stream into whole events, byte for byte: an event ends
-/// with the line terminator of an empty line (`\n`, `\r\n` or `\r`). Whatever follows the last
-/// complete event waits for the next chunk.
-#[derive(Debug)]
-pub struct EventFramer {
-    partial: Vec<u8>,
-    line_empty: bool,
-    after_cr: bool,
-}
-
-impl Default for EventFramer {
-    fn default() -> Self {
-        EventFramer {
-            partial: Vec::new(),
-            line_empty: true,
-            after_cr: false,
-        }
-    }
-}
-
-impl EventFramer {
-    /// Appends every event `chunk` completes to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Bytes>) {
-        let mut start = 0usize;
-        for (i, &byte) in chunk.iter().enumerate() {
-            let after_cr = std::mem::replace(&mut self.after_cr, false);
-            let terminator = match byte {
-                b'\r' => {
-                    self.after_cr = true;
-                    true
-                }
-                // The `\n` of a `\r\n` belongs to the `\r`'s terminator.
-                b'\n' => !after_cr,
-                _ => {
-                    self.line_empty = false;
-                    false
-                }
-            };
-            if !terminator {
-                continue;
-            }
-            if self.line_empty {
-                self.partial
-                    .extend_from_slice(chunk.get(start..=i).unwrap_or_default());
-                out.push(Bytes::from(std::mem::take(&mut self.partial)));
-                start = i.saturating_add(1);
-            }
-            self.line_empty = true;
-        }
-        self.partial
-            .extend_from_slice(chunk.get(start..).unwrap_or_default());
-    }
-
-    /// What is left after the last complete event (a stream that ended mid-event).
-    pub fn finish(&mut self) -> Option<Bytes> {
-        (!self.partial.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.partial)))
-    }
-}
-
-/// One held unit of the body.
-#[derive(Debug)]
-struct Unit {
-    raw: Bytes,
-    /// Text length so far (all choices) once this unit had arrived.
-    end: usize,
-    /// The text this unit added, per choice.
-    added: Vec<Added>,
-    /// What is sent instead of `raw`, once masks changed it.
-    masked: Option<Bytes>,
-}
-
-impl Unit {
-    fn into_bytes(self) -> Bytes {
-        self.masked.unwrap_or(self.raw)
-    }
 }
 
 /// What a stream's judge asks of the body.
@@ -143,29 +61,15 @@ struct Pending {
 #[derive(Debug)]
 pub struct StreamJudge {
     enforcer: Enforcer,
-    parser: ResponseParser,
-    /// Set when units are whole SSE events that can be rewritten.
-    framer: Option<EventFramer>,
-    held: VecDeque<Unit>,
-    /// Per choice: text length so far, text already released, masked spans (merged).
-    choices: Vec<ChoiceState>,
-    /// Text length so far, all choices, and what the last finished decision saw.
-    total: usize,
+    /// The units held back, and the text so far.
+    held: Held,
+    /// What the last finished decision saw (text length, all choices).
     judged: usize,
     hold: usize,
     /// Body bytes so far, and the most that may be judged.
     seen: usize,
     limit: usize,
     decision: Option<Pending>,
-    masked: bool,
-}
-
-#[derive(Debug, Default)]
-struct ChoiceState {
-    index: u32,
-    len: usize,
-    released: usize,
-    masks: Vec<(usize, usize)>,
 }
 
 impl StreamJudge {
@@ -182,122 +86,61 @@ impl StreamJudge {
             .saturating_mul(super::BYTES_PER_TOKEN);
         StreamJudge {
             enforcer,
-            parser,
-            framer: maskable.then(EventFramer::default),
-            held: VecDeque::new(),
-            choices: Vec::new(),
-            total: 0,
+            held: Held::new(parser, maskable),
             judged: 0,
             hold,
             seen: 0,
             limit,
             decision: None,
-            masked: false,
         }
     }
 
     /// Takes in a chunk of the upstream body.
-    fn push(&mut self, chunk: Bytes) -> Option<Step> {
+    pub(super) fn push(&mut self, chunk: Bytes) -> Option<Step> {
         self.seen = self.seen.saturating_add(chunk.len());
         if self.seen > self.limit {
-            self.held.push_back(Unit {
-                raw: chunk,
-                end: self.total,
-                added: Vec::new(),
-                masked: None,
-            });
+            self.held.push_unread(chunk);
             return Some(self.failed("body_too_large"));
         }
-        match self.framer.as_mut() {
-            Some(framer) => {
-                let mut events = Vec::new();
-                framer.push(&chunk, &mut events);
-                for event in events {
-                    self.add_unit(event);
-                }
-            }
-            None => self.add_unit(chunk),
-        }
+        self.held.push(chunk);
         None
     }
 
     /// The upstream ended: what was left of a partial event becomes the last unit.
-    fn upstream_ended(&mut self) {
-        if let Some(rest) = self.framer.as_mut().and_then(EventFramer::finish) {
-            self.add_unit(rest);
-        }
-    }
-
-    fn add_unit(&mut self, raw: Bytes) {
-        self.parser.push(&raw);
-        let lengths: Vec<(u32, usize)> = self
-            .parser
-            .texts_so_far()
-            .map(|(index, text)| (index, text.len()))
-            .collect();
-        let mut added = Vec::new();
-        let mut total = 0usize;
-        for (index, len) in lengths {
-            total = total.saturating_add(len);
-            let state = self.choice(index);
-            if len > state.len {
-                added.push((index, state.len, len));
-                state.len = len;
-            }
-        }
-        self.total = total;
-        self.held.push_back(Unit {
-            raw,
-            end: total,
-            added,
-            masked: None,
-        });
-    }
-
-    fn choice(&mut self, index: u32) -> &mut ChoiceState {
-        let at = match self.choices.iter().position(|c| c.index == index) {
-            Some(at) => at,
-            None => {
-                self.choices.push(ChoiceState {
-                    index,
-                    ..ChoiceState::default()
-                });
-                self.choices.len().saturating_sub(1)
-            }
-        };
-        &mut self.choices[at]
+    pub(super) fn upstream_ended(&mut self) {
+        self.held.upstream_ended();
     }
 
     /// Whether enough new text has come to judge again.
-    fn due(&self) -> bool {
-        self.total > self.judged
-            && self.total - self.judged >= decision_step(self.judged, self.hold)
+    pub(super) fn due(&self) -> bool {
+        let total = self.held.total();
+        total > self.judged && total - self.judged >= decision_step(self.judged, self.hold)
     }
 
     /// Whether text has come that no decision has seen.
-    fn unjudged(&self) -> bool {
-        self.total > self.judged
+    pub(super) fn unjudged(&self) -> bool {
+        self.held.total() > self.judged
     }
 
     /// Whether a decision is in flight.
-    fn deciding(&self) -> bool {
+    pub(super) fn deciding(&self) -> bool {
         self.decision.is_some()
     }
 
     /// Text read past what the last decision saw.
-    fn ahead(&self) -> usize {
-        self.total.saturating_sub(self.judged)
+    pub(super) fn ahead(&self) -> usize {
+        self.held.total().saturating_sub(self.judged)
     }
 
     /// Starts a decision on the text so far.
-    fn start_decision(&mut self) -> Option<Step> {
+    pub(super) fn start_decision(&mut self) -> Option<Step> {
         let budget = self.enforcer.judge.plan.timeout;
         if budget.is_zero() {
             return Some(self.failed("timeout"));
         }
         let texts: Vec<(u32, String)> = self
-            .parser
-            .texts_so_far()
+            .held
+            .texts()
             .map(|(index, text)| (index, text.to_owned()))
             .collect();
         let judge = Arc::clone(&self.enforcer.judge);
@@ -308,13 +151,13 @@ impl StreamJudge {
         self.decision = Some(Pending {
             task,
             deadline: Box::pin(tokio::time::sleep(budget)),
-            at: self.total,
+            at: self.held.total(),
         });
         None
     }
 
     /// Polls the decision in flight: `Ready(None)` when there is none or it passed.
-    fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<Option<Step>> {
+    pub(super) fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<Option<Step>> {
         let Some(pending) = self.decision.as_mut() else {
             return Poll::Ready(None);
         };
@@ -340,8 +183,13 @@ impl StreamJudge {
             Judgement::Pass => {}
             Judgement::Block(response) => return Some(self.stop(sse_error_event(&response))),
             Judgement::Mask(masks) => {
-                if self.add_masks(masks).is_none() {
-                    let event = sse_error_event(&self.enforcer.judge.plan.block_response);
+                let plan = &self.enforcer.judge.plan;
+                if self
+                    .held
+                    .mask(self.enforcer.route, masks, &plan.mask_with)
+                    .is_none()
+                {
+                    let event = sse_error_event(&plan.block_response);
                     return Some(self.stop(event));
                 }
             }
@@ -352,58 +200,6 @@ impl StreamJudge {
         }
         self.judged = self.judged.max(at);
         None
-    }
-
-    /// Applies masks to the held events; `None` when one cannot be applied (the stream is
-    /// blocked instead).
-    fn add_masks(&mut self, masks: Vec<(u32, Vec<(usize, usize)>)>) -> Option<()> {
-        let route = self.enforcer.route;
-        if self.framer.is_none()
-            || !matches!(
-                route,
-                Route::ChatCompletions | Route::Completions | Route::AnthropicMessages
-            )
-        {
-            return None;
-        }
-        for (index, spans) in masks {
-            let state = self.choice(index);
-            for (start, end) in spans {
-                // Text already sent can only be covered by a span masked before.
-                let sent = end.min(state.released);
-                let covered =
-                    start >= sent || state.masks.iter().any(|&(s, e)| s <= start && e >= sent);
-                if !covered {
-                    return None;
-                }
-                state.masks.push((start, end));
-            }
-            state.masks = merge(std::mem::take(&mut state.masks));
-        }
-        self.masked = true;
-        let texts: Vec<(u32, &str)> = self.parser.texts_so_far().collect();
-        let with = self.enforcer.judge.plan.mask_with.as_str();
-        let choices = &self.choices;
-        for unit in &mut self.held {
-            let touched = unit.added.iter().any(|&(index, start, end)| {
-                choices
-                    .iter()
-                    .any(|c| c.index == index && c.masks.iter().any(|&(s, e)| s < end && e > start))
-            });
-            if !touched {
-                continue;
-            }
-            let render = |index: u32, start: usize, end: usize, original: &str| {
-                let text = texts.iter().find(|(i, _)| *i == index)?.1;
-                if text.get(start..end)? != original {
-                    return None;
-                }
-                let masks = &choices.iter().find(|c| c.index == index)?.masks;
-                masked_piece(text, start, end, masks, with)
-            };
-            unit.masked = Some(rewrite_event(route, &unit.raw, &unit.added, &render)?);
-        }
-        Some(())
     }
 
     fn stop(&mut self, event: Bytes) -> Step {
@@ -421,187 +217,20 @@ impl StreamJudge {
     }
 
     /// Moves the units a decision has seen far enough past to `out`.
-    fn releasable(&mut self, out: &mut VecDeque<Bytes>) {
-        while let Some(unit) = self.held.front() {
-            if unit.end.saturating_add(self.hold) > self.judged {
-                break;
-            }
-            self.release_front(out);
-        }
+    pub(super) fn releasable(&mut self, out: &mut VecDeque<Bytes>) {
+        self.held.release_judged(self.judged, self.hold, out);
     }
 
-    fn release_all(&mut self, out: &mut VecDeque<Bytes>) {
-        while !self.held.is_empty() {
-            self.release_front(out);
-        }
-    }
-
-    fn release_front(&mut self, out: &mut VecDeque<Bytes>) {
-        let Some(unit) = self.held.pop_front() else {
-            return;
-        };
-        for &(index, _, end) in &unit.added {
-            let state = self.choice(index);
-            state.released = state.released.max(end);
-        }
-        out.push_back(unit.into_bytes());
+    /// Moves every held unit to `out`.
+    pub(super) fn release_all(&mut self, out: &mut VecDeque<Bytes>) {
+        self.held.release_all(out);
     }
 
     /// The stream is over and every byte of it was judged.
-    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+    pub(super) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
         self.release_all(out);
         self.enforcer
-            .record(self.masked.then_some(Enforced::Masked));
-    }
-}
-
-/// A response body under enforce mode: bytes ready to send, then the upstream (through the
-/// tee), judged as it comes when `judge` is set.
-#[derive(Debug)]
-pub struct EnforceBody {
-    ready: VecDeque<Bytes>,
-    inner: Option<TeeBody>,
-    error: Option<BodyError>,
-    judge: Option<StreamJudge>,
-}
-
-impl EnforceBody {
-    /// Sends `ready`, then the rest of `inner` unjudged, then `error`.
-    pub fn replay(
-        ready: VecDeque<Bytes>,
-        inner: Option<TeeBody>,
-        error: Option<BodyError>,
-    ) -> EnforceBody {
-        EnforceBody {
-            ready,
-            inner,
-            error,
-            judge: None,
-        }
-    }
-
-    /// Judges `inner` as it comes.
-    pub fn judged(inner: TeeBody, judge: StreamJudge) -> EnforceBody {
-        EnforceBody {
-            ready: VecDeque::new(),
-            inner: Some(inner),
-            error: None,
-            judge: Some(judge),
-        }
-    }
-
-    fn take_step(&mut self, step: Step) {
-        match step {
-            Step::Open => {
-                if let Some(mut judge) = self.judge.take() {
-                    judge.release_all(&mut self.ready);
-                }
-            }
-            Step::Stop(event) => {
-                // What was held back is never sent; the rest of the upstream is dropped (the
-                // tee records the exchange as it ended here).
-                self.judge = None;
-                self.inner = None;
-                self.error = None;
-                self.ready.clear();
-                self.ready.push_back(event);
-            }
-        }
-    }
-}
-
-impl Body for EnforceBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        loop {
-            if let Some(chunk) = this.ready.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(chunk))));
-            }
-            if let Some(judge) = this.judge.as_mut() {
-                if let Poll::Ready(Some(step)) = judge.poll_decision(cx) {
-                    this.take_step(step);
-                    continue;
-                }
-                judge.releasable(&mut this.ready);
-                if !this.ready.is_empty() {
-                    continue;
-                }
-                if this.inner.is_none() {
-                    // The upstream is over: one last decision on the whole text, then the rest.
-                    if judge.deciding() {
-                        return Poll::Pending;
-                    }
-                    if judge.unjudged() {
-                        if let Some(step) = judge.start_decision() {
-                            this.take_step(step);
-                        }
-                    } else {
-                        judge.finish(&mut this.ready);
-                        this.judge = None;
-                    }
-                    continue;
-                }
-                if !judge.deciding() && judge.due() {
-                    if let Some(step) = judge.start_decision() {
-                        this.take_step(step);
-                    }
-                    continue;
-                }
-                // While a decision runs the upstream is still read, so the next decision covers
-                // all that came meanwhile; up to a bound, past which the upstream waits.
-                if judge.deciding() && judge.ahead() > MAX_AHEAD {
-                    return Poll::Pending;
-                }
-            }
-            let Some(inner) = this.inner.as_mut() else {
-                return Poll::Ready(this.error.take().map(Err));
-            };
-            match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Some(judge) = this.judge.as_mut() else {
-                        return Poll::Ready(Some(Ok(frame)));
-                    };
-                    let data = match frame.into_data() {
-                        Ok(data) => data,
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    };
-                    if let Some(step) = judge.push(data) {
-                        this.take_step(step);
-                    }
-                }
-                Poll::Ready(Some(Err(error))) => {
-                    this.inner = None;
-                    this.error = Some(error);
-                    if let Some(judge) = this.judge.as_mut() {
-                        judge.upstream_ended();
-                    }
-                }
-                Poll::Ready(None) => {
-                    this.inner = None;
-                    if let Some(judge) = this.judge.as_mut() {
-                        judge.upstream_ended();
-                    }
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ready.is_empty()
-            && self.error.is_none()
-            && self.inner.is_none()
-            && self.judge.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+            .record(self.held.masked().then_some(Enforced::Masked));
     }
 }
 
@@ -615,10 +244,11 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::capture::Exchange;
+    use crate::capture::{Exchange, Route};
     use crate::policy::{Decision, Engine, compile_text};
+    use crate::proxy::enforce::EnforceBody;
     use crate::proxy::enforce::Judge;
-    use crate::proxy::tee::Accounting;
+    use crate::proxy::tee::{Accounting, TeeBody};
     use crate::runtime::Tasks;
     use crate::telemetry::Metrics;
 
@@ -811,37 +441,6 @@ mod tests {
                 prop_assert_eq!(enforced, Some(Enforced::Masked));
             }
         }
-    }
-
-    fn frame(chunks: &[&[u8]]) -> (Vec<Bytes>, Option<Bytes>) {
-        let mut framer = EventFramer::default();
-        let mut out = Vec::new();
-        for chunk in chunks {
-            framer.push(chunk, &mut out);
-        }
-        (out, framer.finish())
-    }
-
-    #[test]
-    fn the_framer_cuts_at_empty_lines_for_every_line_ending_and_split() {
-        let body: &[u8] = b"data: a\n\nevent: x\r\ndata: b\r\n\r\ndata: c\r\rdata: d";
-        let whole = frame(&[body]);
-        assert_eq!(
-            whole.0,
-            vec![
-                Bytes::from_static(b"data: a\n\n"),
-                Bytes::from_static(b"event: x\r\ndata: b\r\n\r"),
-                Bytes::from_static(b"\ndata: c\r\r"),
-            ]
-        );
-        assert_eq!(whole.1, Some(Bytes::from_static(b"data: d")));
-        // Split anywhere, the same bytes come out in the same events.
-        for cut in 0..=body.len() {
-            let (head, tail) = body.split_at(cut);
-            assert_eq!(frame(&[head, tail]), whole, "cut at {cut}");
-        }
-        let bytes: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(frame(&bytes), whole);
     }
 
     #[test]
