@@ -529,7 +529,10 @@ mod tests {
     fn missing_data_is_a_loud_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = build_devset(dir.path(), 1, &DevsetOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("data/alpaca_eval/<model>"), "{err}");
+        assert!(
+            err.to_string().contains("data/alpaca_eval/<model>"),
+            "{err}"
+        );
     }
 
     #[test]
