@@ -2,26 +2,29 @@
 //! the request path, read by the CLI, the admin API and trigger attribution; and the alert
 //! claims through which several replicas send one alert per rule, scope and cooldown.
 //!
-//! Two backends behind one API. SQLite (the default, one gateway) runs in WAL mode with
-//! `synchronous=NORMAL`: a committed batch survives a crash of the process; a power cut may
-//! lose the last batches. PostgreSQL (`store.url`) lets several replicas write one log
-//! ([`pg`]). Every call here blocks, so async code calls it from a blocking thread.
+//! Two backends behind one API, [`Store`]. SQLite (`sqlite/`, the default, one gateway) runs
+//! in WAL mode with `synchronous=NORMAL`: a committed batch survives a crash of the process; a
+//! power cut may lose the last batches. PostgreSQL (`postgres`, `store.url`) lets several
+//! replicas write one log. Both read and write rows through one mapping per table (`rows`);
+//! each keeps only its SQL dialect. Every call here blocks, so async code calls it from a
+//! blocking thread.
 
-mod flags;
 mod location;
 mod migrations;
 mod postgres;
-mod query;
+mod rows;
+mod sqlite;
 mod writer;
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
+use serde::Serialize;
 
-pub use flags::{Flag, FlagFilter, FlagStats, Label, Verdict, rfc3339};
 pub use location::{PostgresUrl, StoreLocation, UrlError};
-pub use query::{ExchangeFilter, ExchangeRow};
+pub use rows::{ExchangeRow, Flag, Label, Verdict, rfc3339};
 pub use writer::{WriterConfig, run_writer};
+
+use crate::policy::Severity;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +132,65 @@ pub struct Retention {
     pub interval: std::time::Duration,
 }
 
+/// Which exchanges to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeFilter {
+    /// At most this many (default 50).
+    pub limit: Option<u32>,
+    /// Only this route (`chat_completions`, …).
+    pub route: Option<String>,
+    /// Only this requested model.
+    pub model: Option<String>,
+    /// Only exchanges marked truncated.
+    pub truncated_only: bool,
+}
+
+/// Which flags to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct FlagFilter {
+    /// Only flags created at or after this time (µs since the epoch).
+    pub since_us: Option<i64>,
+    /// Only flags created before this time (µs since the epoch); for paging.
+    pub before_us: Option<i64>,
+    /// Only flags where this rule fired.
+    pub rule: Option<String>,
+    /// Only flags of at least this severity.
+    pub min_severity: Option<Severity>,
+    /// Only this model.
+    pub model: Option<String>,
+    /// Only this route.
+    pub route: Option<String>,
+    /// `Some(None)`: unlabelled only; `Some(Some(v))`: with that verdict.
+    pub label: Option<Option<Verdict>>,
+    /// At most this many (default 50).
+    pub limit: Option<u32>,
+}
+
+/// Counts over the flag log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagStats {
+    /// All flags.
+    pub total: u64,
+    /// Per rule: (rule, flags, true positives, false positives).
+    pub by_rule: Vec<(String, u64, u64, u64)>,
+    /// Per severity.
+    pub by_severity: Vec<(String, u64)>,
+    /// Per model.
+    pub by_model: Vec<(String, u64)>,
+    /// Labelled true positive.
+    pub true_positives: u64,
+    /// Labelled false positive.
+    pub false_positives: u64,
+}
+
+impl FlagStats {
+    /// Share of labelled flags that are false positives, when any are labelled.
+    pub fn false_positive_share(&self) -> Option<f64> {
+        let labelled = self.true_positives + self.false_positives;
+        (labelled > 0).then(|| self.false_positives as f64 / labelled as f64)
+    }
+}
+
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
@@ -137,35 +199,8 @@ pub struct Store {
 
 #[derive(Debug)]
 enum Backend {
-    Sqlite(Sqlite),
+    Sqlite(sqlite::Sqlite),
     Postgres(Box<postgres::Postgres>),
-}
-
-/// The SQLite backend: one connection.
-#[derive(Debug)]
-struct Sqlite {
-    conn: Connection,
-}
-
-impl Sqlite {
-    fn open(path: &Path) -> Result<Sqlite, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrations::migrate(&conn, path)?;
-        Ok(Sqlite { conn })
-    }
 }
 
 /// Calls the same method on whichever backend the store has.
@@ -183,7 +218,7 @@ impl Store {
     /// date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Ok(Store {
-            backend: Backend::Sqlite(Sqlite::open(path)?),
+            backend: Backend::Sqlite(sqlite::Sqlite::open(path)?),
         })
     }
 
@@ -312,7 +347,7 @@ impl Store {
             return Ok(None);
         };
         let flag_id = flag.id.to_string();
-        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, flags::now_us()))?;
+        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, rows::now_us()))?;
         self.get_flag(&flag_id)
     }
 

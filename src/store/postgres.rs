@@ -9,17 +9,21 @@
 //!
 //! Differences from SQLite: `max_bytes` is not applied (rows are deleted by age; the
 //! database's size is the DBA's to manage), and NUL characters, which PostgreSQL text cannot
-//! hold, are stored as U+FFFD. Connections are plain TCP or a Unix socket (no TLS).
+//! hold, are stored as U+FFFD. Connections are plain TCP or a Unix socket (no TLS). The
+//! columns and the row mapping are the ones in `rows`, shared with SQLite; the SQL here is
+//! PostgreSQL's.
 
 use std::sync::Mutex;
 
+use bytes::BytesMut;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Row};
 
-use super::flags::{COLUMNS as FLAG_COLUMNS, Flag, FlagFilter, FlagStats, Verdict, rank, rfc3339};
-use super::query::{CLAIM_ALERT, ExchangeFilter, clamp, parse_outcome, parse_route, unclamp};
-use super::{PostgresUrl, Retention, StoreError, StoreItem};
-use crate::capture::Exchange;
-use crate::policy::Severity;
+use super::rows::{self, CLAIM_ALERT, Columns, EXCHANGE_COLUMNS, FLAG_COLUMNS, Value, rank};
+use super::{
+    ExchangeFilter, ExchangeRow, Flag, FlagFilter, FlagStats, PostgresUrl, Retention, StoreError,
+    StoreItem, Verdict,
+};
 
 /// One connection to the database, opened again on the next call once it is lost (a server
 /// restart): the writer's retries then reconnect instead of failing for good.
@@ -63,10 +67,6 @@ fn open(url: &PostgresUrl) -> Result<Client, StoreError> {
     })
 }
 
-const EXCHANGE_COLUMNS: &str = "id, request_id, started_at_us, method, path, route, \
-    api_key_hash, model, response_model, stream, status, ttfb_us, latency_us, outcome, truncated, \
-    capture_incomplete, parse_error, prompt_json, choices_json, input_tokens, output_tokens";
-
 /// PostgreSQL text cannot hold NUL; everything else is kept as is.
 fn text(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
@@ -74,6 +74,45 @@ fn text(s: &str) -> String {
 
 fn opt_text(s: Option<&str>) -> Option<String> {
     s.map(text)
+}
+
+impl Columns for Row {
+    fn column<T>(&self, column: &str) -> Result<T, StoreError>
+    where
+        T: rusqlite::types::FromSql + postgres::types::FromSqlOwned,
+    {
+        Ok(self.try_get(column)?)
+    }
+}
+
+impl ToSql for Value<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Text(s) => text(s).to_sql_checked(ty, out),
+            Value::Int(n) if *ty == Type::INT4 => i32::try_from(*n)?.to_sql_checked(ty, out),
+            Value::Int(n) => n.to_sql_checked(ty, out),
+            Value::Bool(b) => b.to_sql_checked(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <String as ToSql>::accepts(ty)
+            || <i64 as ToSql>::accepts(ty)
+            || <i32 as ToSql>::accepts(ty)
+            || <bool as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+/// The values of one row as the client's parameters.
+fn params<'a>(values: &'a [Value<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
 impl Postgres {
@@ -109,87 +148,29 @@ impl Postgres {
     pub(super) fn insert_batch(&mut self, batch: &[StoreItem]) -> Result<usize, StoreError> {
         self.with(|client| {
             let mut tx = client.transaction()?;
-            let insert_exchange = tx.prepare(
-                "INSERT INTO exchanges (id, request_id, started_at_us, method, path, route, \
-                 api_key_hash, model, response_model, stream, status, ttfb_us, latency_us, \
-                 outcome, truncated, capture_incomplete, parse_error, prompt_json, choices_json, \
-                 output, finish_reason, input_tokens, output_tokens, annotations, flagged) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                 $17, $18, $19, $20, $21, $22, $23, $24, $25) ON CONFLICT (id) DO NOTHING",
-            )?;
-            let insert_flag = tx.prepare(
-                "INSERT INTO flags (id, exchange_id, request_id, created_at_us, model, route, \
-                 api_key_hash, severity, severity_rank, policies_json, rules, prompt, output, \
-                 evidence_json, stream, truncated) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (id) DO NOTHING",
-            )?;
+            let insert_exchange = tx.prepare(&format!(
+                "INSERT INTO exchanges {} ON CONFLICT (id) DO NOTHING",
+                rows::insert_values(rows::EXCHANGE_INSERT, '$')
+            ))?;
+            let insert_flag = tx.prepare(&format!(
+                "INSERT INTO flags {} ON CONFLICT (id) DO NOTHING",
+                rows::insert_values(rows::FLAG_INSERT, '$')
+            ))?;
             let mut written = 0u64;
             for item in batch {
-                match item {
+                written += match item {
                     StoreItem::Exchange {
-                        exchange: e,
+                        exchange,
                         annotations,
                         flagged,
                     } => {
-                        let usage = e.usage.unwrap_or_default();
-                        let annotations =
-                            (!annotations.is_empty()).then(|| text(&annotations.join(",")));
-                        written += tx.execute(
-                            &insert_exchange,
-                            &[
-                                &e.id.to_string(),
-                                &text(&e.request_id),
-                                &e.started_at_us,
-                                &text(&e.method),
-                                &text(&e.path),
-                                &e.route.as_str(),
-                                &opt_text(e.api_key_hash.as_deref()),
-                                &opt_text(e.model.as_deref()),
-                                &opt_text(e.response_model.as_deref()),
-                                &e.stream,
-                                &e.status.map(i32::from),
-                                &e.ttfb_us.map(clamp),
-                                &clamp(e.latency_us),
-                                &e.outcome.as_str(),
-                                &e.truncated,
-                                &e.capture_incomplete,
-                                &opt_text(e.parse_error.as_deref()),
-                                &text(&serde_json::to_string(&e.prompt)?),
-                                &text(&serde_json::to_string(&e.choices)?),
-                                &text(e.output()),
-                                &opt_text(e.finish_reason()),
-                                &usage.input_tokens.map(clamp),
-                                &usage.output_tokens.map(clamp),
-                                &annotations,
-                                flagged,
-                            ],
-                        )?;
+                        let values = rows::exchange_values(exchange, annotations, *flagged)?;
+                        tx.execute(&insert_exchange, &params(&values))?
                     }
-                    StoreItem::Flag(f) => {
-                        written += tx.execute(
-                            &insert_flag,
-                            &[
-                                &f.id.to_string(),
-                                &f.exchange_id.to_string(),
-                                &text(&f.request_id),
-                                &f.created_at_us,
-                                &opt_text(f.model.as_deref()),
-                                &text(&f.route),
-                                &opt_text(f.api_key_hash.as_deref()),
-                                &f.severity.as_str(),
-                                &rank(f.severity),
-                                &text(&serde_json::to_string(&f.policies)?),
-                                &text(&super::flags::rules_column(f)),
-                                &text(&f.prompt),
-                                &text(&f.output),
-                                &text(&serde_json::to_string(&f.evidence)?),
-                                &f.stream,
-                                &f.truncated,
-                            ],
-                        )?;
+                    StoreItem::Flag(flag) => {
+                        tx.execute(&insert_flag, &params(&rows::flag_values(flag)?))?
                     }
-                }
+                };
             }
             tx.commit()?;
             Ok(usize::try_from(written).unwrap_or(usize::MAX))
@@ -199,7 +180,7 @@ impl Postgres {
     pub(super) fn list_exchanges(
         &self,
         filter: &ExchangeFilter,
-    ) -> Result<Vec<Exchange>, StoreError> {
+    ) -> Result<Vec<ExchangeRow>, StoreError> {
         let sql = format!(
             "SELECT {EXCHANGE_COLUMNS} FROM exchanges \
              WHERE ($1::text IS NULL OR route = $1) AND ($2::text IS NULL OR model = $2) \
@@ -218,12 +199,12 @@ impl Postgres {
                     ],
                 )?
                 .iter()
-                .map(read_exchange)
+                .map(rows::exchange)
                 .collect()
         })
     }
 
-    pub(super) fn get_exchange(&self, id: &str) -> Result<Option<Exchange>, StoreError> {
+    pub(super) fn get_exchange(&self, id: &str) -> Result<Option<ExchangeRow>, StoreError> {
         let sql = format!(
             "SELECT {EXCHANGE_COLUMNS} FROM exchanges WHERE id = $1 OR request_id = $1 \
              ORDER BY started_at_us DESC LIMIT 1"
@@ -232,7 +213,7 @@ impl Postgres {
             client
                 .query_opt(&sql, &[&text(id)])?
                 .as_ref()
-                .map(read_exchange)
+                .map(rows::exchange)
                 .transpose()
         })
     }
@@ -252,16 +233,13 @@ impl Postgres {
                     &[&model, &route, &i64::from(limit)],
                 )?
                 .iter()
-                .map(|row| {
-                    let prompt_json: String = row.try_get(0)?;
-                    Ok((super::query::user_text(&prompt_json)?, row.try_get(1)?))
-                })
+                .map(rows::prompt_and_flagged)
                 .collect()
         })
     }
 
     pub(super) fn apply_retention(&self, retention: &Retention) -> Result<(u64, u64), StoreError> {
-        let now = super::flags::now_us();
+        let now = rows::now_us();
         let age = |d: std::time::Duration| now - i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         self.with(|client| {
             let exchanges = client.execute(
@@ -316,7 +294,7 @@ impl Postgres {
                     ],
                 )?
                 .iter()
-                .map(read_flag)
+                .map(rows::flag)
                 .collect()
         })
     }
@@ -331,7 +309,7 @@ impl Postgres {
             client
                 .query_opt(&sql, &[&text(id)])?
                 .as_ref()
-                .map(read_flag)
+                .map(rows::flag)
                 .transpose()
         })
     }
@@ -371,34 +349,34 @@ impl Postgres {
         };
         self.with(|client| {
             for row in client.query(
-                "SELECT severity, COUNT(*) FROM flags WHERE created_at_us >= $1 \
+                "SELECT severity, COUNT(*) AS flags FROM flags WHERE created_at_us >= $1 \
                  GROUP BY severity ORDER BY MAX(severity_rank) DESC",
                 &[&since],
             )? {
-                let n: i64 = row.try_get(1)?;
+                let n: i64 = row.try_get("flags")?;
                 stats
                     .by_severity
-                    .push((row.try_get(0)?, u64::try_from(n).unwrap_or(0)));
+                    .push((row.try_get("severity")?, u64::try_from(n).unwrap_or(0)));
             }
             for row in client.query(
-                "SELECT COALESCE(model, '-'), COUNT(*) FROM flags WHERE created_at_us >= $1 \
-                 GROUP BY model ORDER BY COUNT(*) DESC",
+                "SELECT COALESCE(model, '-') AS model_or_dash, COUNT(*) AS flags FROM flags \
+                 WHERE created_at_us >= $1 GROUP BY model ORDER BY COUNT(*) DESC",
                 &[&since],
             )? {
-                let n: i64 = row.try_get(1)?;
+                let n: i64 = row.try_get("flags")?;
                 stats
                     .by_model
-                    .push((row.try_get(0)?, u64::try_from(n).unwrap_or(0)));
+                    .push((row.try_get("model_or_dash")?, u64::try_from(n).unwrap_or(0)));
             }
-            let rows = client
+            let rules = client
                 .query(
                     "SELECT rules, label FROM flags WHERE created_at_us >= $1",
                     &[&since],
                 )?
                 .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .map(|r| Ok((r.try_get("rules")?, r.try_get("label")?)))
                 .collect::<Result<Vec<_>, postgres::Error>>()?;
-            stats.by_rule = super::flags::tally_rules(rows);
+            stats.by_rule = rows::tally_rules(rules);
             Ok(())
         })?;
         Ok(stats)
@@ -433,78 +411,4 @@ impl Postgres {
             Ok(u64::try_from(n).unwrap_or(0))
         })
     }
-}
-
-fn read_exchange(row: &Row) -> Result<Exchange, StoreError> {
-    let id: String = row.try_get(0)?;
-    let route: String = row.try_get(5)?;
-    let outcome: String = row.try_get(13)?;
-    let status: Option<i32> = row.try_get(10)?;
-    let prompt_json: String = row.try_get(17)?;
-    let choices_json: String = row.try_get(18)?;
-    let input_tokens: Option<i64> = row.try_get(19)?;
-    let output_tokens: Option<i64> = row.try_get(20)?;
-    let latency_us: i64 = row.try_get(12)?;
-    Ok(Exchange {
-        id: id.parse().unwrap_or_default(),
-        request_id: row.try_get(1)?,
-        started_at_us: row.try_get(2)?,
-        method: row.try_get(3)?,
-        path: row.try_get(4)?,
-        route: parse_route(&route),
-        api_key_hash: row.try_get(6)?,
-        model: row.try_get(7)?,
-        response_model: row.try_get(8)?,
-        stream: row.try_get(9)?,
-        status: status.and_then(|s| u16::try_from(s).ok()),
-        ttfb_us: unclamp(row.try_get(11)?),
-        latency_us: u64::try_from(latency_us).unwrap_or(0),
-        outcome: parse_outcome(&outcome),
-        truncated: row.try_get(14)?,
-        capture_incomplete: row.try_get(15)?,
-        parse_error: row.try_get(16)?,
-        prompt: serde_json::from_str(&prompt_json)?,
-        choices: serde_json::from_str(&choices_json)?,
-        usage: (input_tokens.is_some() || output_tokens.is_some()).then(|| crate::capture::Usage {
-            input_tokens: unclamp(input_tokens),
-            output_tokens: unclamp(output_tokens),
-            total_tokens: None,
-        }),
-    })
-}
-
-fn read_flag(row: &Row) -> Result<Flag, StoreError> {
-    let id: String = row.try_get(0)?;
-    let exchange_id: String = row.try_get(1)?;
-    let created_at_us: i64 = row.try_get(3)?;
-    let severity: String = row.try_get(7)?;
-    let policies_json: String = row.try_get(8)?;
-    let evidence_json: String = row.try_get(11)?;
-    let label: Option<String> = row.try_get(14)?;
-    let label_note: Option<String> = row.try_get(15)?;
-    let labelled_at_us: Option<i64> = row.try_get(16)?;
-    Ok(Flag {
-        id: id.parse().unwrap_or_default(),
-        exchange_id: exchange_id.parse().unwrap_or_default(),
-        request_id: row.try_get(2)?,
-        created_at: rfc3339(created_at_us),
-        model: row.try_get(4)?,
-        route: row.try_get(5)?,
-        api_key_hash: row.try_get(6)?,
-        severity: Severity::parse(&severity).unwrap_or(Severity::Info),
-        policies: serde_json::from_str(&policies_json)?,
-        prompt: row.try_get(9)?,
-        output: row.try_get(10)?,
-        evidence: serde_json::from_str(&evidence_json)?,
-        stream: row.try_get(12)?,
-        truncated: row.try_get(13)?,
-        label: label
-            .and_then(|l| Verdict::parse(&l))
-            .map(|verdict| super::Label {
-                verdict,
-                note: label_note,
-                labelled_at: rfc3339(labelled_at_us.unwrap_or(0)),
-            }),
-        created_at_us,
-    })
 }
