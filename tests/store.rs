@@ -10,8 +10,8 @@ use tripwire::capture::{Choice, Exchange, Message, Outcome, Route, Usage};
 use tripwire::policy::Severity;
 use tripwire::policy::judge::FiredRule;
 use tripwire::store::{
-    ExchangeFilter, Flag, FlagFilter, PostgresUrl, Retention, Store, StoreItem, StoreLocation,
-    Verdict,
+    ExchangeFilter, Flag, FlagFilter, PostgresUrl, Retention, Review, Store, StoreItem,
+    StoreLocation,
 };
 
 use crate::cli::{KillOnDrop, terminate, tripwire, wait_for_listen};
@@ -288,19 +288,19 @@ fn exchanges_and_flags_read_back_the_same_on_both_backends() {
         assert!(store.get_flag("nope").unwrap().is_none());
 
         let labelled = store
-            .label_flag("req-1", Verdict::FalsePositive, Some("a test prompt"))
+            .label_flag("req-1", Review::FalsePositive, Some("a test prompt"))
             .unwrap()
             .unwrap();
         let label = labelled.label.unwrap();
-        assert_eq!(label.verdict, Verdict::FalsePositive);
+        assert_eq!(label.verdict, Review::FalsePositive);
         assert_eq!(label.note.as_deref(), Some("a test prompt"));
         store
-            .label_flag(&flags[1].id.to_string(), Verdict::TruePositive, None)
+            .label_flag(&flags[1].id.to_string(), Review::TruePositive, None)
             .unwrap()
             .unwrap();
         assert!(
             store
-                .label_flag("nope", Verdict::TruePositive, None)
+                .label_flag("nope", Review::TruePositive, None)
                 .unwrap()
                 .is_none()
         );
@@ -314,7 +314,7 @@ fn exchanges_and_flags_read_back_the_same_on_both_backends() {
         );
         assert_eq!(
             ids(FlagFilter {
-                label: Some(Some(Verdict::FalsePositive)),
+                label: Some(Some(Review::FalsePositive)),
                 ..Default::default()
             }),
             ["req-1"]

@@ -35,7 +35,7 @@ use prometheus_client::registry::Registry;
 use crate::policy::Severity;
 use crate::runtime::Tasks;
 use crate::secret::Secret;
-use crate::store::{FlagFilter, Store, StoreError, StoreLocation, Verdict};
+use crate::store::{FlagFilter, Review, Store, StoreError, StoreLocation};
 use crate::telemetry::ProcessMetrics;
 
 /// What `POST /admin/reload` reaches: the gateway's reloader, handed in by the composition
@@ -380,7 +380,7 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
                         "expected {{\"verdict\": \"true-positive\"|\"false-positive\", \"note\": \"…\"}}: {err}"
                     ),
                 )),
-                Ok(label) => match Verdict::parse(&label.verdict) {
+                Ok(label) => match Review::parse(&label.verdict) {
                     None => Ok(json_error(
                         StatusCode::BAD_REQUEST,
                         "verdict must be true-positive or false-positive",
@@ -468,7 +468,7 @@ pub(crate) fn flag_filter(query: &str) -> Result<FlagFilter, String> {
         None => None,
         Some("none") => Some(None),
         Some(v) => Some(Some(
-            Verdict::parse(v).ok_or("label must be true-positive, false-positive or none")?,
+            Review::parse(v).ok_or("label must be true-positive, false-positive or none")?,
         )),
     };
     Ok(FlagFilter {

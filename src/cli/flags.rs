@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::output::{StoreArg, clip, emit};
 use crate::detect::Target;
 use crate::policy::Severity;
-use crate::store::{Flag, FlagFilter, Verdict};
+use crate::store::{Flag, FlagFilter, Review};
 
 /// Filters shared by list, tail and export.
 #[derive(Debug, Args)]
@@ -37,7 +37,7 @@ pub struct FilterArgs {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct LabelFilter(Option<Verdict>);
+struct LabelFilter(Option<Review>);
 
 fn parse_severity(text: &str) -> Result<Severity, String> {
     Severity::parse(text).ok_or_else(|| "expected info, warning, high or critical".to_owned())
@@ -47,7 +47,7 @@ fn parse_label(text: &str) -> Result<LabelFilter, String> {
     if text == "none" || text == "unlabelled" {
         return Ok(LabelFilter(None));
     }
-    Verdict::parse(text)
+    Review::parse(text)
         .map(|v| LabelFilter(Some(v)))
         .ok_or_else(|| "expected true-positive, false-positive or none".to_owned())
 }
@@ -136,7 +136,7 @@ pub enum FlagsCommand {
         id: String,
         /// true-positive or false-positive.
         #[arg(long, value_parser = parse_verdict)]
-        verdict: Verdict,
+        verdict: Review,
         /// Why.
         #[arg(long)]
         note: Option<String>,
@@ -183,8 +183,8 @@ pub enum FlagsCommand {
     },
 }
 
-fn parse_verdict(text: &str) -> Result<Verdict, String> {
-    Verdict::parse(text).ok_or_else(|| "expected true-positive or false-positive".to_owned())
+fn parse_verdict(text: &str) -> Result<Review, String> {
+    Review::parse(text).ok_or_else(|| "expected true-positive or false-positive".to_owned())
 }
 
 /// Runs the subcommand. `tail` runs until interrupted.

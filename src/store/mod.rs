@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use location::{PostgresUrl, StoreLocation, UrlError};
-pub use rows::{ExchangeRow, Flag, Label, Verdict, rfc3339};
+pub use rows::{ExchangeRow, Flag, Label, Review, rfc3339};
 pub use writer::{WriterConfig, run_writer};
 
 use crate::policy::Severity;
@@ -161,7 +161,7 @@ pub struct FlagFilter {
     /// Only this route.
     pub route: Option<String>,
     /// `Some(None)`: unlabelled only; `Some(Some(v))`: with that verdict.
-    pub label: Option<Option<Verdict>>,
+    pub label: Option<Option<Review>>,
     /// At most this many (default 50).
     pub limit: Option<u32>,
 }
@@ -340,7 +340,7 @@ impl Store {
     pub fn label_flag(
         &self,
         id: &str,
-        verdict: Verdict,
+        verdict: Review,
         note: Option<&str>,
     ) -> Result<Option<Flag>, StoreError> {
         let Some(flag) = self.get_flag(id)? else {

@@ -21,8 +21,8 @@ use postgres::{Client, NoTls, Row};
 
 use super::rows::{self, CLAIM_ALERT, Columns, EXCHANGE_COLUMNS, FLAG_COLUMNS, Value, rank};
 use super::{
-    ExchangeFilter, ExchangeRow, Flag, FlagFilter, FlagStats, PostgresUrl, Retention, StoreError,
-    StoreItem, Verdict,
+    ExchangeFilter, ExchangeRow, Flag, FlagFilter, FlagStats, PostgresUrl, Retention, Review,
+    StoreError, StoreItem,
 };
 
 /// One connection to the database, opened again on the next call once it is lost (a server
@@ -264,7 +264,7 @@ impl Postgres {
     pub(super) fn list_flags(&self, filter: &FlagFilter) -> Result<Vec<Flag>, StoreError> {
         let (label_any, label_value) = match filter.label {
             None => (true, None),
-            Some(v) => (false, v.map(Verdict::as_str)),
+            Some(v) => (false, v.map(Review::as_str)),
         };
         let sql = format!(
             "SELECT {FLAG_COLUMNS} FROM flags \
@@ -317,7 +317,7 @@ impl Postgres {
     pub(super) fn set_label(
         &self,
         id: &str,
-        verdict: Verdict,
+        verdict: Review,
         note: Option<&str>,
         now_us: i64,
     ) -> Result<(), StoreError> {

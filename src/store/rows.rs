@@ -19,30 +19,31 @@ use crate::policy::judge::{DetectorEvidence, FiredRule};
 /// An exchange as read back from the store.
 pub type ExchangeRow = Exchange;
 
-/// A person's verdict on a flag.
+/// A person's review of a flag: was it right? (Stored and sent as `verdict`; not to be
+/// confused with [`crate::policy::Verdict`], what the rules concluded.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Verdict {
+pub enum Review {
     /// The flag was right: the model misbehaved.
     TruePositive,
     /// The flag was wrong.
     FalsePositive,
 }
 
-impl Verdict {
+impl Review {
     /// `true-positive` or `false-positive`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Verdict::TruePositive => "true-positive",
-            Verdict::FalsePositive => "false-positive",
+            Review::TruePositive => "true-positive",
+            Review::FalsePositive => "false-positive",
         }
     }
 
     /// Parses `true-positive` / `false-positive` (also `tp` / `fp`).
-    pub fn parse(text: &str) -> Option<Verdict> {
+    pub fn parse(text: &str) -> Option<Review> {
         match text.trim().to_ascii_lowercase().as_str() {
-            "true-positive" | "true_positive" | "tp" => Some(Verdict::TruePositive),
-            "false-positive" | "false_positive" | "fp" => Some(Verdict::FalsePositive),
+            "true-positive" | "true_positive" | "tp" => Some(Review::TruePositive),
+            "false-positive" | "false_positive" | "fp" => Some(Review::FalsePositive),
             _ => None,
         }
     }
@@ -52,7 +53,7 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Label {
     /// The verdict.
-    pub verdict: Verdict,
+    pub verdict: Review,
     /// Why, in the labeller's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -378,7 +379,7 @@ pub(super) fn flag(row: &impl Columns) -> Result<Flag, StoreError> {
         evidence: serde_json::from_str(&evidence_json)?,
         stream: row.column("stream")?,
         truncated: row.column("truncated")?,
-        label: label.and_then(|l| Verdict::parse(&l)).map(|verdict| Label {
+        label: label.and_then(|l| Review::parse(&l)).map(|verdict| Label {
             verdict,
             note: label_note,
             labelled_at: rfc3339(labelled_at_us.unwrap_or(0)),

@@ -8,7 +8,7 @@ use rusqlite::params;
 
 use super::Sqlite;
 use crate::store::rows::{self, FLAG_COLUMNS, rank};
-use crate::store::{Flag, FlagFilter, FlagStats, StoreError, Verdict};
+use crate::store::{Flag, FlagFilter, FlagStats, Review, StoreError};
 
 impl Sqlite {
     /// Lists flags, newest first.
@@ -18,7 +18,7 @@ impl Sqlite {
     ) -> Result<Vec<Flag>, StoreError> {
         let (label_any, label_value) = match filter.label {
             None => (true, None),
-            Some(v) => (false, v.map(Verdict::as_str)),
+            Some(v) => (false, v.map(Review::as_str)),
         };
         let sql = format!(
             "SELECT {FLAG_COLUMNS} FROM flags \
@@ -64,7 +64,7 @@ impl Sqlite {
     pub(in crate::store) fn set_label(
         &self,
         id: &str,
-        verdict: Verdict,
+        verdict: Review,
         note: Option<&str>,
         now_us: i64,
     ) -> Result<(), StoreError> {

@@ -15,7 +15,7 @@ use crate::admin::console::html::{Html, query, url_encode};
 use crate::admin::console::{Viewer, page, page_error, redirect};
 use crate::admin::{AdminState, param};
 use crate::detect::drift::history::ScopeHistory;
-use crate::store::{Flag, StoreError, Verdict};
+use crate::store::{Flag, Review, StoreError};
 
 /// One flag and what the drift monitor knows of its scope, as read.
 struct FlagPage {
@@ -449,7 +449,7 @@ pub(in crate::admin::console) async fn label(
     id: &str,
     form: &str,
 ) -> Response<Full<Bytes>> {
-    let Some(verdict) = param(form, "verdict").and_then(|v| Verdict::parse(&v)) else {
+    let Some(verdict) = param(form, "verdict").and_then(|v| Review::parse(&v)) else {
         return page_error(
             StatusCode::BAD_REQUEST,
             "verdict must be true-positive or false-positive",

@@ -19,7 +19,7 @@ use super::html::Html;
 use super::{Viewer, page_error};
 use crate::admin::AdminState;
 use crate::detect::drift::history::ScopeHistory;
-use crate::store::{Flag, StoreError, Verdict};
+use crate::store::{Flag, Review, StoreError};
 
 pub(super) use flag::label;
 
@@ -75,8 +75,8 @@ fn label_badge(body: &mut Html, flag: &Flag) {
     match &flag.label {
         Some(label) => {
             let class = match label.verdict {
-                Verdict::TruePositive => "<span class=\"label tp\">",
-                Verdict::FalsePositive => "<span class=\"label fp\">",
+                Review::TruePositive => "<span class=\"label tp\">",
+                Review::FalsePositive => "<span class=\"label fp\">",
             };
             body.raw(class).text(label.verdict.as_str()).raw("</span>");
         }
