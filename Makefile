@@ -73,7 +73,7 @@ postgres:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
-# The console's browser test (tests/console.rs): the distribution's chromium, installed only when
+# The console's browser test (tests/admin/console.rs): the distribution's chromium, installed only when
 # missing, and playwright-core from tests/browser/package-lock.json.
 browser:
 	@test -x /usr/bin/chromium || { \

@@ -3,24 +3,33 @@
 //! The pipeline, in the order a response travels through it:
 //!
 //! ```text
-//! client ─▶ proxy ──forward──▶ upstream LLM
-//!             │ tee (bounded, lossy, counted)
+//! client ─▶ proxy ──forward, untouched──▶ upstream LLM
+//!             │ tee (bounded, lossy, counted; enforce mode may hold the answer for a decision)
 //!             ▼
-//!           capture (SSE / JSON parsing into an Exchange)
+//!           capture ── SSE / JSON parsed into one Exchange per request
 //!             ▼
-//!           store (SQLite batch writer)        detect (→ infer) → policy → alert come next
+//!           inspect ── bounded queue to the detection workers (sheds, never waits)
+//!             │   detect (→ infer)      per-exchange detectors; drift tests per scope
+//!             │   policy                the one judge: CEL rules over the detectors' fields
+//!             ▼
+//!           store (flag log: SQLite or PostgreSQL) · alert (webhook, log) · telemetry (OTLP)
 //! ```
 //!
 //! * [`proxy`] forwards every request untouched and tees each response body to the side.
 //! * [`capture`] turns the teed bytes into one [`capture::Exchange`] per request.
-//! * [`store`] records exchanges in the flag log database.
-//! * [`telemetry`] holds the Prometheus metrics and logging set-up.
-//! * [`infer`] turns texts into sentence embeddings with a local ONNX model, batched.
-//! * [`devset`] builds the labelled development set (clean and poisoned outputs, split by model).
-//! * [`sim`] is a simulated, backdoored OpenAI-compatible model for demos, tests and benchmarks.
-//! * [`console`] is the web page on the admin listener for inspecting flags and drift.
-//! * [`reload`] swaps in edited policies and configuration without a restart.
-//! * [`runtime`] tracks every background task so shutdown can drain them.
+//! * [`inspect`] queues exchanges for detection and records what the rules conclude.
+//! * [`detect`] holds the detectors, drift included; [`infer`] runs the embedding model.
+//! * [`policy`] compiles policy files and judges an exchange's findings with their rules.
+//! * [`store`] records exchanges and flags; [`alert`] sends alerts; [`telemetry`] holds every
+//!   metric family, logging and OpenTelemetry export.
+//! * [`admin`] serves health, metrics, the flag API and the console.
+//! * [`app`] is the composition root: it builds all of the above, reloads it, and stops it in
+//!   written phases. [`config`] is what it is built from; [`runtime`] tracks every task;
+//!   [`secret`] keeps credentials out of logs.
+//! * [`lab`] measures the gateway (development set, offline evaluation, LM training, the
+//!   simulated backdoored model); [`cli`] is the command line.
+//!
+//! No two of these modules import each other (`tests/layout.rs`).
 
 pub mod admin;
 pub mod alert;

@@ -120,9 +120,19 @@ async fn soak_keeps_memory_fds_and_tasks_flat() {
         samples
     };
     let (_, mut samples) = tokio::join!(load, watch);
-    // Idle: what is left once the load is gone.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle = sample(&client, &admin, started).await;
+    // Idle: what is left once the load is gone and the background work has settled (the task
+    // count stops falling), or after 30 s.
+    let settle_by = Instant::now() + Duration::from_secs(30);
+    let mut idle = sample(&client, &admin, started).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let next = sample(&client, &admin, started).await;
+        let settled = next.tasks >= idle.tasks;
+        idle = next;
+        if settled || Instant::now() > settle_by {
+            break;
+        }
+    }
     samples.push(idle);
 
     std::fs::create_dir_all("target/soak").unwrap();

@@ -6,22 +6,20 @@
     reason = "test helpers fail loudly"
 )]
 
+// One module per room of the library (app, proxy, detect, store, admin, telemetry, lab), then
+// what crosses them: the command line, deployment files, the dependency audit, the layout
+// rule and the soak.
+mod admin;
+mod app;
+mod detect;
+mod lab;
+mod proxy;
+mod store;
+mod telemetry;
+
 mod audit;
 mod cli;
-mod clients;
-mod console;
 mod deploy;
-mod drift;
-mod enforce;
-mod faults;
-mod flags;
 mod layout;
-mod otel;
-mod overload;
-mod proxy;
-mod reload;
-mod shutdown;
-mod sim;
 mod soak;
-mod store;
 mod util;

@@ -1,8 +1,9 @@
 //! Alert policies: YAML files that declare detectors and the rules that turn what the
 //! detectors report into flags, alerts and annotations.
 //!
-//! [`compile`] parses and checks a file (the same code runs for `tripwire policy check` and for
-//! `serve`); [`eval`] runs the detectors of every policy on an exchange and evaluates the rules.
+//! `compile` parses and checks a file (the same code runs for `tripwire policy check` and for
+//! `serve`); [`judge`] runs the detectors of every policy on an exchange and judges its rules,
+//! in one place for the monitor path, enforce decisions and drift alarms.
 
 mod compile;
 mod file;

@@ -3,7 +3,7 @@
 //!
 //! Nothing is built unless an OTLP endpoint variable is set (and `OTEL_SDK_DISABLED` is not
 //! `true`): no provider, no exporter, no batch thread. Every record site reaches the pipeline
-//! through [`crate::telemetry::Metrics::otel`], one atomic load that finds nothing when export is
+//! through `Metrics::otel`, one atomic load that finds nothing when export is
 //! off, so the hot path then creates no span at all.
 //!
 //! Spans are made with the OpenTelemetry API directly rather than through `tracing`: an exchange

@@ -257,17 +257,19 @@ async fn a_client_that_disconnects_mid_request_leaves_nothing_upstream() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The gateway counts the broken body once it sees the connection close.
+    let counted = r#"tripwire_proxy_gateway_errors_total{reason="client_body_error"} 1"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut metrics = gateway.metrics().await;
+    while !metrics.contains(counted) {
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::task::yield_now().await;
+        metrics = gateway.metrics().await;
+    }
     others_still_served(&gateway).await;
     // Only the healthy request reached the upstream; the half-sent one was never forwarded.
     assert_eq!(upstream.requests().len(), 1);
-    let metrics = gateway.metrics().await;
-    assert!(
-        metrics.contains(r#"tripwire_proxy_gateway_errors_total{reason="client_body_error"} 1"#),
-        "{metrics}"
-    );
     upstream.stop().await;
 }
 
@@ -324,15 +326,24 @@ async fn a_slow_reader_holds_the_upstream_back_instead_of_filling_memory() {
     let mut stream = response.bytes_stream();
     let mut read = stream.next().await.unwrap().unwrap().len();
     // The client stops reading: the upstream must stall once the socket buffers on both
-    // hops are full, not stream 48 MB into the gateway's memory.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stalled_at = written.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        written.load(Ordering::Relaxed),
-        stalled_at,
-        "upstream not held back"
-    );
+    // hops are full, not stream 48 MB into the gateway's memory. Stalled: no byte written for
+    // half a second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut stalled_at = written.load(Ordering::Relaxed);
+    let mut still_since = tokio::time::Instant::now();
+    while still_since.elapsed() < Duration::from_millis(500) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upstream not held back: {} bytes written and counting",
+            written.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = written.load(Ordering::Relaxed);
+        if now != stalled_at {
+            stalled_at = now;
+            still_since = tokio::time::Instant::now();
+        }
+    }
     assert!(
         stalled_at < 32 * 1024 * 1024,
         "{stalled_at} bytes written while the client read {read}"

@@ -359,7 +359,7 @@ try:
 except openai.APIError as err:
     print("RAISED " + type(err).__name__ + " " + str(err.message))
 "#;
-    let output = tokio::process::Command::new(crate::clients::python())
+    let output = tokio::process::Command::new(crate::proxy::clients::python())
         .arg("-c")
         .arg(script)
         .arg(gateway.url("/v1"))

@@ -1,0 +1,3 @@
+//! The admin listener: the console in a real browser.
+
+mod console;

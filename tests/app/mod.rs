@@ -1,0 +1,4 @@
+//! The composition root: live reload, and shutdown under one grace.
+
+mod reload;
+mod shutdown;

@@ -1,0 +1,3 @@
+//! Detection end to end: drift alarms through a running gateway.
+
+mod drift;

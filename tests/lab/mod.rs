@@ -1,0 +1,3 @@
+//! The lab: the simulated backdoored model as a real upstream.
+
+mod sim;

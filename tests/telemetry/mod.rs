@@ -1,0 +1,3 @@
+//! Telemetry: OpenTelemetry export to a real collector endpoint.
+
+mod otel;
