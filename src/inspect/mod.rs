@@ -183,7 +183,9 @@ impl Detection {
             findings: self.drift.is_some().then_some(&mut findings),
             runs: trace.is_recording().then_some(&mut runs),
         };
-        let mut verdict = rules.engine.evaluate_recorded(&exchange, record);
+        // The prompt as one text, built once for the detectors, drift and the flag.
+        let prompt = crate::detect::prompt_text(&exchange);
+        let mut verdict = rules.engine.evaluate_recorded(&exchange, &prompt, record);
         if let Some(enforced) = enforced {
             for rule in &mut verdict.fired {
                 if rule.actions.iter().any(|a| a.enforces()) {
@@ -192,11 +194,11 @@ impl Detection {
             }
         }
         if let Some(drift) = &self.drift {
-            drift.offer(&exchange, &findings);
+            drift.offer(&exchange, &prompt, &findings);
         }
         let span_context = trace.span_context();
         trace.end_inspected(&exchange, &runs, &verdict.judged());
-        let flag = self.flag_and_alert(&rules, &exchange, &verdict, span_context.as_ref());
+        let flag = self.flag_and_alert(&rules, &exchange, &prompt, &verdict, span_context.as_ref());
         let mut annotations: Vec<String> = verdict
             .fired
             .iter()
@@ -233,6 +235,7 @@ impl Detection {
         &self,
         rules: &Rules,
         exchange: &Exchange,
+        prompt: &str,
         verdict: &Verdict,
         span: Option<&opentelemetry::trace::SpanContext>,
     ) -> Option<Flag> {
@@ -241,7 +244,7 @@ impl Detection {
         }
         let flag = verdict
             .flagged()
-            .then(|| self.flag(&rules.engine, exchange, verdict))
+            .then(|| self.flag(&rules.engine, exchange, prompt, verdict))
             .flatten();
         if let (Some(flag), Some(otel)) = (&flag, self.metrics.otel()) {
             otel.emit_flag(&flag_record(flag), span);
@@ -258,7 +261,13 @@ impl Detection {
         flag
     }
 
-    fn flag(&self, engine: &Engine, exchange: &Exchange, verdict: &Verdict) -> Option<Flag> {
+    fn flag(
+        &self,
+        engine: &Engine,
+        exchange: &Exchange,
+        prompt: &str,
+        verdict: &Verdict,
+    ) -> Option<Flag> {
         let severity = verdict.severity()?;
         let policies: Vec<_> = verdict
             .fired
@@ -269,10 +278,9 @@ impl Detection {
         for rule in &policies {
             self.metrics.count_flag(&rule.name, rule.severity.as_str());
         }
-        let prompt = crate::detect::prompt_text(exchange);
         let output = exchange.output();
         // Redaction changes lengths, so evidence offsets stay valid only without it.
-        let redacted_prompt = engine.redact(&prompt);
+        let redacted_prompt = engine.redact(prompt);
         let redacted_output = engine.redact(output);
         let evidence = if redacted_prompt == prompt && redacted_output == output {
             verdict.evidence.clone()
@@ -311,7 +319,8 @@ impl AlarmSink for Detection {
     ) {
         let rules = self.rules.load_full();
         let verdict = rules.engine.evaluate_deferred(exchange, detector, fields);
-        if let Some(flag) = self.flag_and_alert(&rules, exchange, &verdict, None) {
+        let prompt = crate::detect::prompt_text(exchange);
+        if let Some(flag) = self.flag_and_alert(&rules, exchange, &prompt, &verdict, None) {
             store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
         }
     }

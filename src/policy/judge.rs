@@ -383,7 +383,7 @@ impl Engine {
 
     /// Runs the detectors and rules of every policy on `exchange`.
     pub fn evaluate(&self, exchange: &Exchange) -> Verdict {
-        self.evaluate_recorded(exchange, Record::default())
+        self.evaluate_recorded(exchange, &detect::prompt_text(exchange), Record::default())
     }
 
     /// Like [`Engine::evaluate`], also returning every detector's fields (for offline
@@ -394,16 +394,21 @@ impl Engine {
             findings: Some(&mut all),
             runs: None,
         };
-        let verdict = self.evaluate_recorded(exchange, record);
+        let verdict = self.evaluate_recorded(exchange, &detect::prompt_text(exchange), record);
         (verdict, all)
     }
 
     /// Like [`Engine::evaluate`], also keeping what `record` asks for.
-    pub fn evaluate_recorded(&self, exchange: &Exchange, mut record: Record<'_>) -> Verdict {
-        let prompt = detect::prompt_text(exchange);
+    /// `prompt` is [`detect::prompt_text`] of `exchange`, built once by the caller.
+    pub fn evaluate_recorded(
+        &self,
+        exchange: &Exchange,
+        prompt: &str,
+        mut record: Record<'_>,
+    ) -> Verdict {
         let input = detect::Input {
             exchange,
-            prompt: &prompt,
+            prompt,
             output: exchange.output(),
         };
         let mut verdict = Verdict::default();

@@ -515,6 +515,7 @@ impl DriftHandle {
     pub fn offer(
         &self,
         exchange: &Exchange,
+        prompt: &str,
         findings: &[(String, serde_json::Map<String, serde_json::Value>)],
     ) {
         let scope = ScopeKey::of(exchange);
@@ -535,9 +536,8 @@ impl DriftHandle {
         let embedder = self.monitor.embedder.load();
         let embeddings = match embedder.as_deref() {
             Some(embedder) if sampled => {
-                let prompt = crate::detect::prompt_text(exchange);
                 match (
-                    embedder.try_embed(prompt),
+                    embedder.try_embed(prompt.to_owned()),
                     embedder.try_embed(exchange.output().to_owned()),
                 ) {
                     (Ok(prompt), Ok(output)) => Some((prompt, output)),
