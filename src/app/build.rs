@@ -1,11 +1,10 @@
-//! Starting and stopping the whole gateway: store and writer, detection, drift, alerts, capture,
-//! the proxy and admin listeners, in that order. Every task runs under one root tracker, one
-//! child per shutdown phase; stopping runs the phases in order under one grace timeout and logs
-//! what was abandoned when it runs out.
+//! Building the whole gateway from its configuration: store and writer, detection, drift,
+//! alerts, capture, the proxy and admin listeners, in that order, each handed what it needs at
+//! construction. Every task runs under one root tracker, one child per shutdown phase
+//! (stopping is in `shutdown.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus_client::registry::Registry;
@@ -61,22 +60,22 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     /// The root of every task below: cancelling it cancels them all.
-    root: Tasks,
-    proxy_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    admin: Arc<AdminState>,
-    reloader: Arc<Reloader>,
-    watch_tasks: Tasks,
-    proxy_accept: Tasks,
-    proxy_connections: Tasks,
-    admin_tasks: Tasks,
-    capture_tasks: Tasks,
-    detect_tasks: Tasks,
-    drift_tasks: Tasks,
-    writer_tasks: Tasks,
-    alert_tasks: Tasks,
-    metrics: Metrics,
-    otel: Option<Arc<Otel>>,
+    pub(super) root: Tasks,
+    pub(super) proxy_addr: SocketAddr,
+    pub(super) admin_addr: SocketAddr,
+    pub(super) admin: Arc<AdminState>,
+    pub(super) reloader: Arc<Reloader>,
+    pub(super) watch_tasks: Tasks,
+    pub(super) proxy_accept: Tasks,
+    pub(super) proxy_connections: Tasks,
+    pub(super) admin_tasks: Tasks,
+    pub(super) capture_tasks: Tasks,
+    pub(super) detect_tasks: Tasks,
+    pub(super) drift_tasks: Tasks,
+    pub(super) writer_tasks: Tasks,
+    pub(super) alert_tasks: Tasks,
+    pub(super) metrics: Metrics,
+    pub(super) otel: Option<Arc<Otel>>,
 }
 
 impl Server {
@@ -100,37 +99,8 @@ impl Server {
         let otel = start_otel(&metrics);
 
         let location = config.store.location();
-        let store_location = location.clone();
-        let hard_max_bytes = config.store.hard_max_bytes;
-        let store = root
-            .spawn_blocking("store-open", move || {
-                let store = Store::connect(&store_location)?;
-                store.cap_size(hard_max_bytes)?;
-                Ok::<_, StoreError>(store)
-            })
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
-        let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
         let writer_tasks = root.child();
-        writer_tasks.spawn(
-            "store-writer",
-            run_writer(
-                store,
-                exchanges_rx,
-                WriterConfig {
-                    batch_rows: config.store.batch_rows,
-                    flush_interval: config.store.flush_interval,
-                    retention: crate::store::Retention {
-                        exchange_max_age: config.store.exchange_max_age,
-                        flag_max_age: config.store.flag_max_age,
-                        max_bytes: config.store.max_bytes,
-                        interval: config.store.retention_interval,
-                    },
-                },
-                metrics.clone(),
-                writer_tasks.clone(),
-            ),
-        );
+        let exchanges_tx = start_store(&config, &root, &writer_tasks, &metrics).await?;
 
         let policies = super::load_policies(&config)?;
         let rule_count: usize = policies.iter().map(|p| p.rules.len()).sum();
@@ -314,123 +284,47 @@ impl Server {
     pub fn metrics_text(&self) -> String {
         self.admin.encode_metrics()
     }
+}
 
-    /// Stops the gateway. Everything it captured before is in the store when this returns,
-    /// unless the grace period ran out first (then what was lost is logged and counted, and
-    /// every task still running is logged as abandoned).
-    pub async fn shutdown(mut self) {
-        let grace = self.reloader.config().await.shutdown_grace;
-        let deadline = tokio::time::Instant::now() + grace;
-        // Phases 1 to 5 drain traffic and detection; 6 to 8 keep a share of the grace.
-        let drained_by = deadline - (grace / 4).min(FINAL_PHASES_MAX);
-        // 1. Not ready: load balancers stop sending new traffic. No more reloads from files.
-        self.admin.set_ready(false);
-        self.watch_tasks.cancel();
-        let _watch = tokio::time::timeout_at(drained_by, self.watch_tasks.wait()).await;
-        // 2. Stop accepting; open connections finish their in-flight responses and close.
-        self.proxy_accept.cancel();
-        let drained = tokio::time::timeout_at(drained_by, async {
-            self.proxy_accept.wait().await;
-            self.proxy_connections.wait().await;
+/// Opens the store (on a blocking thread of `root`) and starts its batch writer on `tasks`;
+/// returns the writer's queue.
+async fn start_store(
+    config: &Config,
+    root: &Tasks,
+    tasks: &Tasks,
+    metrics: &Metrics,
+) -> Result<tokio::sync::mpsc::Sender<crate::store::StoreItem>, StoreError> {
+    let location = config.store.location();
+    let hard_max_bytes = config.store.hard_max_bytes;
+    let store = root
+        .spawn_blocking("store-open", move || {
+            let store = Store::connect(&location)?;
+            store.cap_size(hard_max_bytes)?;
+            Ok::<_, StoreError>(store)
         })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                open = self.proxy_connections.len(),
-                "shutdown grace ran out with connections still open; dropping them"
-            );
-        }
-        // 3. Every response body has ended or been dropped, which closes every tee channel:
-        //    capture tasks finish and hand their exchanges to the store queue.
-        if tokio::time::timeout_at(drained_by, self.capture_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                pending = self.capture_tasks.len(),
-                "shutdown grace ran out with exchanges still being captured"
-            );
-        }
-        // 4. No more exchanges can come: closing the capture side lets the detection workers
-        //    finish what is queued and exit.
-        self.reloader.close().await;
-        if tokio::time::timeout_at(drained_by, self.detect_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace ran out with exchanges still queued for detection");
-        }
-        // 5. The detection workers held the drift queue: the drift worker tests what is queued
-        //    and exits, and the embedding batcher with it.
-        if tokio::time::timeout_at(drained_by, self.drift_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace ran out with exchanges still queued for drift tests");
-        }
-        self.reloader.release_alerts();
-        // 6. The workers held the last store and alert senders: the writer drains its queue,
-        //    commits and exits; the alert sender delivers what is queued. A writer still busy
-        //    halfway through the last share is asked to write what it holds now.
-        let writer_by = drained_by + (deadline - drained_by) / 2;
-        if tokio::time::timeout_at(writer_by, self.writer_tasks.wait())
-            .await
-            .is_err()
-        {
-            self.writer_tasks.cancel();
-            if tokio::time::timeout_at(deadline, self.writer_tasks.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!("shutdown grace ran out before the store writer drained");
-            }
-        }
-        if tokio::time::timeout_at(deadline, self.alert_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace ran out with alerts still undelivered");
-        }
-        // 7. Every exchange is ended and every flag recorded: export the last spans, metrics and
-        //    flag log records to the collector.
-        if let Some(otel) = self.otel.take() {
-            let flush = self
-                .root
-                .spawn_blocking("otel-flush", move || otel.shutdown());
-            if tokio::time::timeout_at(deadline, flush).await.is_err() {
-                tracing::warn!(
-                    "OpenTelemetry export did not finish before the shutdown grace ran out"
-                );
-            }
-        }
-        // 8. Admin goes last so /readyz and /metrics answer throughout.
-        self.admin_tasks.cancel();
-        let _admin = tokio::time::timeout_at(deadline, self.admin_tasks.wait()).await;
-        // Whatever still runs is abandoned: say what.
-        self.root.cancel();
-        let phases = [
-            ("reload-watch", &self.watch_tasks),
-            ("proxy-accept", &self.proxy_accept),
-            ("proxy-connections", &self.proxy_connections),
-            ("capture", &self.capture_tasks),
-            ("detect", &self.detect_tasks),
-            ("drift", &self.drift_tasks),
-            ("store-writer", &self.writer_tasks),
-            ("alerts", &self.alert_tasks),
-            ("admin", &self.admin_tasks),
-            ("blocking", &self.root),
-        ];
-        for (phase, tasks) in phases {
-            if !tasks.is_empty() {
-                tracing::warn!(
-                    phase,
-                    tasks = tasks.len(),
-                    "abandoned at shutdown: still running when the grace ran out"
-                );
-            }
-        }
-        tracing::info!("tripwire stopped");
-    }
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    let (exchanges_tx, exchanges_rx) = tokio::sync::mpsc::channel(config.store.queue);
+    tasks.spawn(
+        "store-writer",
+        run_writer(
+            store,
+            exchanges_rx,
+            WriterConfig {
+                batch_rows: config.store.batch_rows,
+                flush_interval: config.store.flush_interval,
+                retention: crate::store::Retention {
+                    exchange_max_age: config.store.exchange_max_age,
+                    flag_max_age: config.store.flag_max_age,
+                    max_bytes: config.store.max_bytes,
+                    interval: config.store.retention_interval,
+                },
+            },
+            metrics.clone(),
+            tasks.clone(),
+        ),
+    );
+    Ok(exchanges_tx)
 }
 
 /// The policies `config` names, compiled; the built-in default policy when it names none.
@@ -467,10 +361,6 @@ pub(crate) fn admin_token(config: &Config) -> Option<crate::secret::Secret> {
             .map(crate::secret::Secret::new)
     })
 }
-
-/// The share of the grace kept for the last phases (store, alerts, telemetry, admin), so a
-/// slow drain of traffic still leaves the writer time to commit: a quarter, at most this.
-const FINAL_PHASES_MAX: Duration = Duration::from_secs(5);
 
 /// Builds the OpenTelemetry pipeline the `OTEL_*` environment asks for. A pipeline that cannot be
 /// built is logged and left off: the gateway serves without it.

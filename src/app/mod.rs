@@ -5,6 +5,7 @@
 mod build;
 pub mod listener;
 pub mod reload;
+mod shutdown;
 
 pub(crate) use build::admin_token;
 pub use build::{Server, ServerError};
