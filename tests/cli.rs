@@ -469,6 +469,62 @@ fn rules_of(flags: &[serde_json::Value], request_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Regression (the first-hour issue, item 3): `make run | tee`, then Ctrl-C, closed the pipe
+/// under stderr and the next log line panicked the gateway (exit 101) from
+/// tracing-subscriber's `eprintln!` fallback. Logging must never stop the gateway: it keeps
+/// serving and stops with 0.
+#[tokio::test]
+async fn a_closed_stderr_neither_stops_the_gateway_nor_its_clean_exit() {
+    let upstream = MockUpstream::start(|_| {
+        Script::json(
+            br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}]}"#,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flags.db");
+    let url = upstream.url();
+    let mut child = KillOnDrop(
+        tripwire()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--upstream", &url, "--store"])
+            .arg(&store)
+            .env("NO_COLOR", "1")
+            .env("TRIPWIRE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = String::new();
+    let listen = wait_for_listen(&mut child.0, &mut log);
+    // The reader goes away, as `tee` does on Ctrl-C.
+    drop(child.0.stderr.take());
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for i in 0..3 {
+        let response = client
+            .post(format!("http://{listen}/v1/chat/completions"))
+            .body(crate::util::chat_body(&format!("hello {i}"), false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    terminate(&mut child.0);
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "serve exited with {status} once stderr closed"
+    );
+    upstream.stop().await;
+}
+
 #[tokio::test]
 async fn sigterm_during_a_streamed_response_lets_it_finish_and_keeps_its_flag() {
     const CHUNKS: [&[u8]; 5] = [
