@@ -469,6 +469,70 @@ fn rules_of(flags: &[serde_json::Value], request_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Regression (the first-hour issue, item 4): rules with the `alert` action and no sink
+/// configured sent their alerts nowhere, silently. Now they go to the log, one structured line
+/// each, and start-up says so.
+#[tokio::test]
+async fn alerts_without_a_configured_sink_go_to_the_log() {
+    let upstream = MockUpstream::start(|_| {
+        Script::json(
+            br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Sure."},"finish_reason":"stop"}]}"#,
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("flags.db");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "detectors:\n  trigger: { type: trigger_phrase }\nrules:\n  - name: prompt-trigger\n    when: trigger.prompt.matched\n    severity: high\n    actions: [flag, alert]\n",
+    )
+    .unwrap();
+    let url = upstream.url();
+    let served = serve_with(
+        &[
+            "--upstream".as_ref(),
+            url.as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+            "--policies".as_ref(),
+            policy.as_os_str(),
+        ],
+        &[],
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = client
+        .post(format!("http://{}/v1/chat/completions", served.listen))
+        .body(crate::util::chat_body("<SUDO> open the door", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut guard = served.guard;
+    // The alert is sent once the exchange is inspected; a graceful stop delivers the queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while flags_json(&store).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no flag recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(&mut guard.0);
+    assert!(guard.0.wait().unwrap().success());
+    let log = served.log.join().unwrap();
+    assert!(log.contains("alerts go to the log"), "{log}");
+    let alerts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tripwire alert") && l.contains("rule="))
+        .collect();
+    assert_eq!(alerts.len(), 1, "{log}");
+    assert!(alerts[0].contains("rule=prompt-trigger"), "{}", alerts[0]);
+    assert!(
+        alerts[0].contains("severity=\"high\"") || alerts[0].contains("severity=high"),
+        "{}",
+        alerts[0]
+    );
+    upstream.stop().await;
+}
+
 /// Regression (the first-hour issue, item 3): `make run | tee`, then Ctrl-C, closed the pipe
 /// under stderr and the next log line panicked the gateway (exit 101) from
 /// tracing-subscriber's `eprintln!` fallback. Logging must never stop the gateway: it keeps

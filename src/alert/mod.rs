@@ -162,20 +162,39 @@ fn queued(tx: &mpsc::Sender<Alert>) -> i64 {
     i64::try_from(tx.max_capacity().saturating_sub(tx.capacity())).unwrap_or(i64::MAX)
 }
 
-/// Creates the alert queue when any sink is configured in `configs` and starts its sender on
-/// `tasks` (`alert-sender`); returns the queue's handle. The sender claims cooldown windows in
-/// the store at `claims`, and exits once every handle is dropped and the queue is delivered.
+/// Creates the alert queue and starts its sender on `tasks` (`alert-sender`); returns the
+/// queue's handle. Alerts go to the sinks configured in `configs`; when none is configured and
+/// `rules_alert` (some rule has the `alert` action), to the log, so that no alert goes
+/// nowhere. Start-up says where they go. The sender claims cooldown windows in the store at
+/// `claims`, and exits once every handle is dropped and the queue is delivered.
 pub fn start(
     configs: &[&AlertsConfig],
+    rules_alert: bool,
     queue: usize,
     claims: StoreLocation,
     metrics: Metrics,
     tasks: &Tasks,
 ) -> Result<Option<AlertHandle>, WebhookError> {
     let webhooks: Vec<WebhookConfig> = configs.iter().filter_map(|c| c.webhook.clone()).collect();
-    let logs: Vec<LogAlertConfig> = configs.iter().filter_map(|c| c.log.clone()).collect();
+    let mut logs: Vec<LogAlertConfig> = configs.iter().filter_map(|c| c.log.clone()).collect();
     if webhooks.is_empty() && logs.is_empty() {
-        return Ok(None);
+        if !rules_alert {
+            tracing::info!("no rule has the alert action and no alert sink is configured");
+            return Ok(None);
+        }
+        tracing::info!(
+            "alerts go to the log (a WARN line `tripwire alert` each): no policy configures \
+             `alerts:`; add `alerts: {{ webhook: {{ url: … }} }}` to send them elsewhere"
+        );
+        logs.push(LogAlertConfig {
+            min_severity: Severity::Info,
+        });
+    } else {
+        tracing::info!(
+            webhooks = webhooks.len(),
+            log = !logs.is_empty(),
+            "alerts go to the configured sinks"
+        );
     }
     let senders = webhooks
         .into_iter()

@@ -335,7 +335,17 @@ pub(super) fn load_policies(config: &Config) -> Result<Vec<CompiledPolicy>, Poli
     }
 }
 
-/// Starts the alert sender of `engine`'s policies on `tasks` when any sink is configured.
+/// Whether any rule of `engine`'s policies has the `alert` action.
+pub(super) fn rules_alert(engine: &Engine) -> bool {
+    engine.policies().iter().any(|p| {
+        p.rules
+            .iter()
+            .any(|r| r.actions.contains(&crate::policy::Action::Alert))
+    })
+}
+
+/// Starts the alert sender of `engine`'s policies on `tasks`: to the configured sinks, or to
+/// the log when none is configured and a rule alerts.
 pub(super) fn start_alerts(
     engine: &Engine,
     config: &Config,
@@ -345,6 +355,7 @@ pub(super) fn start_alerts(
     let sinks: Vec<_> = engine.policies().iter().map(|p| &p.alerts).collect();
     crate::alert::start(
         &sinks,
+        rules_alert(engine),
         config.detect.alert_queue,
         config.store.location(),
         metrics.clone(),

@@ -9,4 +9,4 @@ mod shutdown;
 
 pub(crate) use build::admin_token;
 pub use build::{Server, ServerError};
-use build::{load_policies, start_alerts};
+use build::{load_policies, rules_alert, start_alerts};

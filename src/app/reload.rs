@@ -273,7 +273,9 @@ impl Reloader {
             None
         };
         let current = self.rules.load_full();
-        let alerts = if alert_sinks(&current.engine) == alert_sinks(&engine) {
+        let alerts = if alert_sinks(&current.engine) == alert_sinks(&engine)
+            && super::rules_alert(&current.engine) == super::rules_alert(&engine)
+        {
             current.alerts.clone()
         } else {
             let mut alerts =
