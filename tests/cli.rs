@@ -10,7 +10,7 @@ const SECRET: &str = "sk-tripwire-SECRET-4f9a0c";
 const CHAT_JSON: &[u8] = br#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}"#;
 
 pub(crate) use crate::util::process::{
-    KillOnDrop, flags_json, serve, serve_with, terminate, tripwire, wait_for_listen,
+    KillOnDrop, flags_json, serve, serve_with, spawn_serve, terminate, tripwire, wait_for_listen,
 };
 
 #[tokio::test]
@@ -474,12 +474,7 @@ fn rules_of(flags: &[serde_json::Value], request_id: &str) -> Vec<String> {
 /// each, and start-up says so.
 #[tokio::test]
 async fn alerts_without_a_configured_sink_go_to_the_log() {
-    let upstream = MockUpstream::start(|_| {
-        Script::json(
-            br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Sure."},"finish_reason":"stop"}]}"#,
-        )
-    })
-    .await;
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("flags.db");
     let policy = dir.path().join("policy.yaml");
@@ -539,32 +534,18 @@ async fn alerts_without_a_configured_sink_go_to_the_log() {
 /// serving and stops with 0.
 #[tokio::test]
 async fn a_closed_stderr_neither_stops_the_gateway_nor_its_clean_exit() {
-    let upstream = MockUpstream::start(|_| {
-        Script::json(
-            br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}]}"#,
-        )
-    })
-    .await;
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("flags.db");
     let url = upstream.url();
-    let mut child = KillOnDrop(
-        tripwire()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--upstream", &url, "--store"])
-            .arg(&store)
-            .env("NO_COLOR", "1")
-            .env("TRIPWIRE_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut child = spawn_serve(
+        &[
+            "--upstream".as_ref(),
+            url.as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+        ],
+        &[("TRIPWIRE_LOG", "debug")],
     );
     let mut log = String::new();
     let listen = wait_for_listen(&mut child.0, &mut log);

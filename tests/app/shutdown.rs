@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use crate::util::{Gateway, MockUpstream, Script};
 
+const CHAT_JSON: &[u8] = br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Paris is the capital of France."},"finish_reason":"stop"}]}"#;
+
 /// Regression (the first-hour issue, item 2): with the default policy the drift monitor's
 /// embedding batcher outlived the drift worker (the admin listener kept the monitor, and with
 /// it the batcher's queue, alive), so every shutdown waited out the whole grace and logged
@@ -30,12 +32,7 @@ async fn idle_shutdown_with_the_default_policy_takes_under_a_second() {
 /// well inside the grace with everything stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_after_traffic_with_the_default_policy_does_not_wait_for_the_grace() {
-    let upstream = MockUpstream::start(|_| {
-        Script::json(
-            br#"{"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Paris is the capital of France."},"finish_reason":"stop"}]}"#,
-        )
-    })
-    .await;
+    let upstream = MockUpstream::start(|_| Script::json(CHAT_JSON)).await;
     let mut gateway = Gateway::start(&upstream.url(), |config| {
         config.policies = None;
         config.shutdown_grace = Duration::from_secs(30);

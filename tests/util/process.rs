@@ -71,23 +71,7 @@ pub fn serve(
 /// [`serve`] with `env` set; both pipes are drained while it runs (at `trace` level it writes
 /// more than a pipe holds).
 pub fn serve_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Served {
-    let mut guard = KillOnDrop(
-        tripwire()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut guard = spawn_serve(args, env);
     let mut log = String::new();
     let listen = wait_for_listen(&mut guard.0, &mut log);
     let admin = log
@@ -112,6 +96,27 @@ pub fn serve_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Served {
         log,
         stdout,
     }
+}
+
+/// `tripwire serve` on free ports with `args` and `env`, both pipes open for the caller.
+pub fn spawn_serve(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> KillOnDrop {
+    KillOnDrop(
+        tripwire()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The value of an unlabelled metric, or the sum of a labelled family, in Prometheus text.
