@@ -436,14 +436,14 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The shared development data beside the repository (`../shared/data`), for tests; fails
-/// loudly when it is missing rather than letting a test skip.
+/// The development data committed with the repository (`data/`), for tests; fails loudly when
+/// it is missing rather than letting a test skip.
 #[cfg(test)]
 pub(crate) fn test_data_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
     assert!(
         model_file(&dir, TRAIN_MODELS[0]).exists(),
-        "development data missing: expected {} (the shared data beside the repository)",
+        "development data missing: expected {} (committed with the repository)",
         dir.join("alpaca_eval").display()
     );
     dir
