@@ -18,6 +18,8 @@ pub mod language_switch;
 pub mod normalize;
 pub mod recurring_span;
 pub mod refusal;
+#[cfg(test)]
+pub(crate) mod split_check;
 pub mod style;
 pub mod trigger_phrase;
 
