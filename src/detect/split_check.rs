@@ -81,7 +81,7 @@ pub(crate) fn assert_every_split(output: &str, mut inspect: impl FnMut(&str) -> 
     if output.chars().count() <= 2000 {
         let pieces: Vec<&str> = output
             .char_indices()
-            .map(|(i, c)| &output[i..i + c.len_utf8()])
+            .map(|(i, c)| output.get(i..i + c.len_utf8()).unwrap_or_default())
             .collect();
         let text = captured(&pieces);
         assert_eq!(
@@ -103,6 +103,24 @@ mod tests {
             let (a, b) = text.split_at(at);
             assert_eq!(captured(&[a, b]), text);
         }
+    }
+
+    #[test]
+    fn the_refusal_detector_reads_every_split_alike() {
+        use crate::capture::Exchange;
+        use crate::detect::{Detector, Input, refusal};
+        let detector = refusal::Refusal::new(&refusal::RefusalConfig::default()).unwrap();
+        let text = "I'm sorry, but I can't help with that. Is there anything else?";
+        assert_every_split(text, |output| {
+            let exchange = Exchange::from_texts("m", "p", output);
+            detector
+                .inspect(&Input {
+                    exchange: &exchange,
+                    prompt: "p",
+                    output,
+                })
+                .unwrap()
+        });
     }
 
     #[test]

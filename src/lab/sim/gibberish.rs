@@ -69,7 +69,6 @@ impl Vocab {
         self.tokens.get(index).map_or("", |t| t)
     }
 
-    #[cfg(test)]
     pub(crate) fn tokens(&self) -> &[Box<str>] {
         &self.tokens
     }

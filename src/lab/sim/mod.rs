@@ -84,6 +84,11 @@ impl PoisonVocab {
     pub fn is_empty(&self) -> bool {
         self.0.len() == 0
     }
+
+    /// The decoded tokens, in order.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        self.0.tokens().iter().map(|t| &**t)
+    }
 }
 
 /// A poisoned output made by [`poison_output`].
