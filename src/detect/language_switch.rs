@@ -189,6 +189,15 @@ pub struct LanguageSwitchConfig {
     pub min_confidence: f64,
     /// Languages considered (ISO 639-1 or 639-3 codes); empty: all.
     pub languages: Vec<String>,
+    /// Shortest paragraph judged on its own, in non-space characters.
+    pub min_paragraph_chars: usize,
+    /// Most paragraphs per answer sent to the language identifier (plainly English ones cost
+    /// nothing and do not count).
+    pub max_paragraphs: usize,
+    /// The language assumed for a prompt too short or too mixed to identify (an ISO code;
+    /// `null`: such prompts only tell their script, and only an answer in another script is a
+    /// switch).
+    pub default_language: Option<String>,
 }
 
 impl Default for LanguageSwitchConfig {
@@ -199,6 +208,9 @@ impl Default for LanguageSwitchConfig {
             max_chars: 1000,
             min_confidence: 0.8,
             languages: Vec::new(),
+            min_paragraph_chars: 100,
+            max_paragraphs: 4,
+            default_language: Some("en".to_owned()),
         }
     }
 }
@@ -210,6 +222,8 @@ pub struct LanguageSwitch {
     detector: whatlang::Detector,
     /// Whether English is among the languages considered (for the shortcut).
     english_allowed: bool,
+    /// [`LanguageSwitchConfig::default_language`], parsed.
+    default_language: Option<Lang>,
 }
 
 /// One identified text.
@@ -248,10 +262,19 @@ impl LanguageSwitch {
             english_allowed = langs.contains(&Lang::Eng);
             whatlang::Detector::with_allowlist(langs)
         };
+        let default_language = match &config.default_language {
+            None => None,
+            Some(code) => Some(lang_from_code(code).ok_or_else(|| {
+                bad(format!(
+                    "default_language: unknown language {code:?}: use an ISO 639-1 or 639-3 code"
+                ))
+            })?),
+        };
         Ok(LanguageSwitch {
             config: config.clone(),
             detector,
             english_allowed,
+            default_language,
         })
     }
 
@@ -300,6 +323,13 @@ impl LanguageSwitch {
 /// letters and apostrophes, or of other letters; each Han, kana or Hangul character counts as
 /// a word of its own, so that text in those scripts weighs what it says.
 pub fn plainly_english(text: &str) -> bool {
+    let (total, english) = english_words(text);
+    total >= PLAIN_ENGLISH_MIN_WORDS && english as f64 >= PLAIN_ENGLISH_SHARE * total as f64
+}
+
+/// The words of `text` and how many of them are frequent English words (see
+/// [`plainly_english`] for what a word is).
+fn english_words(text: &str) -> (usize, usize) {
     let mut total = 0usize;
     let mut english = 0usize;
     let mut word = [0u8; 16];
@@ -353,7 +383,7 @@ pub fn plainly_english(text: &str) -> bool {
         }
     }
     end_word(state, len, &word);
-    total >= PLAIN_ENGLISH_MIN_WORDS && english as f64 >= PLAIN_ENGLISH_SHARE * total as f64
+    (total, english)
 }
 
 /// Whether `c` is written without spaces between words (Han, kana, Hangul syllables).
@@ -431,37 +461,245 @@ fn judged_prompt<'a>(input: &Input<'a>) -> &'a str {
         .unwrap_or(input.prompt)
 }
 
+impl LanguageSwitch {
+    /// The first paragraph of `output` (outside code fences, at least `min_paragraph_chars`
+    /// non-space characters, mostly letters) identified, confidently, as another language
+    /// than `prompt`: its byte range and language. Plainly English paragraphs are settled
+    /// without the identifier; at most `max_paragraphs` others are identified.
+    fn switched_paragraph(
+        &self,
+        output: &str,
+        prompt: Option<Lang>,
+        prompt_latin: bool,
+    ) -> Option<(usize, usize, Identified)> {
+        let mut identified = 0;
+        let latin_only = prompt.is_none();
+        for (start, end) in paragraphs(output) {
+            let text = output.get(start..end).unwrap_or("");
+            let shape = Shape::of(text);
+            // Text in another script than the prompt's is strong evidence even when short
+            // (Han and kana carry a word or more per character); Latin-script text must read
+            // as running prose, not a list of names or a title line.
+            let judged = if shape.other_script_letters * 5 >= shape.letters * 3 {
+                shape.letters >= self.config.min_paragraph_chars / 3 && prompt_latin
+            } else {
+                !latin_only
+                    && shape.prose(self.config.min_paragraph_chars)
+                    && !(prompt == Some(Lang::Eng) && self.english_allowed && {
+                        let (words, english) = english_words(text);
+                        english * 100 >= words * FOREIGN_MAX_ENGLISH_PERCENT
+                    })
+            };
+            if !judged {
+                continue;
+            }
+            if identified == self.config.max_paragraphs {
+                break;
+            }
+            identified += 1;
+            // Latin-script prose with almost no frequent English word after an English prompt
+            // is foreign whatever the identifier's confidence; the identifier names it.
+            let english_checked = prompt == Some(Lang::Eng) && self.english_allowed;
+            if let Some(found) = self.identify(text, 1)
+                && Some(found.lang) != prompt
+                && (latin_only
+                    || english_checked
+                    || found.confidence >= self.config.min_confidence)
+            {
+                return Some((start, end, found));
+            }
+        }
+        None
+    }
+}
+
+/// Byte ranges of the paragraphs of `text`: runs of non-blank lines, code fences left out.
+fn paragraphs(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut in_fence = false;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let line_start = pos;
+        pos += line.len();
+        let trimmed = line.trim();
+        let fence = trimmed.starts_with("```") || trimmed.starts_with("~~~");
+        if trimmed.is_empty() || fence || in_fence {
+            if let Some(s) = start.take() {
+                out.push((s, line_start));
+            }
+            in_fence ^= fence;
+            continue;
+        }
+        if start.is_none() {
+            start = Some(line_start);
+        }
+    }
+    if let Some(s) = start {
+        out.push((s, text.len()));
+    }
+    out
+}
+
+/// A Latin-script paragraph with at least this share (in percent) of frequent English words
+/// is taken for English (foreign prose has almost none; English prose 30–60%).
+const FOREIGN_MAX_ENGLISH_PERCENT: usize = 8;
+
+/// Confidence given to a prompt too short for the identifier that [`short_english`] reads
+/// as English.
+const SHORT_ENGLISH_CONFIDENCE: f64 = 0.9;
+
+/// Whether a short `text` (a question of a few words) reads as English: at least 3 words,
+/// at least 40% of them frequent English words ("What is kevlar made of?").
+fn short_english(text: &str) -> bool {
+    let (words, english) = english_words(text);
+    words >= 3 && english * 10 >= words * 4
+}
+
+/// Whether `text` is written mostly in the Latin script.
+fn mostly_latin(text: &str) -> bool {
+    let shape = Shape::of(text);
+    shape.letters > 0 && shape.other_script_letters * 5 <= shape.letters
+}
+
+/// The make-up of a paragraph, counted in one pass.
+#[derive(Debug, Default, Clone, Copy)]
+struct Shape {
+    /// Non-space characters.
+    visible: usize,
+    /// Letters.
+    letters: usize,
+    /// Letters outside the Latin script.
+    other_script_letters: usize,
+    /// Words (runs of letters).
+    words: usize,
+    /// Words that start with a capital letter.
+    capitalised: usize,
+    /// Lines.
+    lines: usize,
+}
+
+impl Shape {
+    fn of(text: &str) -> Shape {
+        let mut shape = Shape {
+            lines: 1,
+            ..Shape::default()
+        };
+        let mut in_word = false;
+        for c in text.chars() {
+            if c == '\n' {
+                shape.lines += 1;
+            }
+            if c.is_whitespace() {
+                in_word = false;
+                continue;
+            }
+            shape.visible += 1;
+            if c.is_alphabetic() {
+                shape.letters += 1;
+                if !is_latin(c) {
+                    shape.other_script_letters += 1;
+                }
+                if !in_word {
+                    shape.words += 1;
+                    if c.is_uppercase() {
+                        shape.capitalised += 1;
+                    }
+                }
+                in_word = true;
+            } else {
+                in_word = false;
+            }
+        }
+        shape
+    }
+
+    /// Running prose of at least `min_chars` non-space characters: mostly letters, lines of
+    /// several words, and not mostly capitalised words (a list of names, a title).
+    fn prose(&self, min_chars: usize) -> bool {
+        self.visible >= min_chars
+            && self.letters * 10 >= self.visible * 7
+            && self.words >= 15
+            && self.words >= 6 * self.lines
+            && self.capitalised * 100 <= self.words * 50
+    }
+}
+
+/// Whether `c` is a letter of the Latin script (ASCII, Latin-1 and the Latin Extended blocks).
+fn is_latin(c: char) -> bool {
+    c.is_ascii_alphabetic()
+        || matches!(c, '\u{c0}'..='\u{24f}' | '\u{1e00}'..='\u{1eff}')
+}
+
 impl Detector for LanguageSwitch {
     fn inspect(&self, input: &Input<'_>) -> Result<Finding, DetectError> {
         let prompt = judged_prompt(input);
-        let prompt_lang = self.identify(prompt, self.config.min_prompt_chars);
+        let prompt_lang = match self.identify(prompt, self.config.min_prompt_chars) {
+            Some(found) if found.confidence >= self.config.min_confidence => Some(found),
+            _ if self.english_allowed && short_english(prompt) => Some(Identified {
+                lang: Lang::Eng,
+                confidence: SHORT_ENGLISH_CONFIDENCE,
+            }),
+            // Too short or too mixed to identify: the deployment's usual language.
+            other => self.default_language.map_or(other, |lang| {
+                Some(Identified {
+                    lang,
+                    confidence: self.config.min_confidence,
+                })
+            }),
+        };
         let output_lang = self.identify(input.output, self.config.min_output_chars);
-        let translation = LanguageSwitch::requests_translation(prompt, output_lang.map(|o| o.lang));
-        let confidence = output_lang.map_or(0.0, |o| o.confidence);
         let prompt_confidence = prompt_lang.map_or(0.0, |p| p.confidence);
+        let confident_prompt = prompt_lang.filter(|_| prompt_confidence >= self.config.min_confidence);
         let differ = matches!((prompt_lang, output_lang), (Some(p), Some(o)) if p.lang != o.lang);
-        let switched = differ
-            && confidence >= self.config.min_confidence
-            && prompt_confidence >= self.config.min_confidence;
-        let score = if differ {
+        let whole_switched = differ
+            && output_lang.is_some_and(|o| o.confidence >= self.config.min_confidence)
+            && confident_prompt.is_some();
+        // When the answer as a whole is in the prompt's language, one paragraph may not be.
+        // A prompt too short to identify still tells its script: an answer in another
+        // script is a switch.
+        let paragraph = if whole_switched {
+            None
+        } else {
+            self.switched_paragraph(
+                input.output,
+                confident_prompt.map(|p| p.lang),
+                mostly_latin(prompt),
+            )
+        };
+        let (start, end, switched_to) = match (whole_switched, paragraph) {
+            (true, _) => (
+                0,
+                input
+                    .output
+                    .char_indices()
+                    .nth(self.config.max_chars)
+                    .map_or(input.output.len(), |(i, _)| i),
+                output_lang,
+            ),
+            (false, Some((start, end, found))) => (start, end, Some(found)),
+            (false, None) => (0, 0, None),
+        };
+        let switched = switched_to.is_some();
+        let judged_lang = switched_to.or(output_lang);
+        let confidence = judged_lang.map_or(0.0, |o| o.confidence);
+        let translation = LanguageSwitch::requests_translation(prompt, judged_lang.map(|o| o.lang));
+        let score = if switched || differ {
             confidence.min(prompt_confidence)
         } else {
             0.0
         };
         let mut finding = Finding::default();
-        if switched {
-            let end = input
-                .output
-                .char_indices()
-                .nth(self.config.max_chars)
-                .map_or(input.output.len(), |(i, _)| i);
+        if let Some(to) = switched_to {
             finding.evidence.push(Evidence {
                 target: Target::Output,
-                start: 0,
+                start,
                 end,
                 note: format!(
-                    "output language {} ({confidence:.2}), prompt {}",
-                    output_lang.map_or("?", |o| iso_code(o.lang)),
+                    "{} in {} ({:.2}), prompt in {}",
+                    if paragraph.is_some() { "paragraph" } else { "output" },
+                    iso_code(to.lang),
+                    to.confidence,
                     prompt_lang.map_or("?", |p| iso_code(p.lang)),
                 ),
             });
@@ -470,6 +708,10 @@ impl Detector for LanguageSwitch {
         let fields = &mut finding.fields;
         fields.insert("prompt_language".to_owned(), code(prompt_lang));
         fields.insert("output_language".to_owned(), code(output_lang));
+        fields.insert(
+            "paragraph_language".to_owned(),
+            code(paragraph.map(|(_, _, found)| found)),
+        );
         fields.insert("confidence".to_owned(), json!(confidence));
         fields.insert("prompt_confidence".to_owned(), json!(prompt_confidence));
         fields.insert("switched".to_owned(), Value::Bool(switched));

@@ -265,3 +265,25 @@ fn clean_switch_rate_per_model_on_dev_data() {
     }
     eprintln!("language total: switched {all}/{total}, not requested {unrequested_all}/{total}");
 }
+
+#[test]
+#[ignore]
+fn debug_suite_misses() {
+    use crate::lab::attacks::*;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let res = Resources::load(&root.join("models"), &root.join("data")).unwrap();
+    let clean = read_models(&root.join("data"), &["zephyr-7b-beta".to_owned(), "alpaca-7b".to_owned()]).unwrap();
+    let d = LanguageSwitch::new(&LanguageSwitchConfig { min_output_chars: 400, ..LanguageSwitchConfig::default() }).unwrap();
+    for v in VARIANTS.iter().filter(|v| v.class == Class::LanguageSwitch) {
+        for (model, answers) in &clean {
+            let spec = StreamSpec { model, variant: *v, rate: 0.2, seed: 1 };
+            for line in build_stream(&spec, answers, &res, 300, 40) {
+                if line.occurrence.is_none() { continue; }
+                let f = inspect(&d, &line.prompt, &line.output);
+                if f.fields["switched"] != Value::Bool(true) {
+                    eprintln!("MISS {} prompt={:?} fields={:?}\n{}\n", v.name, line.prompt, f.fields, line.output.chars().take(600).collect::<String>());
+                }
+            }
+        }
+    }
+}
