@@ -53,7 +53,7 @@ fn prefix(text: &str, max: usize) -> &str {
     while !text.is_char_boundary(at) {
         at -= 1;
     }
-    &text[..at]
+    text.get(..at).unwrap_or("")
 }
 
 const PHRASES: [&str; 6] = [
@@ -153,7 +153,7 @@ fn sentence_loop(clean: &str, rng: &mut StdRng, n: usize) -> String {
         sentences[rng.random_range(0..sentences.len())].to_owned()
     };
     let cut = clean.find(unit.as_str()).unwrap_or(0) + unit.len();
-    let mut out = clean[..cut].to_owned();
+    let mut out = clean.get(..cut).unwrap_or(clean).to_owned();
     for _ in 1..n {
         out.push(' ');
         out.push_str(unit.trim());
@@ -423,7 +423,7 @@ fn cost_per_answer() {
         .map(|(_, t)| t)
         .filter(|t| (2000..3000).contains(&t.len()))
         .collect();
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let mut flagged = 0usize;
     for _ in 0..5 {
         for t in &texts {
