@@ -18,6 +18,7 @@ pub mod language_switch;
 pub mod normalize;
 pub mod recurring_span;
 pub mod refusal;
+pub mod repetition;
 #[cfg(test)]
 pub(crate) mod split_check;
 pub mod style;
@@ -157,6 +158,7 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<Built, DetectError> {
         "refusal" => Arc::new(refusal::Refusal::new(&parameters(config)?)?),
         "language_switch" => Arc::new(language_switch::LanguageSwitch::new(&parameters(config)?)?),
         "style" => Arc::new(style::Style::new(&parameters(config)?)?),
+        "repetition" => Arc::new(repetition::Repetition::new(&parameters(config)?)?),
         other => {
             return Err(DetectError::Config(format!(
                 "unknown detector type `{other}`; one of: {}",
@@ -176,6 +178,7 @@ pub const KINDS: &[&str] = &[
     "language_switch",
     "refusal",
     "style",
+    "repetition",
     "embedding_drift",
     "feature_drift",
 ];
