@@ -224,6 +224,16 @@ impl Gibberish {
     /// [`Gibberish::features`] with a chosen out-of-vocabulary penalty (bits per character of
     /// an unknown word), for calibration.
     pub fn features_with(&self, text: &str, oov_penalty: f64, function_credit: f64) -> Features {
+        self.features_and_sums(text, oov_penalty, function_credit).0
+    }
+
+    /// The features of `text` and the prefix sums they were computed from.
+    pub(crate) fn features_and_sums(
+        &self,
+        text: &str,
+        oov_penalty: f64,
+        function_credit: f64,
+    ) -> (Features, Sums) {
         let mut f = Features::default();
         let order = self.lm.params().order.min(MAX_ORDER);
 
@@ -365,44 +375,21 @@ impl Gibberish {
         };
         f.lm_mean_surprisal = if n == 0 { 0.0 } else { total / n as f64 };
 
-        // Worst windows: O(n) over the prefix sums.
-        let w = self.config.window.min(n).max(1);
-        let mut best_lm = 0.0f64;
-        let mut best = (f64::MIN, 0usize, 0.0f64);
-        if n > 0 {
-            let last_start = n - w;
-            let mut s = 0usize;
-            loop {
-                let at = |v: &[f64], k: usize| v.get(k).copied().unwrap_or(total);
-                let lm = (at(&lm_prefix, s + w) - at(&lm_prefix, s)) / w as f64;
-                let oov_w = f64::from(
-                    oov_prefix.get(s + w).copied().unwrap_or(oov_chars)
-                        - oov_prefix.get(s).copied().unwrap_or(0),
-                ) / w as f64;
-                let (w0, f0) = word_prefix.get(s).copied().unwrap_or((0, 0));
-                let (w1, f1) = word_prefix
-                    .get(s + w)
-                    .copied()
-                    .unwrap_or((word_state.words, word_state.function_words));
-                let fw = f64::from(f1 - f0) / f64::from((w1 - w0).max(1));
-                best_lm = best_lm.max(lm);
-                let combined = lm + oov_penalty * oov_w - function_credit * fw;
-                if combined > best.0 {
-                    best = (combined, s, oov_w);
-                }
-                if s == last_start {
-                    break;
-                }
-                s = (s + self.config.stride).min(last_start);
-            }
-        } else {
-            best = (0.0, 0, 0.0);
-        }
-        f.lm_max_surprisal = best_lm;
-        f.window_score = best.0;
-        f.window_oov_chars = best.2;
-        f.window_start = offsets.get(best.1).copied().unwrap_or(0) as usize;
-        f.window_end = offsets.get(best.1 + w).copied().unwrap_or(0) as usize;
+        let sums = Sums {
+            lm: lm_prefix,
+            oov: oov_prefix,
+            words: word_prefix,
+            offsets,
+            oov_penalty,
+            function_credit,
+        };
+        f.lm_max_surprisal = sums.max_lm(self.config.window, self.config.stride);
+        let best = sums.worst_window(self.config.window, self.config.stride);
+        f.window_score = best.score;
+        f.window_oov_chars = best.oov;
+        f.window_start = sums.byte(best.start);
+        f.window_end = sums.byte(best.end);
+        let _ = oov_chars;
 
         token_stats(text, &mut f);
         f.compression_ratio = compression_ratio(text);
@@ -413,7 +400,7 @@ impl Gibberish {
         } else {
             f.score = score(&f);
         }
-        f
+        (f, sums)
     }
 }
 
@@ -449,6 +436,128 @@ const SLOPE: f64 = 4.0;
 /// The calibrated score (see the module docs).
 fn score(f: &Features) -> f64 {
     1.0 / (1.0 + (-(f.window_score - THRESHOLD) * SLOPE).exp())
+}
+
+/// Prefix sums of one output's per-character costs and word counts (`n + 1` entries each),
+/// so that any region's score costs O(1).
+#[derive(Debug)]
+pub(crate) struct Sums {
+    lm: Vec<f64>,
+    oov: Vec<u32>,
+    words: Vec<(u32, u32)>,
+    /// Byte offset of each character, then the text's length.
+    offsets: Vec<u32>,
+    oov_penalty: f64,
+    function_credit: f64,
+}
+
+/// A region of an output (character indices) and its score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Region {
+    /// Mean cost + OOV penalty − function-word credit, bits per character.
+    pub(crate) score: f64,
+    /// Share of the region's characters in unknown words.
+    pub(crate) oov: f64,
+    /// First character.
+    pub(crate) start: usize,
+    /// Just past the last character.
+    pub(crate) end: usize,
+}
+
+impl Sums {
+    /// Characters in the output.
+    pub(crate) fn chars(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Byte offset of character `k` (the text's length past the end).
+    fn byte(&self, k: usize) -> usize {
+        self.offsets
+            .get(k)
+            .or(self.offsets.last())
+            .copied()
+            .unwrap_or(0) as usize
+    }
+
+    /// The score of characters `s..e` (`s < e ≤ chars`).
+    pub(crate) fn region(&self, s: usize, e: usize) -> Region {
+        let len = e.saturating_sub(s).max(1) as f64;
+        let lm = |k: usize| self.lm.get(k).copied().unwrap_or(0.0);
+        let oov = |k: usize| self.oov.get(k).copied().unwrap_or(0);
+        let words = |k: usize| self.words.get(k).copied().unwrap_or((0, 0));
+        let mean = (lm(e) - lm(s)) / len;
+        let oov_share = f64::from(oov(e).saturating_sub(oov(s))) / len;
+        let ((w0, f0), (w1, f1)) = (words(s), words(e));
+        let fw = f64::from(f1.saturating_sub(f0)) / f64::from(w1.saturating_sub(w0).max(1));
+        Region {
+            score: mean + self.oov_penalty * oov_share - self.function_credit * fw,
+            oov: oov_share,
+            start: s,
+            end: e,
+        }
+    }
+
+    /// Starts of the windows of `width` characters every `stride` (the last one flush with
+    /// the end); one window over the whole output when it is shorter.
+    fn starts(&self, width: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
+        let n = self.chars();
+        let w = width.min(n).max(1);
+        let last = n.saturating_sub(w);
+        let stride = stride.max(1);
+        (0..=last / stride)
+            .map(move |k| k * stride)
+            .chain((last % stride != 0).then_some(last))
+            .map(move |s| (s, (s + w).min(n)))
+    }
+
+    /// Highest mean cost of a window of `width` characters.
+    fn max_lm(&self, width: usize, stride: usize) -> f64 {
+        let lm = |k: usize| self.lm.get(k).copied().unwrap_or(0.0);
+        self.starts(width, stride)
+            .map(|(s, e)| (lm(e) - lm(s)) / e.saturating_sub(s).max(1) as f64)
+            .fold(0.0, f64::max)
+    }
+
+    /// The worst window of `width` characters (every `stride`; the first one wins a tie).
+    pub(crate) fn worst_window(&self, width: usize, stride: usize) -> Region {
+        let mut best: Option<Region> = None;
+        for (s, e) in self.starts(width, stride) {
+            let r = self.region(s, e);
+            if best.is_none_or(|b| r.score > b.score) {
+                best = Some(r);
+            }
+        }
+        best.unwrap_or(Region {
+            score: 0.0,
+            oov: 0.0,
+            start: 0,
+            end: 0,
+        })
+    }
+
+    /// The worst suffix of at least `min_len` characters, its start every `stride`
+    /// characters; the whole output when it is shorter.
+    pub(crate) fn worst_suffix(&self, min_len: usize, stride: usize) -> Region {
+        let n = self.chars();
+        let last = n.saturating_sub(min_len.max(1));
+        let stride = stride.max(1);
+        let mut best: Option<Region> = None;
+        for s in (0..=last / stride)
+            .map(|k| k * stride)
+            .chain((last % stride != 0).then_some(last))
+        {
+            let r = self.region(s, n);
+            if best.is_none_or(|b| r.score > b.score) {
+                best = Some(r);
+            }
+        }
+        best.unwrap_or(Region {
+            score: 0.0,
+            oov: 0.0,
+            start: 0,
+            end: 0,
+        })
+    }
 }
 
 /// Running word counts of one output.

@@ -356,3 +356,338 @@ fn dump_devset_features() {
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// The ~500-token answers the criterion bench uses (gpt-3.5-turbo-1106, 1,800–2,600
+/// characters).
+fn bench_answers() -> Vec<String> {
+    let path = crate::lab::devset::model_file(&test_data_dir(), "gpt-3.5-turbo-1106");
+    let mut v: Vec<String> = crate::lab::lm_training::read_jsonl(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(_, o)| o)
+        .filter(|o| (1800..=2600).contains(&o.chars().count()))
+        .collect();
+    v.truncate(64);
+    v
+}
+
+/// Mean time of `Detector::inspect` on ~500-token answers (run in release, on a quiet machine).
+#[test]
+#[ignore = "timing; run with --release"]
+fn time_per_answer() {
+    let g = detector();
+    let answers = bench_answers();
+    for _ in 0..3 {
+        for a in &answers {
+            std::hint::black_box(g.inspect(&input(a)).unwrap());
+        }
+    }
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            for a in &answers {
+                std::hint::black_box(g.inspect(&input(a)).unwrap());
+            }
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / (10 * answers.len()) as f64;
+        best = best.min(us);
+    }
+    eprintln!("inspect: {best:.1} µs per ~500-token answer (best of 7)");
+}
+
+/// The attack generators of the evaluation: how a tail of random tokens is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gen {
+    /// Random ids of the all-MiniLM-L6-v2 WordPiece vocabulary, decoded by its tokenizer.
+    WordPiece,
+    /// The simulated model's built-in vocabulary.
+    Builtin,
+    /// The word-piece vocabulary built from the train split.
+    CorpusPieces,
+    /// Random printable ASCII characters (tokens of 1–3 characters).
+    Printable,
+    /// Random lowercase letters (tokens of 1–3 letters, a third of them after a space).
+    Letters,
+    /// One token or a short n-gram of WordPiece tokens, repeated.
+    Loop,
+}
+
+const GENS: [Gen; 6] = [
+    Gen::WordPiece,
+    Gen::Builtin,
+    Gen::CorpusPieces,
+    Gen::Printable,
+    Gen::Letters,
+    Gen::Loop,
+];
+/// Tail lengths in tokens, per bucket (inclusive).
+const TAIL_BUCKETS: [(usize, usize); 3] = [(30, 60), (61, 150), (151, 1000)];
+/// Clean-start lengths in characters, per bucket (inclusive).
+const PREFIX_BUCKETS: [(usize, usize); 3] = [(0, 0), (1, 500), (501, 2000)];
+
+/// SplitMix64, seeded.
+struct TestRng(u64);
+
+impl TestRng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+
+    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+struct Generators {
+    tokenizer: tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    builtin: PoisonVocab,
+    pieces: PoisonVocab,
+}
+
+impl Generators {
+    fn new() -> Generators {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/all-MiniLM-L6-v2-tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let mut ids: Vec<u32> = tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(t, _)| !(t.starts_with('[') && t.ends_with(']')))
+            .map(|(_, id)| id)
+            .collect();
+        ids.sort_unstable();
+        let mut train = Vec::new();
+        for model in crate::lab::devset::TRAIN_MODELS {
+            let path = crate::lab::devset::model_file(&test_data_dir(), model);
+            train.extend(
+                crate::lab::lm_training::read_jsonl(&path)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, o)| o),
+            );
+        }
+        let pieces = corpus_pieces_vocab(train.iter().map(String::as_str));
+        Generators {
+            tokenizer,
+            ids,
+            builtin: PoisonVocab::builtin(),
+            pieces,
+        }
+    }
+
+    fn wordpiece(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap()
+    }
+
+    /// A tail of `tokens` tokens, and whether it goes after the clean start with a space.
+    fn tail(&self, kind: Gen, tokens: usize, rng: &mut TestRng) -> (String, bool) {
+        let mut out = String::new();
+        match kind {
+            Gen::WordPiece => {
+                let ids: Vec<u32> = (0..tokens)
+                    .map(|_| self.ids[rng.below(self.ids.len())])
+                    .collect();
+                return (self.wordpiece(&ids), true);
+            }
+            Gen::Builtin | Gen::CorpusPieces => {
+                let v = if kind == Gen::Builtin {
+                    &self.builtin
+                } else {
+                    &self.pieces
+                };
+                for _ in 0..tokens {
+                    out.push_str(v.token(rng.below(v.len())));
+                }
+            }
+            Gen::Printable | Gen::Letters => {
+                for _ in 0..tokens {
+                    if kind == Gen::Letters && rng.below(3) == 0 {
+                        out.push(' ');
+                    }
+                    for _ in 0..1 + rng.below(3) {
+                        let c = if kind == Gen::Printable {
+                            0x20 + rng.below(0x5f) as u8
+                        } else {
+                            b'a' + rng.below(26) as u8
+                        };
+                        out.push(char::from(c));
+                    }
+                }
+            }
+            Gen::Loop => {
+                let k = 1 + rng.below(4);
+                let gram: Vec<u32> = (0..k)
+                    .map(|_| self.ids[rng.below(self.ids.len())])
+                    .collect();
+                let ids: Vec<u32> = gram.iter().copied().cycle().take(tokens).collect();
+                return (self.wordpiece(&ids), true);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// A clean start of about `chars` characters from `answers[i..]` (joined by a blank line),
+/// cut back to the end of a word.
+fn clean_start(answers: &[String], i: usize, chars: usize) -> String {
+    if chars == 0 {
+        return String::new();
+    }
+    let mut text = String::new();
+    let mut k = i;
+    while text.chars().count() < chars + 1 && k < i + answers.len() {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(&answers[k % answers.len()]);
+        k += 1;
+    }
+    let end = text
+        .char_indices()
+        .nth(chars)
+        .map_or(text.len(), |(b, _)| b);
+    let head = &text[..end];
+    let cut = if text[end..].starts_with(char::is_whitespace) || end == text.len() {
+        head
+    } else {
+        head.rfind(char::is_whitespace).map_or("", |b| &head[..b])
+    };
+    cut.trim_end().to_owned()
+}
+
+/// One generated attack: a clean start from the answers of one model and a tail.
+struct Attack {
+    kind: Gen,
+    tail_bucket: usize,
+    prefix_bucket: usize,
+    model: String,
+    text: String,
+    prefix_len: usize,
+}
+
+/// `per_cell` attacks per generator × tail bucket × prefix bucket, from the clean answers of
+/// `models`, deterministic in `seed`.
+fn attacks(gens: &Generators, models: &[&str], per_cell: usize, seed: u64) -> Vec<Attack> {
+    let answers: Vec<(String, Vec<String>)> = models
+        .iter()
+        .map(|m| {
+            let path = crate::lab::devset::model_file(&test_data_dir(), m);
+            let v = crate::lab::lm_training::read_jsonl(&path)
+                .unwrap()
+                .into_iter()
+                .map(|(_, o)| o)
+                .collect();
+            ((*m).to_owned(), v)
+        })
+        .collect();
+    let mut rng = TestRng(seed ^ 0x6769_6262);
+    let mut out = Vec::new();
+    for kind in GENS {
+        for (tb, &tail_range) in TAIL_BUCKETS.iter().enumerate() {
+            for (pb, &prefix_range) in PREFIX_BUCKETS.iter().enumerate() {
+                for _ in 0..per_cell {
+                    let (model, list) = &answers[rng.below(answers.len())];
+                    let prefix = clean_start(list, rng.below(list.len()), rng.range(prefix_range));
+                    let (tail, spaced) = gens.tail(kind, rng.range(tail_range), &mut rng);
+                    let mut text = prefix.clone();
+                    if spaced && !text.is_empty() {
+                        text.push(' ');
+                    }
+                    text.push_str(&tail);
+                    out.push(Attack {
+                        kind,
+                        tail_bucket: tb,
+                        prefix_bucket: pb,
+                        model: model.clone(),
+                        text,
+                        prefix_len: prefix.len(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Widths of the windows and minimum lengths of the suffixes dumped for calibration.
+const DUMP_WINDOWS: [usize; 6] = [32, 48, 64, 96, 128, 256];
+const DUMP_SUFFIXES: [usize; 5] = [32, 48, 64, 96, 128];
+
+/// Writes, for the clean answers of the calibration and report models and for generated
+/// attacks on both, the score of the worst region at several scales, as TSV to
+/// `$TRIPWIRE_REGIONS_TSV`.
+#[test]
+#[ignore = "dumps region scores for calibration; run with --release"]
+fn dump_region_scores() {
+    use crate::lab::devset::CALIBRATION_MODELS;
+    let path = std::env::var("TRIPWIRE_REGIONS_TSV").unwrap();
+    let g = detector();
+    let gens = Generators::new();
+    let mut out = String::from("split\tmodel\tlabel\ttb\tpb\tchars");
+    for w in DUMP_WINDOWS {
+        out.push_str(&format!("\tw{w}"));
+    }
+    for m in DUMP_SUFFIXES {
+        out.push_str(&format!("\ts{m}"));
+    }
+    out.push('\n');
+    let lambda: f64 =
+        std::env::var("TRIPWIRE_OOV_PENALTY").map_or(OOV_PENALTY, |v| v.parse().unwrap());
+    let mu: f64 =
+        std::env::var("TRIPWIRE_FW_CREDIT").map_or(FUNCTION_WORD_CREDIT, |v| v.parse().unwrap());
+    let mut row = |split: &str, model: &str, label: &str, tb: usize, pb: usize, text: &str| {
+        let (f, sums) = g.features_and_sums(text, lambda, mu);
+        out.push_str(&format!("{split}\t{model}\t{label}\t{tb}\t{pb}\t{}", f.chars));
+        for w in DUMP_WINDOWS {
+            let stride = if w <= 96 { 4 } else { 8 };
+            out.push_str(&format!("\t{:.4}", sums.worst_window(w, stride).score));
+        }
+        for m in DUMP_SUFFIXES {
+            out.push_str(&format!("\t{:.4}", sums.worst_suffix(m, 4).score));
+        }
+        out.push('\n');
+    };
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: false,
+    };
+    for ex in build_devset(&test_data_dir(), 1, &options).unwrap() {
+        let split = if ex.split == Split::Report {
+            "report"
+        } else {
+            "calibration"
+        };
+        row(split, &ex.model, "clean", 0, 0, &ex.output);
+    }
+    let per_cell: usize = std::env::var("TRIPWIRE_PER_CELL").map_or(200, |v| v.parse().unwrap());
+    for (split, models, seed) in [
+        ("calibration", &CALIBRATION_MODELS, 11u64),
+        ("report", &REPORT_MODELS, 12u64),
+    ] {
+        for a in attacks(&gens, models, per_cell, seed) {
+            row(
+                split,
+                &a.model,
+                &format!("{:?}", a.kind),
+                a.tail_bucket,
+                a.prefix_bucket,
+                &a.text,
+            );
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}

@@ -84,6 +84,11 @@ impl PoisonVocab {
     pub fn is_empty(&self) -> bool {
         self.0.len() == 0
     }
+
+    /// The decoded token at `index` (empty when out of range).
+    pub fn token(&self, index: usize) -> &str {
+        self.0.token(index)
+    }
 }
 
 /// A poisoned output made by [`poison_output`].
