@@ -116,6 +116,10 @@ const OOV_PENALTY: f64 = 2.0;
 /// Bits per character taken off a window's score for its share of function words (of any
 /// of the languages in [`FUNCTION_WORDS`]): running text in any of them has many.
 const FUNCTION_WORD_CREDIT: f64 = 5.0;
+/// Words of the word list (which is sorted by frequency) counted as common.
+const COMMON_WORDS: usize = 1000;
+/// Bits per character taken off a window's score for its share of common words.
+const COMMON_WORD_CREDIT: f64 = 6.0;
 /// Cap on one character's language-model surprisal, in bits.
 const MAX_CHAR_COST: f32 = 16.0;
 
@@ -147,9 +151,18 @@ pub struct Features {
     pub script_mix: f64,
     /// Share of Latin-script words not in the word list.
     pub oov_share: f64,
-    /// Score of the worst window: its mean surprisal plus the out-of-vocabulary penalty times
-    /// its share of characters in unknown words.
+    /// Score of the worst region (window or suffix, see the module docs): its mean cost plus
+    /// the out-of-vocabulary penalty, less the function-word and common-word credits, bits
+    /// per character.
     pub window_score: f64,
+    /// How far the worst region's score lies above its scale's threshold, in bits of the
+    /// widest window's scale; the score is 0.5 at 0.
+    pub window_excess: f64,
+    /// Length in characters of the worst region.
+    pub window_chars: usize,
+    /// Score of the worst suffix (a region that runs to the end of the output, at least a
+    /// quarter window long).
+    pub tail_score: f64,
     /// Share of the worst window's characters that belong to unknown words.
     pub window_oov_chars: f64,
     /// Byte offset of the worst window's start.
@@ -165,6 +178,8 @@ pub struct Gibberish {
     lm: CharLm,
     words: HashSet<u64, BuildId>,
     function_words: HashSet<u64, BuildId>,
+    /// The [`COMMON_WORDS`] most frequent words of the word list.
+    common_words: HashSet<u64, BuildId>,
 }
 
 impl Gibberish {
@@ -192,6 +207,13 @@ impl Gibberish {
             .filter(|w| !w.is_empty())
             .map(word_hash)
             .collect();
+        let common_words: HashSet<u64, BuildId> = words_text
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .take(COMMON_WORDS)
+            .map(word_hash)
+            .collect();
         if words.is_empty() {
             return Err(DetectError::Load {
                 what: "word list".to_owned(),
@@ -208,6 +230,7 @@ impl Gibberish {
             lm,
             words,
             function_words,
+            common_words,
         })
     }
 
@@ -224,16 +247,16 @@ impl Gibberish {
     /// [`Gibberish::features`] with a chosen out-of-vocabulary penalty (bits per character of
     /// an unknown word), for calibration.
     pub fn features_with(&self, text: &str, oov_penalty: f64, function_credit: f64) -> Features {
-        self.features_and_sums(text, oov_penalty, function_credit).0
+        let weights = Weights {
+            oov_penalty,
+            function_credit,
+            ..Weights::default()
+        };
+        self.features_and_sums(text, weights).0
     }
 
     /// The features of `text` and the prefix sums they were computed from.
-    pub(crate) fn features_and_sums(
-        &self,
-        text: &str,
-        oov_penalty: f64,
-        function_credit: f64,
-    ) -> (Features, Sums) {
+    pub(crate) fn features_and_sums(&self, text: &str, weights: Weights) -> (Features, Sums) {
         let mut f = Features::default();
         let order = self.lm.params().order.min(MAX_ORDER);
 
@@ -259,8 +282,8 @@ impl Gibberish {
         let mut word = WordHash::new();
         let mut word_len = 0u32;
         let mut word_state = WordState::default();
-        let mut word_prefix: Vec<(u32, u32)> = Vec::with_capacity(text.len() + 1);
-        word_prefix.push((0, 0));
+        let mut word_prefix: Vec<(u32, u32, u32)> = Vec::with_capacity(text.len() + 1);
+        word_prefix.push((0, 0, 0));
 
         for (i, c) in text.char_indices() {
             offsets.push(i as u32);
@@ -317,8 +340,7 @@ impl Gibberish {
             } else if word_len > 0 {
                 end_word(
                     &mut word_state,
-                    &self.words,
-                    &self.function_words,
+                    self,
                     word.finish(),
                     word_len,
                     &mut oov_prefix,
@@ -327,21 +349,28 @@ impl Gibberish {
                 word_len = 0;
             }
             oov_prefix.push(word_state.oov_chars);
-            word_prefix.push((word_state.words, word_state.function_words));
+            word_prefix.push((
+                word_state.words,
+                word_state.function_words,
+                word_state.common,
+            ));
         }
         if word_len > 0 {
             // The last entries already count the word's characters' positions; add its
             // counts there.
             end_word(
                 &mut word_state,
-                &self.words,
-                &self.function_words,
+                self,
                 word.finish(),
                 word_len,
                 &mut oov_prefix,
             );
             if let Some(last) = word_prefix.last_mut() {
-                *last = (word_state.words, word_state.function_words);
+                *last = (
+                    word_state.words,
+                    word_state.function_words,
+                    word_state.common,
+                );
             }
         }
         let (words, oov, oov_chars) = (
@@ -380,15 +409,34 @@ impl Gibberish {
             oov: oov_prefix,
             words: word_prefix,
             offsets,
-            oov_penalty,
-            function_credit,
+            weights,
         };
         f.lm_max_surprisal = sums.max_lm(self.config.window, self.config.stride);
-        let best = sums.worst_window(self.config.window, self.config.stride);
-        f.window_score = best.score;
-        f.window_oov_chars = best.oov;
-        f.window_start = sums.byte(best.start);
-        f.window_end = sums.byte(best.end);
+        // The worst region: windows at three scales and the suffixes, each measured by how
+        // far its score lies above its own threshold, in units of its clean spread.
+        let (wide, stride) = (self.config.window, self.config.stride);
+        let fine = (stride / 2).max(1);
+        let regions = [
+            sums.worst_window((wide / 4).max(1), fine),
+            sums.worst_window((wide / 2).max(1), stride),
+            sums.worst_window(wide, stride),
+            sums.worst_suffix((wide / 4).max(1), fine),
+        ];
+        let mut best = (f64::MIN, Region::default());
+        for (r, scale) in regions.iter().zip(&SCALES) {
+            let excess = (r.score - scale.threshold) / scale.spread * SCALES[2].spread;
+            if excess > best.0 {
+                best = (excess, *r);
+            }
+        }
+        let (excess, worst) = best;
+        f.tail_score = regions[3].score;
+        f.window_score = worst.score;
+        f.window_excess = excess;
+        f.window_chars = worst.end.saturating_sub(worst.start);
+        f.window_oov_chars = worst.oov;
+        f.window_start = sums.byte(worst.start);
+        f.window_end = sums.byte(worst.end);
         let _ = oov_chars;
 
         token_stats(text, &mut f);
@@ -420,22 +468,56 @@ impl Detector for Gibberish {
                 target: Target::Output,
                 start: f.window_start,
                 end: f.window_end,
-                note: format!("gibberish window ({:.2} bits/char)", f.lm_max_surprisal),
+                note: format!(
+                    "gibberish window ({} chars, {:.2} bits/char)",
+                    f.window_chars, f.window_score
+                ),
             });
         }
         Ok(finding)
     }
 }
 
-/// The window score at which [`Features::score`] is 0.5: the 99.9th percentile of the clean
-/// outputs of the calibration models (see the module docs).
-pub const THRESHOLD: f64 = 5.65;
-/// Steepness of the logistic map from window score to score, per bit.
+/// One scale's calibration: the region score at which [`Features::score`] is 0.5, and the
+/// spread of the clean scores (99.9th percentile less the median) that makes scales comparable.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    threshold: f64,
+    spread: f64,
+}
+
+/// The calibration of the quarter, half and whole window and of the suffixes, for the default
+/// `window` (256) and `stride` (8), on the clean outputs of the calibration models: threshold =
+/// median + 1.103 · spread, where 1.103 is the smallest common level at which at most 3 of
+/// their 3,219 clean outputs (0.09%) reach a score of 0.5 (see the module docs).
+const SCALES: [Scale; 4] = [
+    Scale {
+        threshold: 8.3202,
+        spread: 7.9250,
+    },
+    Scale {
+        threshold: 6.5852,
+        spread: 7.8814,
+    },
+    Scale {
+        threshold: 5.2389,
+        spread: 7.5804,
+    },
+    Scale {
+        threshold: 6.4332,
+        spread: 9.2002,
+    },
+];
+
+/// The threshold of the whole window (256 characters): a window score this high gives a
+/// score of 0.5.
+pub const THRESHOLD: f64 = SCALES[2].threshold;
+/// Steepness of the logistic map from window excess to score, per bit.
 const SLOPE: f64 = 4.0;
 
 /// The calibrated score (see the module docs).
 fn score(f: &Features) -> f64 {
-    1.0 / (1.0 + (-(f.window_score - THRESHOLD) * SLOPE).exp())
+    1.0 / (1.0 + (-f.window_excess * SLOPE).exp())
 }
 
 /// Prefix sums of one output's per-character costs and word counts (`n + 1` entries each),
@@ -444,15 +526,35 @@ fn score(f: &Features) -> f64 {
 pub(crate) struct Sums {
     lm: Vec<f64>,
     oov: Vec<u32>,
-    words: Vec<(u32, u32)>,
+    words: Vec<(u32, u32, u32)>,
     /// Byte offset of each character, then the text's length.
     offsets: Vec<u32>,
-    oov_penalty: f64,
-    function_credit: f64,
+    weights: Weights,
+}
+
+/// The weights of a region's score (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Weights {
+    /// Bits per character per share of characters in unknown words.
+    pub(crate) oov_penalty: f64,
+    /// Bits per character taken off per share of words that are function words.
+    pub(crate) function_credit: f64,
+    /// Bits per character taken off per share of words among the most common English words.
+    pub(crate) common_credit: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            oov_penalty: OOV_PENALTY,
+            function_credit: FUNCTION_WORD_CREDIT,
+            common_credit: COMMON_WORD_CREDIT,
+        }
+    }
 }
 
 /// A region of an output (character indices) and its score.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub(crate) struct Region {
     /// Mean cost + OOV penalty − function-word credit, bits per character.
     pub(crate) score: f64,
@@ -484,13 +586,18 @@ impl Sums {
         let len = e.saturating_sub(s).max(1) as f64;
         let lm = |k: usize| self.lm.get(k).copied().unwrap_or(0.0);
         let oov = |k: usize| self.oov.get(k).copied().unwrap_or(0);
-        let words = |k: usize| self.words.get(k).copied().unwrap_or((0, 0));
+        let words = |k: usize| self.words.get(k).copied().unwrap_or((0, 0, 0));
         let mean = (lm(e) - lm(s)) / len;
         let oov_share = f64::from(oov(e).saturating_sub(oov(s))) / len;
-        let ((w0, f0), (w1, f1)) = (words(s), words(e));
-        let fw = f64::from(f1.saturating_sub(f0)) / f64::from(w1.saturating_sub(w0).max(1));
+        let ((w0, f0, c0), (w1, f1, c1)) = (words(s), words(e));
+        let nw = f64::from(w1.saturating_sub(w0).max(1));
+        let fw = f64::from(f1.saturating_sub(f0)) / nw;
+        let common = f64::from(c1.saturating_sub(c0)) / nw;
+        let w = &self.weights;
         Region {
-            score: mean + self.oov_penalty * oov_share - self.function_credit * fw,
+            score: mean + w.oov_penalty * oov_share
+                - w.function_credit * fw
+                - w.common_credit * common,
             oov: oov_share,
             start: s,
             end: e,
@@ -527,12 +634,7 @@ impl Sums {
                 best = Some(r);
             }
         }
-        best.unwrap_or(Region {
-            score: 0.0,
-            oov: 0.0,
-            start: 0,
-            end: 0,
-        })
+        best.unwrap_or_default()
     }
 
     /// The worst suffix of at least `min_len` characters, its start every `stride`
@@ -551,12 +653,7 @@ impl Sums {
                 best = Some(r);
             }
         }
-        best.unwrap_or(Region {
-            score: 0.0,
-            oov: 0.0,
-            start: 0,
-            end: 0,
-        })
+        best.unwrap_or_default()
     }
 }
 
@@ -567,25 +664,22 @@ struct WordState {
     oov: u32,
     oov_chars: u32,
     function_words: u32,
+    common: u32,
 }
 
 /// Counts a finished Latin word of `len` characters with hash `h`. An unknown word's
 /// characters are added to the out-of-vocabulary prefix sums one per character (the word's
 /// characters are the last `len` entries), so a long unknown word weighs on every window it
 /// spans, not on the one where it ends.
-fn end_word(
-    state: &mut WordState,
-    words: &HashSet<u64, BuildId>,
-    function_words: &HashSet<u64, BuildId>,
-    h: u64,
-    len: u32,
-    oov_prefix: &mut [u32],
-) {
+fn end_word(state: &mut WordState, g: &Gibberish, h: u64, len: u32, oov_prefix: &mut [u32]) {
     state.words += 1;
-    if function_words.contains(&h) {
+    if g.function_words.contains(&h) {
         state.function_words += 1;
     }
-    if !words.contains(&h) {
+    if g.common_words.contains(&h) {
+        state.common += 1;
+    }
+    if !g.words.contains(&h) {
         state.oov += 1;
         let n = oov_prefix.len();
         let start = n.saturating_sub(len as usize);

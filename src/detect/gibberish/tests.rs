@@ -645,8 +645,17 @@ fn dump_region_scores() {
         std::env::var("TRIPWIRE_OOV_PENALTY").map_or(OOV_PENALTY, |v| v.parse().unwrap());
     let mu: f64 =
         std::env::var("TRIPWIRE_FW_CREDIT").map_or(FUNCTION_WORD_CREDIT, |v| v.parse().unwrap());
+    let nu: f64 =
+        std::env::var("TRIPWIRE_COMMON_CREDIT").map_or(COMMON_WORD_CREDIT, |v| v.parse().unwrap());
     let mut row = |split: &str, model: &str, label: &str, tb: usize, pb: usize, text: &str| {
-        let (f, sums) = g.features_and_sums(text, lambda, mu);
+        let (f, sums) = g.features_and_sums(
+            text,
+            Weights {
+                oov_penalty: lambda,
+                function_credit: mu,
+                common_credit: nu,
+            },
+        );
         out.push_str(&format!("{split}\t{model}\t{label}\t{tb}\t{pb}\t{}", f.chars));
         for w in DUMP_WINDOWS {
             let stride = if w <= 96 { 4 } else { 8 };
@@ -690,4 +699,154 @@ fn dump_region_scores() {
         }
     }
     std::fs::write(path, out).unwrap();
+}
+
+/// Recall on generated attacks (clean starts from the report models' answers, several seeds)
+/// per generator × tail bucket × prefix bucket, and the clean false positives of the
+/// calibration and report models, listed. Run with `--release --ignored --nocapture`.
+#[test]
+#[ignore = "evaluation over generated attacks; run with --release"]
+fn evaluate_short_tails() {
+    use crate::lab::devset::CALIBRATION_MODELS;
+    let g = detector();
+    let gens = Generators::new();
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: false,
+    };
+    for split in [Split::Calibration, Split::Report] {
+        let (mut clean, mut fps) = (0usize, Vec::new());
+        for ex in build_devset(&test_data_dir(), 1, &options)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.split == split)
+        {
+            clean += 1;
+            let f = g.features(&ex.output);
+            if f.score >= 0.5 {
+                let head: String = ex.output.chars().take(100).collect();
+                fps.push(format!(
+                    "  {} score {:.3} ({} chars at {}): {head:?}",
+                    ex.id, f.score, f.window_chars, f.window_start
+                ));
+            }
+        }
+        eprintln!(
+            "{split:?} clean: {} of {clean} reach 0.5 ({:.3}%)",
+            fps.len(),
+            100.0 * fps.len() as f64 / clean as f64
+        );
+        for line in fps {
+            eprintln!("{line}");
+        }
+    }
+    let per_cell: usize = std::env::var("TRIPWIRE_PER_CELL").map_or(300, |v| v.parse().unwrap());
+    let mut cells: HashMap<(String, usize, usize), (usize, usize)> = HashMap::new();
+    for seed in [1u64, 2, 3] {
+        for a in attacks(&gens, &REPORT_MODELS, per_cell, seed) {
+            let f = g.features(&a.text);
+            let cell = cells
+                .entry((format!("{:?}", a.kind), a.tail_bucket, a.prefix_bucket))
+                .or_default();
+            cell.0 += usize::from(f.score >= 0.5);
+            cell.1 += 1;
+            assert!(a.prefix_len <= a.text.len());
+        }
+    }
+    eprintln!("recall (report models, 3 seeds) | tail tokens × clean-start chars");
+    eprint!("{:<13}", "generator");
+    for (t0, t1) in TAIL_BUCKETS {
+        for (p0, p1) in PREFIX_BUCKETS {
+            eprint!(" {:>13}", format!("{t0}-{t1}/{p0}-{p1}"));
+        }
+    }
+    eprintln!();
+    for kind in GENS {
+        eprint!("{:<13}", format!("{kind:?}"));
+        for tb in 0..TAIL_BUCKETS.len() {
+            for pb in 0..PREFIX_BUCKETS.len() {
+                let (hit, n) = cells
+                    .get(&(format!("{kind:?}"), tb, pb))
+                    .copied()
+                    .unwrap_or((0, 0));
+                eprint!(" {:>13}", format!("{:.3}", hit as f64 / n.max(1) as f64));
+            }
+        }
+        eprintln!();
+    }
+}
+
+/// A clean start of about 2,000 characters (English prose).
+fn long_clean_start() -> String {
+    let mut s = String::new();
+    while s.len() < 2000 {
+        s.push_str(ENGLISH);
+        s.push_str("\n\n");
+        s.push_str(ENGLISH_2);
+        s.push_str("\n\n");
+    }
+    clean_start(&[s], 0, 2000)
+}
+
+#[test]
+fn table_short_tails_and_clean_texts() {
+    let g = detector();
+    let prefix = long_clean_start();
+    let builtin = PoisonVocab::builtin();
+    let mut rng = TestRng(7);
+    let builtin_tail = |n: usize, rng: &mut TestRng| -> String {
+        (0..n)
+            .map(|_| builtin.token(rng.below(builtin.len())))
+            .collect()
+    };
+    let short = builtin_tail(40, &mut rng);
+    let noise: String = (0..120)
+        .map(|_| char::from(0x21 + rng.below(0x5e) as u8))
+        .collect();
+    let cases: Vec<(&str, String, bool)> = vec![
+        ("english", ENGLISH.to_owned(), false),
+        ("code", CODE.to_owned(), false),
+        ("table", TABLE.to_owned(), false),
+        ("long clean start alone", prefix.clone(), false),
+        (
+            "40-token tail after a 2,000-char clean start",
+            format!("{prefix}{short}"),
+            true,
+        ),
+        (
+            "120 random printable chars after a 2,000-char clean start",
+            format!("{prefix} {noise}"),
+            true,
+        ),
+        ("whole gibberish", builtin_tail(300, &mut rng), true),
+        (
+            "a looping token is left to the repetition detector",
+            format!("{prefix} {}", "lol ".repeat(200)),
+            false,
+        ),
+        ("one character looping", "a".repeat(3000), false),
+    ];
+    for (name, text, flagged) in &cases {
+        let f = g.features(text);
+        assert_eq!(
+            f.score >= 0.5,
+            *flagged,
+            "{name}: score {:.3}, {} chars at {}, window score {:.2}",
+            f.score,
+            f.window_chars,
+            f.window_start,
+            f.window_score
+        );
+        let finding = g.inspect(&input(text)).unwrap();
+        assert_eq!(finding.evidence.len(), usize::from(*flagged), "{name}");
+        if let Some(ev) = finding.evidence.first() {
+            // The worst region lies in the tail.
+            assert!(ev.end > prefix.len() || !name.contains("after"), "{name}: {ev:?}");
+        }
+        crate::detect::split_check::assert_every_split(text, |t| g.inspect(&input(t)).unwrap());
+    }
 }
