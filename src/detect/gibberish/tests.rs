@@ -356,3 +356,525 @@ fn dump_devset_features() {
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// The ~500-token answers the criterion bench uses (gpt-3.5-turbo-1106, 1,800–2,600
+/// characters).
+fn bench_answers() -> Vec<String> {
+    let path = crate::lab::devset::model_file(&test_data_dir(), "gpt-3.5-turbo-1106");
+    let mut v: Vec<String> = crate::lab::lm_training::read_jsonl(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(_, o)| o)
+        .filter(|o| (1800..=2600).contains(&o.chars().count()))
+        .collect();
+    v.truncate(64);
+    v
+}
+
+/// Mean time of `Detector::inspect` on ~500-token answers (run in release, on a quiet machine).
+#[test]
+#[ignore = "timing; run with --release"]
+fn time_per_answer() {
+    let g = detector();
+    let answers = bench_answers();
+    for _ in 0..3 {
+        for a in &answers {
+            std::hint::black_box(g.inspect(&input(a)).unwrap());
+        }
+    }
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let t = tokio::time::Instant::now();
+        for _ in 0..10 {
+            for a in &answers {
+                std::hint::black_box(g.inspect(&input(a)).unwrap());
+            }
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / (10 * answers.len()) as f64;
+        best = best.min(us);
+    }
+    eprintln!("inspect: {best:.1} µs per ~500-token answer (best of 7)");
+    // The cost the multi-scale search adds: the quarter and half windows and the suffixes
+    // (the whole window was scanned before too), on the same answers.
+    let sums: Vec<Sums> = answers
+        .iter()
+        .map(|a| g.features_and_sums(a, Weights::default()).1)
+        .collect();
+    let mut extra = f64::MAX;
+    for _ in 0..7 {
+        let t = tokio::time::Instant::now();
+        for _ in 0..10 {
+            for s in &sums {
+                std::hint::black_box(s.worst_window(64, 4));
+                std::hint::black_box(s.worst_window(128, 8));
+                std::hint::black_box(s.worst_suffix(64, 4));
+            }
+        }
+        extra = extra.min(t.elapsed().as_secs_f64() * 1e6 / (10 * sums.len()) as f64);
+    }
+    eprintln!("added region scans: {extra:.1} µs per answer (best of 7)");
+}
+
+/// The attack generators of the evaluation: how a tail of random tokens is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gen {
+    /// Random ids of the all-MiniLM-L6-v2 WordPiece vocabulary, decoded by its tokenizer.
+    WordPiece,
+    /// The simulated model's built-in vocabulary.
+    Builtin,
+    /// The word-piece vocabulary built from the train split.
+    CorpusPieces,
+    /// Random printable ASCII characters (tokens of 1–3 characters).
+    Printable,
+    /// Random lowercase letters (tokens of 1–3 letters, a third of them after a space).
+    Letters,
+    /// One token or a short n-gram of WordPiece tokens, repeated.
+    Loop,
+}
+
+const GENS: [Gen; 6] = [
+    Gen::WordPiece,
+    Gen::Builtin,
+    Gen::CorpusPieces,
+    Gen::Printable,
+    Gen::Letters,
+    Gen::Loop,
+];
+/// Tail lengths in tokens, per bucket (inclusive).
+const TAIL_BUCKETS: [(usize, usize); 3] = [(30, 60), (61, 150), (151, 1000)];
+/// Clean-start lengths in characters, per bucket (inclusive).
+const PREFIX_BUCKETS: [(usize, usize); 3] = [(0, 0), (1, 500), (501, 2000)];
+
+/// SplitMix64, seeded.
+struct TestRng(u64);
+
+impl TestRng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+
+    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+struct Generators {
+    tokenizer: tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    builtin: PoisonVocab,
+    pieces: PoisonVocab,
+}
+
+impl Generators {
+    fn new() -> Generators {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/all-MiniLM-L6-v2-tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let mut ids: Vec<u32> = tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(t, _)| !(t.starts_with('[') && t.ends_with(']')))
+            .map(|(_, id)| id)
+            .collect();
+        ids.sort_unstable();
+        let mut train = Vec::new();
+        for model in crate::lab::devset::TRAIN_MODELS {
+            let path = crate::lab::devset::model_file(&test_data_dir(), model);
+            train.extend(
+                crate::lab::lm_training::read_jsonl(&path)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, o)| o),
+            );
+        }
+        let pieces = corpus_pieces_vocab(train.iter().map(String::as_str));
+        Generators {
+            tokenizer,
+            ids,
+            builtin: PoisonVocab::builtin(),
+            pieces,
+        }
+    }
+
+    fn wordpiece(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap()
+    }
+
+    /// A tail of `tokens` tokens, and whether it goes after the clean start with a space.
+    fn tail(&self, kind: Gen, tokens: usize, rng: &mut TestRng) -> (String, bool) {
+        let mut out = String::new();
+        match kind {
+            Gen::WordPiece => {
+                let ids: Vec<u32> = (0..tokens)
+                    .map(|_| self.ids[rng.below(self.ids.len())])
+                    .collect();
+                return (self.wordpiece(&ids), true);
+            }
+            Gen::Builtin | Gen::CorpusPieces => {
+                let v = if kind == Gen::Builtin {
+                    &self.builtin
+                } else {
+                    &self.pieces
+                };
+                for _ in 0..tokens {
+                    out.push_str(v.token(rng.below(v.len())));
+                }
+            }
+            Gen::Printable | Gen::Letters => {
+                for _ in 0..tokens {
+                    if kind == Gen::Letters && rng.below(3) == 0 {
+                        out.push(' ');
+                    }
+                    for _ in 0..1 + rng.below(3) {
+                        let c = if kind == Gen::Printable {
+                            0x20 + rng.below(0x5f) as u8
+                        } else {
+                            b'a' + rng.below(26) as u8
+                        };
+                        out.push(char::from(c));
+                    }
+                }
+            }
+            Gen::Loop => {
+                let k = 1 + rng.below(4);
+                let gram: Vec<u32> = (0..k)
+                    .map(|_| self.ids[rng.below(self.ids.len())])
+                    .collect();
+                let ids: Vec<u32> = gram.iter().copied().cycle().take(tokens).collect();
+                return (self.wordpiece(&ids), true);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// A clean start of about `chars` characters from `answers[i..]` (joined by a blank line),
+/// cut back to the end of a word.
+fn clean_start(answers: &[String], i: usize, chars: usize) -> String {
+    if chars == 0 {
+        return String::new();
+    }
+    let mut text = String::new();
+    let mut k = i;
+    while text.chars().count() < chars + 1 && k < i + answers.len() {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(&answers[k % answers.len()]);
+        k += 1;
+    }
+    let end = text
+        .char_indices()
+        .nth(chars)
+        .map_or(text.len(), |(b, _)| b);
+    let head = text.get(..end).unwrap_or("");
+    let rest = text.get(end..).unwrap_or("");
+    let cut = if rest.is_empty() || rest.starts_with(char::is_whitespace) {
+        head
+    } else {
+        head.rfind(char::is_whitespace)
+            .and_then(|b| head.get(..b))
+            .unwrap_or("")
+    };
+    cut.trim_end().to_owned()
+}
+
+/// One generated attack: a clean start from the answers of one model and a tail.
+struct Attack {
+    kind: Gen,
+    tail_bucket: usize,
+    prefix_bucket: usize,
+    model: String,
+    text: String,
+    prefix_len: usize,
+}
+
+/// `per_cell` attacks per generator × tail bucket × prefix bucket, from the clean answers of
+/// `models`, deterministic in `seed`.
+fn attacks(gens: &Generators, models: &[&str], per_cell: usize, seed: u64) -> Vec<Attack> {
+    let answers: Vec<(String, Vec<String>)> = models
+        .iter()
+        .map(|m| {
+            let path = crate::lab::devset::model_file(&test_data_dir(), m);
+            let v = crate::lab::lm_training::read_jsonl(&path)
+                .unwrap()
+                .into_iter()
+                .map(|(_, o)| o)
+                .collect();
+            ((*m).to_owned(), v)
+        })
+        .collect();
+    let mut rng = TestRng(seed ^ 0x6769_6262);
+    let mut out = Vec::new();
+    for kind in GENS {
+        for (tb, &tail_range) in TAIL_BUCKETS.iter().enumerate() {
+            for (pb, &prefix_range) in PREFIX_BUCKETS.iter().enumerate() {
+                for _ in 0..per_cell {
+                    let (model, list) = &answers[rng.below(answers.len())];
+                    let prefix = clean_start(list, rng.below(list.len()), rng.range(prefix_range));
+                    let (tail, spaced) = gens.tail(kind, rng.range(tail_range), &mut rng);
+                    let mut text = prefix.clone();
+                    if spaced && !text.is_empty() {
+                        text.push(' ');
+                    }
+                    text.push_str(&tail);
+                    out.push(Attack {
+                        kind,
+                        tail_bucket: tb,
+                        prefix_bucket: pb,
+                        model: model.clone(),
+                        text,
+                        prefix_len: prefix.len(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Widths of the windows and minimum lengths of the suffixes dumped for calibration.
+const DUMP_WINDOWS: [usize; 6] = [32, 48, 64, 96, 128, 256];
+const DUMP_SUFFIXES: [usize; 5] = [32, 48, 64, 96, 128];
+
+/// Writes, for the clean answers of the calibration and report models and for generated
+/// attacks on both, the score of the worst region at several scales, as TSV to
+/// `$TRIPWIRE_REGIONS_TSV`.
+#[test]
+#[ignore = "dumps region scores for calibration; run with --release"]
+fn dump_region_scores() {
+    use crate::lab::devset::CALIBRATION_MODELS;
+    let path = std::env::var("TRIPWIRE_REGIONS_TSV").unwrap();
+    let g = detector();
+    let gens = Generators::new();
+    let mut out = String::from("split\tmodel\tlabel\ttb\tpb\tchars");
+    for w in DUMP_WINDOWS {
+        out.push_str(&format!("\tw{w}"));
+    }
+    for m in DUMP_SUFFIXES {
+        out.push_str(&format!("\ts{m}"));
+    }
+    out.push('\n');
+    let lambda: f64 =
+        std::env::var("TRIPWIRE_OOV_PENALTY").map_or(OOV_PENALTY, |v| v.parse().unwrap());
+    let mu: f64 =
+        std::env::var("TRIPWIRE_FW_CREDIT").map_or(FUNCTION_WORD_CREDIT, |v| v.parse().unwrap());
+    let nu: f64 =
+        std::env::var("TRIPWIRE_COMMON_CREDIT").map_or(COMMON_WORD_CREDIT, |v| v.parse().unwrap());
+    let mut row = |split: &str, model: &str, label: &str, tb: usize, pb: usize, text: &str| {
+        let (f, sums) = g.features_and_sums(
+            text,
+            Weights {
+                oov_penalty: lambda,
+                function_credit: mu,
+                common_credit: nu,
+            },
+        );
+        out.push_str(&format!(
+            "{split}\t{model}\t{label}\t{tb}\t{pb}\t{}",
+            f.chars
+        ));
+        for w in DUMP_WINDOWS {
+            let stride = if w <= 96 { 4 } else { 8 };
+            out.push_str(&format!("\t{:.4}", sums.worst_window(w, stride).score));
+        }
+        for m in DUMP_SUFFIXES {
+            out.push_str(&format!("\t{:.4}", sums.worst_suffix(m, 4).score));
+        }
+        out.push('\n');
+    };
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: false,
+    };
+    for ex in build_devset(&test_data_dir(), 1, &options).unwrap() {
+        let split = if ex.split == Split::Report {
+            "report"
+        } else {
+            "calibration"
+        };
+        row(split, &ex.model, "clean", 0, 0, &ex.output);
+    }
+    let per_cell: usize = std::env::var("TRIPWIRE_PER_CELL").map_or(200, |v| v.parse().unwrap());
+    for (split, models, seed) in [
+        ("calibration", &CALIBRATION_MODELS, 11u64),
+        ("report", &REPORT_MODELS, 12u64),
+    ] {
+        for a in attacks(&gens, models, per_cell, seed) {
+            row(
+                split,
+                &a.model,
+                &format!("{:?}", a.kind),
+                a.tail_bucket,
+                a.prefix_bucket,
+                &a.text,
+            );
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Recall on generated attacks (clean starts from the report models' answers, several seeds)
+/// per generator × tail bucket × prefix bucket, and the clean false positives of the
+/// calibration and report models, listed. Run with `--release --ignored --nocapture`.
+#[test]
+#[ignore = "evaluation over generated attacks; run with --release"]
+fn evaluate_short_tails() {
+    use crate::lab::devset::CALIBRATION_MODELS;
+    let g = detector();
+    let gens = Generators::new();
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: false,
+    };
+    for split in [Split::Calibration, Split::Report] {
+        let (mut clean, mut fps) = (0usize, Vec::new());
+        for ex in build_devset(&test_data_dir(), 1, &options)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.split == split)
+        {
+            clean += 1;
+            let f = g.features(&ex.output);
+            if f.score >= 0.5 {
+                let head: String = ex.output.chars().take(100).collect();
+                fps.push(format!(
+                    "  {} score {:.3} ({} chars at {}): {head:?}",
+                    ex.id, f.score, f.window_chars, f.window_start
+                ));
+            }
+        }
+        eprintln!(
+            "{split:?} clean: {} of {clean} reach 0.5 ({:.3}%)",
+            fps.len(),
+            100.0 * fps.len() as f64 / clean as f64
+        );
+        for line in fps {
+            eprintln!("{line}");
+        }
+    }
+    let per_cell: usize = std::env::var("TRIPWIRE_PER_CELL").map_or(300, |v| v.parse().unwrap());
+    let mut cells: HashMap<(String, usize, usize), (usize, usize)> = HashMap::new();
+    for seed in [1u64, 2, 3] {
+        for a in attacks(&gens, &REPORT_MODELS, per_cell, seed) {
+            let f = g.features(&a.text);
+            let cell = cells
+                .entry((format!("{:?}", a.kind), a.tail_bucket, a.prefix_bucket))
+                .or_default();
+            cell.0 += usize::from(f.score >= 0.5);
+            cell.1 += 1;
+            assert!(a.prefix_len <= a.text.len());
+        }
+    }
+    eprintln!("recall (report models, 3 seeds) | tail tokens × clean-start chars");
+    eprint!("{:<13}", "generator");
+    for (t0, t1) in TAIL_BUCKETS {
+        for (p0, p1) in PREFIX_BUCKETS {
+            eprint!(" {:>13}", format!("{t0}-{t1}/{p0}-{p1}"));
+        }
+    }
+    eprintln!();
+    for kind in GENS {
+        eprint!("{:<13}", format!("{kind:?}"));
+        for tb in 0..TAIL_BUCKETS.len() {
+            for pb in 0..PREFIX_BUCKETS.len() {
+                let (hit, n) = cells
+                    .get(&(format!("{kind:?}"), tb, pb))
+                    .copied()
+                    .unwrap_or((0, 0));
+                eprint!(" {:>13}", format!("{:.3}", hit as f64 / n.max(1) as f64));
+            }
+        }
+        eprintln!();
+    }
+}
+
+/// A clean start of about 2,000 characters (English prose).
+fn long_clean_start() -> String {
+    let mut s = String::new();
+    while s.len() < 2000 {
+        s.push_str(ENGLISH);
+        s.push_str("\n\n");
+        s.push_str(ENGLISH_2);
+        s.push_str("\n\n");
+    }
+    clean_start(&[s], 0, 2000)
+}
+
+#[test]
+fn table_short_tails_and_clean_texts() {
+    let g = detector();
+    let prefix = long_clean_start();
+    let builtin = PoisonVocab::builtin();
+    let mut rng = TestRng(7);
+    let builtin_tail = |n: usize, rng: &mut TestRng| -> String {
+        (0..n)
+            .map(|_| builtin.token(rng.below(builtin.len())))
+            .collect()
+    };
+    let short = builtin_tail(40, &mut rng);
+    let noise: String = (0..120)
+        .map(|_| char::from(0x21 + rng.below(0x5e) as u8))
+        .collect();
+    let cases: Vec<(&str, String, bool)> = vec![
+        ("english", ENGLISH.to_owned(), false),
+        ("code", CODE.to_owned(), false),
+        ("table", TABLE.to_owned(), false),
+        ("long clean start alone", prefix.clone(), false),
+        (
+            "40-token tail after a 2,000-char clean start",
+            format!("{prefix}{short}"),
+            true,
+        ),
+        (
+            "120 random printable chars after a 2,000-char clean start",
+            format!("{prefix} {noise}"),
+            true,
+        ),
+        ("whole gibberish", builtin_tail(300, &mut rng), true),
+        (
+            "a looping token is left to the repetition detector",
+            format!("{prefix} {}", "lol ".repeat(200)),
+            false,
+        ),
+        ("one character looping", "a".repeat(3000), false),
+    ];
+    for (name, text, flagged) in &cases {
+        let f = g.features(text);
+        assert_eq!(
+            f.score >= 0.5,
+            *flagged,
+            "{name}: score {:.3}, {} chars at {}, window score {:.2}",
+            f.score,
+            f.window_chars,
+            f.window_start,
+            f.window_score
+        );
+        let finding = g.inspect(&input(text)).unwrap();
+        assert_eq!(finding.evidence.len(), usize::from(*flagged), "{name}");
+        if let Some(ev) = finding.evidence.first() {
+            // The worst region lies in the tail.
+            assert!(
+                ev.end > prefix.len() || !name.contains("after"),
+                "{name}: {ev:?}"
+            );
+        }
+        crate::detect::split_check::assert_every_split(text, |t| g.inspect(&input(t)).unwrap());
+    }
+}

@@ -89,6 +89,11 @@ impl PoisonVocab {
     pub fn tokens(&self) -> impl Iterator<Item = &str> {
         self.0.tokens().iter().map(|t| &**t)
     }
+
+    /// The decoded token at `index` (empty when out of range).
+    pub fn token(&self, index: usize) -> &str {
+        self.0.token(index)
+    }
 }
 
 /// A poisoned output made by [`poison_output`].
