@@ -327,6 +327,29 @@ pub fn plainly_english(text: &str) -> bool {
     total >= PLAIN_ENGLISH_MIN_WORDS && english as f64 >= PLAIN_ENGLISH_SHARE * total as f64
 }
 
+/// The words of `text` and how many of them are frequent English words of three letters or
+/// more ("the", "and", "with": one- and two-letter ones such as "a", "i", "to", "no" are
+/// words of other languages too).
+fn long_english_words(text: &str) -> (usize, usize) {
+    let (mut total, mut english) = (0, 0);
+    for word in text.split(|c: char| !(c.is_alphabetic() || c == '\'')) {
+        if word.is_empty() {
+            continue;
+        }
+        total += 1;
+        if word.len() >= 3
+            && word.len() <= 16
+            && word.is_ascii()
+            && ENGLISH
+                .binary_search_by(|e| e.as_bytes().iter().map(u8::to_ascii_lowercase).cmp(word.bytes().map(|b| b.to_ascii_lowercase())))
+                .is_ok()
+        {
+            english += 1;
+        }
+    }
+    (total, english)
+}
+
 /// The words of `text` and how many of them are frequent English words (see
 /// [`plainly_english`] for what a word is).
 fn english_words(text: &str) -> (usize, usize) {
@@ -486,7 +509,7 @@ impl LanguageSwitch {
                 !latin_only
                     && shape.prose(self.config.min_paragraph_chars)
                     && !(prompt == Some(Lang::Eng) && self.english_allowed && {
-                        let (words, english) = english_words(text);
+                        let (words, english) = long_english_words(text);
                         english * 100 >= words * FOREIGN_MAX_ENGLISH_PERCENT
                     })
             };
@@ -503,8 +526,12 @@ impl LanguageSwitch {
             if let Some(found) = self.identify(text, 1)
                 && Some(found.lang) != prompt
                 && (latin_only
-                    || english_checked
-                    || found.confidence >= self.config.min_confidence)
+                    || found.confidence
+                        >= if english_checked {
+                            ENGLISH_CHECKED_MIN_CONFIDENCE
+                        } else {
+                            self.config.min_confidence
+                        })
             {
                 return Some((start, end, found));
             }
@@ -554,6 +581,29 @@ const SHORT_ENGLISH_CONFIDENCE: f64 = 0.9;
 fn short_english(text: &str) -> bool {
     let (words, english) = english_words(text);
     words >= 3 && english * 10 >= words * 4
+}
+
+/// The identifier's confidence a paragraph needs when the frequent-English-word count has
+/// already ruled English out: lower than `min_confidence`, since it only names the language
+/// (closely related languages share confidence: Portuguese and Galician, Spanish and Catalan).
+const ENGLISH_CHECKED_MIN_CONFIDENCE: f64 = 0.5;
+
+/// Whether Latin-script `text` has enough frequent English words to be English with foreign
+/// names or terms in it (a list of world-music artists, a template, hashtags): at least
+/// [`FOREIGN_MAX_ENGLISH_PERCENT`] of its words, or not running prose at all.
+fn reads_as_english(text: &str) -> bool {
+    let shape = Shape::of(text);
+    if shape.other_script_letters * 5 >= shape.letters * 3 {
+        return false;
+    }
+    let (words, english) = long_english_words(text);
+    english * 100 >= words * FOREIGN_MAX_ENGLISH_PERCENT || shape.capitalised * 2 > shape.words
+}
+
+/// The first `max_chars` characters of `text`.
+fn head(text: &str, max_chars: usize) -> &str {
+    let end = text.char_indices().nth(max_chars).map_or(text.len(), |(i, _)| i);
+    text.get(..end).unwrap_or(text)
 }
 
 /// Whether `text` is written mostly in the Latin script.
@@ -654,7 +704,10 @@ impl Detector for LanguageSwitch {
         let differ = matches!((prompt_lang, output_lang), (Some(p), Some(o)) if p.lang != o.lang);
         let whole_switched = differ
             && output_lang.is_some_and(|o| o.confidence >= self.config.min_confidence)
-            && confident_prompt.is_some();
+            && confident_prompt.is_some()
+            && !(confident_prompt.is_some_and(|p| p.lang == Lang::Eng)
+                && self.english_allowed
+                && reads_as_english(head(input.output, self.config.max_chars)));
         // When the answer as a whole is in the prompt's language, one paragraph may not be.
         // A prompt too short to identify still tells its script: an answer in another
         // script is a switch.

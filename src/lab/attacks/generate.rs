@@ -267,9 +267,22 @@ impl<'r> Attack<'r> {
             }
             paragraph.push_str(p);
         }
-        let mut cuts: Vec<usize> = clean.match_indices("\n\n").map(|(i, _)| i).collect();
-        cuts.push(clean.len());
-        cuts.push(0);
+        // Paragraph boundaries outside code blocks: a paragraph, not a line of code.
+        let mut cuts: Vec<usize> = vec![0];
+        let mut in_fence = false;
+        let mut pos = 0;
+        for line in clean.split_inclusive('\n') {
+            if line.trim_start().starts_with("```") {
+                in_fence = !in_fence;
+            }
+            pos += line.len();
+            if !in_fence && line.trim().is_empty() {
+                cuts.push(pos);
+            }
+        }
+        if !in_fence {
+            cuts.push(clean.len());
+        }
         let at = *rng.pick(&cuts);
         let (head, tail) = clean.split_at(at);
         if head.is_empty() {
