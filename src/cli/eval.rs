@@ -125,18 +125,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     for (detector, auc) in &report.auc {
         let _ok = writeln!(out, "{detector:<40} {auc:>8.4}");
     }
-    for (rules, model, prompt, output) in report
+    for fp in report
         .false_positives
         .iter()
         .take(args.show_false_positives)
     {
         let _ok = writeln!(
             out,
-            "\nfalse positive [{}] {model}\n  prompt: {}\n  output: {}",
-            rules.join(","),
-            prompt.replace('\n', " "),
-            output.replace('\n', " ")
+            "\nfalse positive [{}] {}\n  prompt: {}\n  output: {}",
+            fp.rules.join(","),
+            fp.model,
+            fp.prompt.replace('\n', " "),
+            fp.output.replace('\n', " ")
         );
+        for evidence in &fp.evidence {
+            let _ok = writeln!(out, "  evidence: {evidence}");
+        }
     }
     emit(&out)
 }

