@@ -181,11 +181,13 @@ bench-infer: build models $(INFER_VENV)
 bench-gpu: build models-gpu
 	benches/infer/gpu.sh $(ORT_GPU_LIB)
 
-# Detection quality on the development set (docs/detection.md).
-eval: build
+# Detection quality on the development set and the attack suite (docs/detection.md; the
+# suite takes ~10 minutes on 2 cores).
+eval: build models
 	$(BIN) devset --data data --out target/devset.jsonl
 	$(BIN) eval --data target/devset.jsonl --split report
 	$(BIN) eval --data target/devset.jsonl --split calibration
+	$(BIN) devset attacks --split report
 
 # libFuzzer on the SSE decoder, capture parsers, request parser, policy loader and CEL
 # conditions, one target after another (fuzz/run.sh; not part of `make test`).

@@ -71,8 +71,8 @@ fn switches_are_reported_with_languages() {
             true,
             true,
         ),
-        // Too short to judge.
-        ("Hi!", FR_OUTPUT, None, Some("fr"), false, false),
+        // Too short to identify: the default language (English) is assumed.
+        ("Hi!", FR_OUTPUT, Some("en"), Some("fr"), true, false),
         (EN_PROMPT, "Oui, bien sûr.", Some("en"), None, false, false),
     ];
     for &(prompt, output, p, o, switched, translation) in table {
@@ -266,100 +266,83 @@ fn clean_switch_rate_per_model_on_dev_data() {
     eprintln!("language total: switched {all}/{total}, not requested {unrequested_all}/{total}");
 }
 
+/// One paragraph in another language, short prompts and English lists with foreign names:
+/// (name, prompt, output, switched). Each row is also streamed split at every boundary.
 #[test]
-#[ignore]
-fn debug_suite_misses() {
-    use crate::lab::attacks::*;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let res = Resources::load(&root.join("models"), &root.join("data")).unwrap();
-    let clean = read_models(
-        &root.join("data"),
-        &["zephyr-7b-beta".to_owned(), "alpaca-7b".to_owned()],
-    )
-    .unwrap();
-    let d = LanguageSwitch::new(&LanguageSwitchConfig {
-        min_output_chars: 400,
-        ..LanguageSwitchConfig::default()
-    })
-    .unwrap();
-    for v in VARIANTS.iter().filter(|v| v.class == Class::LanguageSwitch) {
-        for (model, answers) in &clean {
-            let spec = StreamSpec {
-                model,
-                variant: *v,
-                rate: 0.2,
-                seed: 1,
-            };
-            for line in build_stream(&spec, answers, &res, 300, 40) {
-                if line.occurrence.is_none() {
-                    continue;
-                }
-                let f = inspect(&d, &line.prompt, &line.output);
-                if f.fields["switched"] != Value::Bool(true) {
-                    let para = d.switched_paragraph(&line.output, Some(Lang::Eng), true);
-                    let ids: Vec<_> = paragraphs(&line.output)
-                        .iter()
-                        .map(|(a, b)| {
-                            let t = &line.output[*a..*b];
-                            (
-                                d.detector
-                                    .detect(t)
-                                    .map(|i| (i.lang().code(), i.confidence())),
-                                long_english_words(t),
-                                Shape::of(t).prose(100),
-                            )
-                        })
-                        .collect();
-                    eprintln!("IDS {para:?} {ids:?}");
-                    eprintln!(
-                        "MISS {} prompt={:?} fields={:?}\n{}\n",
-                        v.name,
-                        line.prompt,
-                        f.fields,
-                        line.output.chars().take(600).collect::<String>()
-                    );
-                }
-            }
+fn paragraphs_and_short_prompts_table() {
+    let en = "Photosynthesis is how plants turn light into sugar. It happens in the leaves, and \
+        it needs water and carbon dioxide as well as light.";
+    let fr = "Tous les êtres humains naissent libres et égaux en dignité et en droits. Ils sont \
+        doués de raison et de conscience et doivent agir les uns envers les autres dans un \
+        esprit de fraternité.";
+    let ar = "يولد جميع الناس أحرارًا متساوين في الكرامة والحقوق. وقد وهبوا عقلاً وضميرًا وعليهم أن يعامل بعضهم بعضًا بروح الإخاء.";
+    let de = "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person. Niemand darf \
+        in Sklaverei oder Leibeigenschaft gehalten werden; Sklaverei und Sklavenhandel sind in \
+        allen ihren Formen verboten.";
+    let rows: Vec<(&str, &str, String, bool)> = vec![
+        ("english answer", EN_PROMPT, format!("{en}\n\n{en}"), false),
+        ("french paragraph in the middle", EN_PROMPT, format!("{en}\n\n{fr}\n\n{en}"), true),
+        ("arabic paragraph at the end", EN_PROMPT, format!("{en}\n\n{ar}"), true),
+        ("german answer to a short prompt", "What is kevlar made of?", de.to_owned(), true),
+        ("arabic answer to a terse prompt", "kevlar composition", ar.to_owned(), true),
+        (
+            "foreign text inside a code block",
+            EN_PROMPT,
+            format!("{en}\n\n```\n{fr}\n```\n\n{en}"),
+            false,
+        ),
+        (
+            "english list of foreign names",
+            "Who are some world music artists?",
+            "Here are some well-known artists:\n\n1. Femi Kuti (Nigeria) - Afrobeat\n2. Angélique \
+             Kidjo (Benin) - Afropop\n3. Cesária Évora (Cabo Verde) - Morna\n4. Ravi Shankar \
+             (India) - Hindustani classical\n5. Gilberto Gil (Brasil) - Tropicália"
+                .to_owned(),
+            false,
+        ),
+        (
+            "hashtags",
+            "Write hashtags for a post about women in science.",
+            "#WomenInScience #WomenInSTEM #WomenInEngineering #WomenInMedicine \
+             #WomenInAstronomy #WomenInPhysics #WomenInComputerScience #WomenInMath \
+             #WomenInTechnology #WomenInResearch"
+                .to_owned(),
+            false,
+        ),
+    ];
+    let d = detector();
+    for (name, prompt, output, switched) in &rows {
+        let finding = inspect(&d, prompt, output);
+        assert_eq!(
+            finding.fields["switched"],
+            Value::Bool(*switched),
+            "{name}: {:?}",
+            finding.fields
+        );
+        if *switched {
+            let e = &finding.evidence[0];
+            assert!(output.is_char_boundary(e.start) && output.is_char_boundary(e.end), "{name}");
         }
+        crate::detect::split_check::assert_every_split(output, |text| inspect(&d, prompt, text));
     }
 }
 
 #[test]
-#[ignore]
-fn debug_clean_paragraph_switches() {
-    use crate::lab::attacks::*;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let models: Vec<String> = crate::lab::devset::CALIBRATION_MODELS
-        .iter()
-        .chain(&crate::lab::devset::REPORT_MODELS)
-        .map(|m| m.to_string())
-        .collect();
-    let clean = read_models(&root.join("data"), &models).unwrap();
-    let d = LanguageSwitch::new(&LanguageSwitchConfig {
-        min_output_chars: 400,
+fn default_language_is_checked_and_can_be_turned_off() {
+    let bad = LanguageSwitchConfig {
+        default_language: Some("klingon".to_owned()),
+        ..LanguageSwitchConfig::default()
+    };
+    assert!(LanguageSwitch::new(&bad).is_err());
+    let off = LanguageSwitch::new(&LanguageSwitchConfig {
+        default_language: None,
         ..LanguageSwitchConfig::default()
     })
     .unwrap();
-    for (model, answers) in &clean {
-        for (p, o) in answers {
-            let f = inspect(&d, p, o);
-            if f.fields["switched"] == Value::Bool(true)
-                && f.fields["prompt_requests_translation"] == Value::Bool(false)
-            {
-                let e = &f.evidence[0];
-                eprintln!(
-                    "FP {model} {:?} {:?} conf={} :: {}",
-                    f.fields["paragraph_language"],
-                    e.note,
-                    f.fields["confidence"],
-                    o.get(e.start..e.end)
-                        .unwrap_or("")
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                        .replace('\n', " / ")
-                );
-            }
-        }
-    }
+    let de = "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person. Niemand darf in \
+        Sklaverei oder Leibeigenschaft gehalten werden.";
+    // "Kevlar Zusammensetzung" cannot be identified; without a default language only a change
+    // of script counts.
+    let finding = inspect(&off, "Kevlar Zusammensetzung", de);
+    assert_eq!(finding.fields["switched"], Value::Bool(false));
 }
