@@ -1,5 +1,6 @@
 //! `tripwire train-lm`: trains the character n-gram model and the word list that the gibberish
-//! detector embeds (`models/char-lm-en.bin`, its `.sha256`, `models/words-en.txt`).
+//! detector embeds (`models/char-lm-en.bin`, its `.sha256`, `models/words-en.txt`, and the word bigram set
+//! `models/bigrams-en.bin` with its `.sha256`).
 //!
 //! The shipped files come from the train split of the development data, in this order:
 //! `tripwire train-lm --corpus data/alpaca_eval/{gpt4_1106_preview,claude-3-opus-20240229,Mistral-7B-Instruct-v0.2,vicuna-13b-v1.5}.jsonl.gz --out models/`
@@ -20,7 +21,8 @@ pub struct TrainLmArgs {
     /// JSONL or JSONL.gz files with an `output` field per line, read in the order given.
     #[arg(long, required = true, num_args = 1..)]
     pub corpus: Vec<PathBuf>,
-    /// Directory to write `char-lm-en.bin`, `char-lm-en.bin.sha256` and `words-en.txt` into.
+    /// Directory to write `char-lm-en.bin`, `words-en.txt`, `bigrams-en.bin` and their checksums
+    /// into.
     #[arg(long, default_value = "models")]
     pub out: PathBuf,
     /// Longest n-gram, in characters.
@@ -48,7 +50,7 @@ pub fn run(args: TrainLmArgs) -> anyhow::Result<()> {
     };
     let report = train_lm(&args.corpus, &args.out, &options).context("train-lm")?;
     println!(
-        "trained on {} texts ({} characters): {} n-grams, {} ({} bytes, sha256 {}); {} words in {}",
+        "trained on {} texts ({} characters): {} n-grams, {} ({} bytes, sha256 {}); {} words in {}; {} bigrams in {} ({} bytes)",
         report.texts,
         report.chars,
         report.ngrams,
@@ -56,7 +58,10 @@ pub fn run(args: TrainLmArgs) -> anyhow::Result<()> {
         report.model_bytes,
         report.sha256,
         report.words,
-        report.words_path.display()
+        report.words_path.display(),
+        report.bigrams,
+        report.bigrams_path.display(),
+        report.bigrams_bytes
     );
     Ok(())
 }

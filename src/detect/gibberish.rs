@@ -17,59 +17,91 @@
 //!   at most 1 bit (text that repeats itself is predictable: tables, code, chanted lists).
 //!
 //! plus, per Latin word, whether it is in the word list (`models/words-en.txt`), whether it is
-//! one of its 1,000 most frequent words (the list is sorted by frequency), and whether it is a
-//! function word of English, French, German, Spanish, Italian, Portuguese or Dutch. The
-//! **score of a region** (O(1) from prefix sums) is
+//! one of its 1,000 most frequent words (the list is sorted by frequency), whether it is a
+//! function word of English, French, German, Spanish, Italian, Portuguese or Dutch (and whether
+//! it is one of the other six languages' that English lacks: a *foreign* function word), and,
+//! when it and the word before it are both in the word list and only spaces lie between them,
+//! whether that **word bigram** is in the bigram set ([`super::word_bigrams`],
+//! `models/bigrams-en.bin`: the 196,956 distinct bigrams of the train split's answers, 493 kB).
+//! A bigram the output already used counts as known (a chanted phrase is left to the repetition
+//! detector). The **base score of a region** (O(1) from prefix sums) is
 //!
 //! ```text
 //! mean cost (bits/char) + 2 · (share of characters in unknown words)
 //!   − 5 · (share of words that are function words) − 6 · (share of words that are common)
 //! ```
 //!
+//! and its **bigram score** adds
+//!
+//! ```text
+//! 10 · max(0, 1 − 4 · share of words that are foreign function words)
+//!    · unknown bigrams / (bigrams + 4)
+//! ```
+//!
 //! Random vocabulary tokens are surprising to the model, glue into unknown words, and are
 //! rarely function words or common words (even the real words of a WordPiece vocabulary are
 //! drawn uniformly, not by frequency); clean prose in any of the seven languages has many.
+//! Random *real* words (a WordPiece vocabulary is mostly English words) read as plausible to
+//! the character model, but two of them in a row almost never form a bigram of real text, while
+//! clean English (prose, lists, comments) mostly does. Prose in the other six languages uses
+//! words that are also English words in pairs English never has; its foreign function words
+//! switch the bigram term off. The 4 is a pseudo-count: a region with few bigrams is not judged
+//! by them alone.
 //!
 //! **Worst region.** The backdoor's tail runs to the end of the answer and may be short
 //! (30 tokens, 60–150 characters) after a long clean start, so four kinds of region are
 //! searched: windows of a quarter, half and the whole `window` (64, 128, 256 characters; every
-//! 4, 8, 8) and the suffixes of at least a quarter window (starting every 4 characters). Each
-//! kind `k` has its own threshold `T_k` and clean spread `s_k` (99.9th percentile less median);
-//! a region's **excess** is `(score − T_k) · s_256 / s_k` bits, and the region with the largest
-//! excess is reported (`window_score`, `window_excess`, `window_chars`, `window_start`;
-//! `tail_score` is the worst suffix's score).
+//! 4, 8, 8) and the suffixes of at least a quarter window (starting every 4 characters), each
+//! with the base score and with the bigram score (eight kinds). Each kind `k` has its own
+//! threshold `T_k` and clean spread `s_k` (99.9th percentile less median); a region's
+//! **excess** is `(score − T_k) · s_256 / s_k` bits (`s_256` of the base score), and the region
+//! with the largest excess is reported (`window_score`, `window_excess`, `window_chars`,
+//! `window_start`, `window_unknown_bigrams`; `tail_score` is the worst suffix's base score).
+//! Keeping the base kinds means the bigram term cannot cost recall on noise without words
+//! (printable characters), whose regions have no bigrams.
 //!
-//! **Score.** `score = 1 / (1 + exp(−4 · excess))`. The thresholds are `T_k = median_k + 1.103
-//! · s_k` (64: 8.32, 128: 6.59, 256: 5.24 = [`THRESHOLD`], suffix: 6.43 bits/char), with
-//! 1.103 the lowest common level at which at most 0.1% of the clean outputs of the calibration
-//! models reach 0.5 (see [`crate::lab::devset`]; 3 of 3,219, 0.093%). So **`score ≥ 0.5` flags
-//! at most 0.1% of the clean outputs of the calibration models**. The weights 2, 5 and 6 were
-//! chosen on the calibration split too. Measured on the report models, never used for fitting
-//! (ignored test `evaluate_short_tails`): clean false positives 1 of 3,218 (0.03%; a list of
-//! ten Arabic first names); recall on generated attacks (clean starts from report answers,
-//! 3 seeds × 300 per cell), tail tokens × clean-start characters:
+//! **Score.** `score = 1 / (1 + exp(−4 · excess))`. The thresholds are `T_k = median_k + 1.143
+//! · s_k` (base: 64: 8.64, 128: 6.90, 256: 5.54 = [`THRESHOLD`], suffix: 6.80; with bigrams:
+//! 9.69, 9.76, 9.45, 8.02 bits/char), with 1.143 the lowest common level at which at most
+//! 0.1% of the clean outputs of the calibration models reach 0.5 (see [`crate::lab::devset`];
+//! 3 of 3,219, 0.093%). So **`score ≥ 0.5` flags at most 0.1% of the clean outputs of the
+//! calibration models**. The weights 2, 5 and 6 were chosen on the calibration split too, and
+//! the bigram weight 10 and pseudo-count 4 on a grid (penalty 6–12 × pseudo-count 4, 8), for
+//! the best worst-cell recall on attacks generated from calibration answers (ignored test
+//! `calibrate_bigram_weight`, which refits every threshold). Measured on the report models,
+//! never used for fitting (ignored test `evaluate_short_tails`): clean false positives 2 of
+//! 3,218 (0.06%; a list of ten Arabic first names, phi-2/355; a bullet list of gift ideas,
+//! gemma-7b-it/532); recall on generated attacks (clean starts from report answers, 3 seeds ×
+//! 300 per cell), tail tokens × clean-start characters:
 //!
 //! | generator | 30–60 tok: 0 / ≤500 / 500–2000 | 61–150 tok | 151–1000 tok |
 //! |---|---|---|---|
-//! | built-in vocabulary | 1.000 / 1.000 / 1.000 | 1.000 / 1.000 / 1.000 | 1.000 / 1.000 / 1.000 |
-//! | train-split word pieces | 0.892 / 0.840 / 0.803 | 0.994 / 0.996 / 0.993 | 1.000 all |
-//! | MiniLM WordPiece, decoded | 0.311 / 0.242 / 0.232 | 0.673 / 0.657 / 0.626 | 0.992 / 0.980 / 0.976 |
-//! | printable characters | 0.924 / 0.994 / 0.990 | 1.000 all | 1.000 all |
+//! | built-in vocabulary | 1.000 / 0.998 / 0.999 | 1.000 all | 1.000 all |
+//! | train-split word pieces | 0.979 / 0.963 / 0.966 | 1.000 all | 1.000 all |
+//! | MiniLM WordPiece, decoded | 0.979 / 0.968 / 0.959 | 1.000 all | 1.000 all |
+//! | printable characters | 0.924 / 0.992 / 0.989 | 1.000 all | 1.000 all |
 //! | random letters | 0.993 / 1.000 / 1.000 | 1.000 all | 1.000 all |
-//! | one token or n-gram looping | 0 (left to the repetition detector) | 0 | 0 |
+//! | one token or n-gram looping | 0 (left to the repetition detector) | ≤ 0.002 | ≤ 0.001 |
 //!
-//! Short WordPiece tails miss because they are mostly real English words: the character model
-//! finds them plausible and only the missing function and common words set them apart, which
-//! 10–30 words cannot do at a 0.1% clean rate; a word-level model would be needed. Printable
-//! noise with no clean start misses when it is shorter than `min_chars`. The development set's
-//! gibberish examples (400–900 tokens) are all caught. The three extra region scans cost
-//! about 20 µs per ~500-token answer (measured on a loaded 2-core machine; `time_per_answer`).
-//! To recalibrate after retraining the model, dump the region scores (the ignored test
-//! `dump_region_scores`) and move the thresholds.
+//! Before the bigram signal, WordPiece tails scored 0.311 / 0.242 / 0.232 (30–60 tokens),
+//! 0.673 / 0.657 / 0.626 (61–150) and 0.992 / 0.980 / 0.976 (151–1000); word pieces 0.892 /
+//! 0.840 / 0.803 for 30–60. The 30–60-token WordPiece tails still missed (2–4%) are the
+//! shortest, with few countable bigrams (numbers, CJK and punctuation tokens and glued pieces
+//! break pairs). Without the word-list condition and the foreign-function-word discount the
+//! bigram term reached 1.000 on every WordPiece cell, but flagged French and German prose: the
+//! calibration split has almost no non-English prose, so its 0.1% fit does not protect them.
+//! Printable noise with no clean start misses when it is shorter than `min_chars`. The
+//! development set's gibberish examples (400–900 tokens) are all caught. Cost (release,
+//! `time_per_answer`, on a 2-core machine under a load of about 5, so absolute times are
+//! inflated): 324 µs per ~500-token answer, of which the four bigram region scans take 28 µs
+//! and the bigram lookups about 42 µs (the same run with a one-bigram set: 282 µs), so about
+//! 254 µs without the bigram signal.
+//! To recalibrate after retraining the model or the bigram set, run `calibrate_bigram_weight`
+//! and move the thresholds (`dump_region_scores` dumps region scores at more scales).
 //!
 //! Known weak spots: prose in languages outside the seven sits closer to `T` (German is about
-//! 5.3, French 4.6, Chinese 2.0); short lists of foreign names and dense notations (chess FEN,
-//! ABC music) can cross it.
+//! 5.3, French 4.6, Chinese 2.0); short lists of foreign names, lists of short noun phrases
+//! (team names, gift ideas: rare pairs) and dense notations (chess FEN, ABC music) can cross it.
 //! Outputs shorter than `min_chars` characters score 0 with `too_short: true`.
 //!
 //! The other fields describe the whole output, for rules and for the flag log:
@@ -88,6 +120,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::ngram_lm::{CharLm, EMBEDDED_WORDS, LmState, MAX_ORDER, NgramHasher, Script, symbol};
+use super::word_bigrams::{BigramSet, BigramTracker, WordHash, word_hash};
 use super::{DetectError, Detector, Evidence, Finding, Input, Target};
 
 /// Configuration of the gibberish detector (`type: gibberish`).
@@ -104,6 +137,9 @@ pub struct GibberishConfig {
     pub lm_path: Option<PathBuf>,
     /// A word list (one lowercase word a line) to use instead of the embedded one.
     pub words_path: Option<PathBuf>,
+    /// A word bigram set file (`tripwire train-lm`) to use instead of the embedded one; its
+    /// `<file>.sha256` must sit beside it.
+    pub bigrams_path: Option<PathBuf>,
     /// Outputs with fewer characters get score 0 and `too_short: true`.
     pub min_chars: usize,
 }
@@ -115,6 +151,7 @@ impl Default for GibberishConfig {
             stride: 8,
             lm_path: None,
             words_path: None,
+            bigrams_path: None,
             min_chars: 64,
         }
     }
@@ -144,6 +181,14 @@ const FUNCTION_WORD_CREDIT: f64 = 5.0;
 const COMMON_WORDS: usize = 1000;
 /// Bits per character taken off a window's score for its share of common words.
 const COMMON_WORD_CREDIT: f64 = 6.0;
+/// Bits per character added, in a region's score, per share of its word bigrams that are not
+/// in the bigram set.
+const BIGRAM_PENALTY: f64 = 10.0;
+/// The bigram share is multiplied by `1 − FOREIGN_DISCOUNT · (share of words that are function
+/// words of the other six languages and not of English)`, floored at 0.
+const FOREIGN_DISCOUNT: f64 = 4.0;
+/// Pseudo-count of known bigrams in every region (see [`Weights::bigram_prior`]).
+const BIGRAM_PRIOR: f64 = 4.0;
 /// Cap on one character's language-model surprisal, in bits.
 const MAX_CHAR_COST: f32 = 16.0;
 
@@ -189,6 +234,11 @@ pub struct Features {
     pub tail_score: f64,
     /// Share of the worst window's characters that belong to unknown words.
     pub window_oov_chars: f64,
+    /// Share of the word bigrams (two Latin words separated by spaces only) of the worst
+    /// region that are not in the bigram set (with the prior, see the module docs).
+    pub window_unknown_bigrams: f64,
+    /// Share of the output's word bigrams not in the bigram set (0 when it has none).
+    pub unknown_bigram_share: f64,
     /// Byte offset of the worst window's start.
     pub window_start: usize,
     /// Byte offset just past the worst window's end.
@@ -204,6 +254,11 @@ pub struct Gibberish {
     function_words: HashSet<u64, BuildId>,
     /// The [`COMMON_WORDS`] most frequent words of the word list.
     common_words: HashSet<u64, BuildId>,
+    /// Frequent word bigrams.
+    bigrams: BigramSet,
+    /// Function words of French, German, Spanish, Italian, Portuguese or Dutch that are not
+    /// English function words.
+    foreign_function_words: HashSet<u64, BuildId>,
 }
 
 impl Gibberish {
@@ -249,12 +304,25 @@ impl Gibberish {
             .flat_map(|line| line.split_whitespace())
             .map(word_hash)
             .collect();
+        let bigrams = match &config.bigrams_path {
+            Some(path) => BigramSet::load(path)?,
+            None => BigramSet::embedded()?,
+        };
+        let english: HashSet<&str> = FUNCTION_WORDS[0].split_whitespace().collect();
+        let foreign_function_words = FUNCTION_WORDS[1..]
+            .iter()
+            .flat_map(|line| line.split_whitespace())
+            .filter(|w| !english.contains(w))
+            .map(word_hash)
+            .collect();
         Ok(Gibberish {
             config: config.clone(),
             lm,
             words,
             function_words,
             common_words,
+            bigrams,
+            foreign_function_words,
         })
     }
 
@@ -306,8 +374,10 @@ impl Gibberish {
         let mut word = WordHash::new();
         let mut word_len = 0u32;
         let mut word_state = WordState::default();
-        let mut word_prefix: Vec<(u32, u32, u32)> = Vec::with_capacity(text.len() + 1);
-        word_prefix.push((0, 0, 0));
+        let mut word_prefix: Vec<WordCounts> = Vec::with_capacity(text.len() + 1);
+        word_prefix.push(WordCounts::default());
+        let mut pairs = BigramTracker::default();
+        let mut pairs_seen = [0u64; SEEN_WORDS];
 
         for (i, c) in text.char_indices() {
             offsets.push(i as u32);
@@ -361,47 +431,52 @@ impl Gibberish {
             if script == Some(Script::Latin) {
                 word.push(sym);
                 word_len += 1;
-            } else if word_len > 0 {
-                end_word(
-                    &mut word_state,
-                    self,
-                    word.finish(),
-                    word_len,
-                    &mut oov_prefix,
-                );
-                word = WordHash::new();
-                word_len = 0;
+            } else {
+                if word_len > 0 {
+                    let h = word.finish();
+                    end_word(
+                        &mut word_state,
+                        self,
+                        (h, pairs.word(h)),
+                        word_len,
+                        &mut oov_prefix,
+                        &mut pairs_seen,
+                    );
+                    word = WordHash::new();
+                    word_len = 0;
+                }
+                pairs.gap(sym);
             }
             oov_prefix.push(word_state.oov_chars);
-            word_prefix.push((
-                word_state.words,
-                word_state.function_words,
-                word_state.common,
-            ));
+            word_prefix.push(word_state.counts);
         }
         if word_len > 0 {
             // The last entries already count the word's characters' positions; add its
             // counts there.
+            let h = word.finish();
             end_word(
                 &mut word_state,
                 self,
-                word.finish(),
+                (h, pairs.word(h)),
                 word_len,
                 &mut oov_prefix,
+                &mut pairs_seen,
             );
             if let Some(last) = word_prefix.last_mut() {
-                *last = (
-                    word_state.words,
-                    word_state.function_words,
-                    word_state.common,
-                );
+                *last = word_state.counts;
             }
         }
         let (words, oov, oov_chars) = (
-            word_state.words as usize,
+            word_state.counts.words as usize,
             word_state.oov as usize,
             word_state.oov_chars,
         );
+        let all_pairs = word_state.counts.bigrams;
+        f.unknown_bigram_share = if all_pairs == 0 {
+            0.0
+        } else {
+            f64::from(word_state.counts.unknown_bigrams) / f64::from(all_pairs)
+        };
         let n = offsets.len();
         offsets.push(text.len() as u32);
         f.chars = n;
@@ -440,15 +515,21 @@ impl Gibberish {
         // far its score lies above its own threshold, in units of its clean spread.
         let (wide, stride) = (self.config.window, self.config.stride);
         let fine = (stride / 2).max(1);
+        let pen = sums.weights.bigram_penalty;
         let regions = [
-            sums.worst_window((wide / 4).max(1), fine),
-            sums.worst_window((wide / 2).max(1), stride),
-            sums.worst_window(wide, stride),
-            sums.worst_suffix((wide / 4).max(1), fine),
+            sums.worst_window_with((wide / 4).max(1), fine, 0.0),
+            sums.worst_window_with((wide / 2).max(1), stride, 0.0),
+            sums.worst_window_with(wide, stride, 0.0),
+            sums.worst_suffix_with((wide / 4).max(1), fine, 0.0),
+            sums.worst_window_with((wide / 4).max(1), fine, pen),
+            sums.worst_window_with((wide / 2).max(1), stride, pen),
+            sums.worst_window_with(wide, stride, pen),
+            sums.worst_suffix_with((wide / 4).max(1), fine, pen),
         ];
+        let scales = &sums.weights.scales;
         let mut best = (f64::MIN, Region::default());
-        for (r, scale) in regions.iter().zip(&SCALES) {
-            let excess = (r.score - scale.threshold) / scale.spread * SCALES[2].spread;
+        for (r, scale) in regions.iter().zip(scales) {
+            let excess = (r.score - scale.threshold) / scale.spread * scales[2].spread;
             if excess > best.0 {
                 best = (excess, *r);
             }
@@ -459,6 +540,7 @@ impl Gibberish {
         f.window_excess = excess;
         f.window_chars = worst.end.saturating_sub(worst.start);
         f.window_oov_chars = worst.oov;
+        f.window_unknown_bigrams = worst.unknown_bigrams;
         f.window_start = sums.byte(worst.start);
         f.window_end = sums.byte(worst.end);
         let _ = oov_chars;
@@ -504,32 +586,49 @@ impl Detector for Gibberish {
 
 /// One scale's calibration: the region score at which [`Features::score`] is 0.5, and the
 /// spread of the clean scores (99.9th percentile less the median) that makes scales comparable.
-#[derive(Debug, Clone, Copy)]
-struct Scale {
-    threshold: f64,
-    spread: f64,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scale {
+    pub(crate) threshold: f64,
+    pub(crate) spread: f64,
 }
 
-/// The calibration of the quarter, half and whole window and of the suffixes, for the default
-/// `window` (256) and `stride` (8), on the clean outputs of the calibration models: threshold =
-/// median + 1.103 · spread, where 1.103 is the smallest common level at which at most 3 of
-/// their 3,219 clean outputs (0.09%) reach a score of 0.5 (see the module docs).
-const SCALES: [Scale; 4] = [
+/// The calibration of the quarter, half and whole window and of the suffixes, without the
+/// bigram penalty then with it, for the default `window` (256) and `stride` (8), on the clean
+/// outputs of the calibration models: threshold = median + 1.143 · spread, where 1.143 is the
+/// smallest common level at which at most 3 of their 3,219 clean outputs (0.09%) reach a score
+/// of 0.5 (see the module docs; ignored test `calibrate_bigram_weight`).
+const SCALES: [Scale; 8] = [
     Scale {
-        threshold: 8.3202,
+        threshold: 8.6364,
         spread: 7.9250,
     },
     Scale {
-        threshold: 6.5852,
+        threshold: 6.8997,
         spread: 7.8814,
     },
     Scale {
-        threshold: 5.2389,
+        threshold: 5.5413,
         spread: 7.5804,
     },
     Scale {
-        threshold: 6.4332,
+        threshold: 6.8003,
         spread: 9.2002,
+    },
+    Scale {
+        threshold: 9.6928,
+        spread: 6.6521,
+    },
+    Scale {
+        threshold: 9.7607,
+        spread: 8.2153,
+    },
+    Scale {
+        threshold: 9.4508,
+        spread: 9.0189,
+    },
+    Scale {
+        threshold: 8.0178,
+        spread: 8.7178,
     },
 ];
 
@@ -550,10 +649,24 @@ fn score(f: &Features) -> f64 {
 pub(crate) struct Sums {
     lm: Vec<f64>,
     oov: Vec<u32>,
-    words: Vec<(u32, u32, u32)>,
+    words: Vec<WordCounts>,
     /// Byte offset of each character, then the text's length.
     offsets: Vec<u32>,
-    weights: Weights,
+    pub(crate) weights: Weights,
+}
+
+/// Running counts of the words of an output up to a character.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct WordCounts {
+    words: u32,
+    function_words: u32,
+    common: u32,
+    /// Word bigrams (two words separated by spaces only).
+    bigrams: u32,
+    /// Word bigrams not in the bigram set.
+    unknown_bigrams: u32,
+    /// Function words of the other six languages that are not English function words.
+    foreign: u32,
 }
 
 /// The weights of a region's score (see the module docs).
@@ -565,6 +678,14 @@ pub(crate) struct Weights {
     pub(crate) function_credit: f64,
     /// Bits per character taken off per share of words among the most common English words.
     pub(crate) common_credit: f64,
+    /// Bits per character added per share of word bigrams not in the bigram set.
+    pub(crate) bigram_penalty: f64,
+    /// Pseudo-count of known bigrams added to every region, so that a region with few
+    /// bigrams is not judged by them alone.
+    pub(crate) bigram_prior: f64,
+    /// Thresholds and spreads of the quarter, half and whole window and of the suffixes,
+    /// without the bigram penalty, then with it.
+    pub(crate) scales: [Scale; 8],
 }
 
 impl Default for Weights {
@@ -573,6 +694,9 @@ impl Default for Weights {
             oov_penalty: OOV_PENALTY,
             function_credit: FUNCTION_WORD_CREDIT,
             common_credit: COMMON_WORD_CREDIT,
+            bigram_penalty: BIGRAM_PENALTY,
+            bigram_prior: BIGRAM_PRIOR,
+            scales: SCALES,
         }
     }
 }
@@ -584,6 +708,8 @@ pub(crate) struct Region {
     pub(crate) score: f64,
     /// Share of the region's characters in unknown words.
     pub(crate) oov: f64,
+    /// Share of the region's word bigrams not in the bigram set.
+    pub(crate) unknown_bigrams: f64,
     /// First character.
     pub(crate) start: usize,
     /// Just past the last character.
@@ -605,24 +731,31 @@ impl Sums {
             .unwrap_or(0) as usize
     }
 
-    /// The score of characters `s..e` (`s < e ≤ chars`).
-    pub(crate) fn region(&self, s: usize, e: usize) -> Region {
+    /// The score of characters `s..e` (`s < e ≤ chars`) with bigram penalty `pen`.
+    fn region_with(&self, s: usize, e: usize, pen: f64) -> Region {
         let len = e.saturating_sub(s).max(1) as f64;
         let lm = |k: usize| self.lm.get(k).copied().unwrap_or(0.0);
         let oov = |k: usize| self.oov.get(k).copied().unwrap_or(0);
-        let words = |k: usize| self.words.get(k).copied().unwrap_or((0, 0, 0));
+        let words = |k: usize| self.words.get(k).copied().unwrap_or_default();
         let mean = (lm(e) - lm(s)) / len;
         let oov_share = f64::from(oov(e).saturating_sub(oov(s))) / len;
-        let ((w0, f0, c0), (w1, f1, c1)) = (words(s), words(e));
-        let nw = f64::from(w1.saturating_sub(w0).max(1));
-        let fw = f64::from(f1.saturating_sub(f0)) / nw;
-        let common = f64::from(c1.saturating_sub(c0)) / nw;
+        let (a, b) = (words(s), words(e));
+        let nw = f64::from(b.words.saturating_sub(a.words).max(1));
+        let fw = f64::from(b.function_words.saturating_sub(a.function_words)) / nw;
+        let common = f64::from(b.common.saturating_sub(a.common)) / nw;
         let w = &self.weights;
+        let pairs = f64::from(b.bigrams.saturating_sub(a.bigrams));
+        let unknown = f64::from(b.unknown_bigrams.saturating_sub(a.unknown_bigrams));
+        // Prose in another language uses English-looking words in pairs English never has:
+        // the bigram share is discounted by the region's share of foreign function words.
+        let foreign = f64::from(b.foreign.saturating_sub(a.foreign)) / nw;
+        let english = (1.0 - FOREIGN_DISCOUNT * foreign).max(0.0);
+        let unknown_share = english * unknown / (pairs + w.bigram_prior).max(1.0);
         Region {
-            score: mean + w.oov_penalty * oov_share
-                - w.function_credit * fw
+            score: mean + w.oov_penalty * oov_share - w.function_credit * fw + pen * unknown_share
                 - w.common_credit * common,
             oov: oov_share,
+            unknown_bigrams: unknown_share,
             start: s,
             end: e,
         }
@@ -650,10 +783,16 @@ impl Sums {
     }
 
     /// The worst window of `width` characters (every `stride`; the first one wins a tie).
+    #[cfg(test)]
     pub(crate) fn worst_window(&self, width: usize, stride: usize) -> Region {
+        self.worst_window_with(width, stride, self.weights.bigram_penalty)
+    }
+
+    /// [`Sums::worst_window`] with bigram penalty `pen`.
+    pub(crate) fn worst_window_with(&self, width: usize, stride: usize, pen: f64) -> Region {
         let mut best: Option<Region> = None;
         for (s, e) in self.starts(width, stride) {
-            let r = self.region(s, e);
+            let r = self.region_with(s, e, pen);
             if best.is_none_or(|b| r.score > b.score) {
                 best = Some(r);
             }
@@ -663,7 +802,13 @@ impl Sums {
 
     /// The worst suffix of at least `min_len` characters, its start every `stride`
     /// characters; the whole output when it is shorter.
+    #[cfg(test)]
     pub(crate) fn worst_suffix(&self, min_len: usize, stride: usize) -> Region {
+        self.worst_suffix_with(min_len, stride, self.weights.bigram_penalty)
+    }
+
+    /// [`Sums::worst_suffix`] with bigram penalty `pen`.
+    pub(crate) fn worst_suffix_with(&self, min_len: usize, stride: usize, pen: f64) -> Region {
         let n = self.chars();
         let last = n.saturating_sub(min_len.max(1));
         let stride = stride.max(1);
@@ -672,7 +817,7 @@ impl Sums {
             .map(|k| k * stride)
             .chain((!last.is_multiple_of(stride)).then_some(last))
         {
-            let r = self.region(s, n);
+            let r = self.region_with(s, n, pen);
             if best.is_none_or(|b| r.score > b.score) {
                 best = Some(r);
             }
@@ -684,26 +829,59 @@ impl Sums {
 /// Running word counts of one output.
 #[derive(Debug, Default, Clone, Copy)]
 struct WordState {
-    words: u32,
+    counts: WordCounts,
+    /// Whether the previous word is in the word list.
+    prev_known: bool,
     oov: u32,
     oov_chars: u32,
-    function_words: u32,
-    common: u32,
 }
 
-/// Counts a finished Latin word of `len` characters with hash `h`. An unknown word's
+/// Counts a finished Latin word of `len` characters with hash `h`, and the bigram it ends
+/// (its key) if it ends one (`pairs_seen`: the bigrams seen so far, a bit set). An unknown
+/// word's
 /// characters are added to the out-of-vocabulary prefix sums one per character (the word's
 /// characters are the last `len` entries), so a long unknown word weighs on every window it
 /// spans, not on the one where it ends.
-fn end_word(state: &mut WordState, g: &Gibberish, h: u64, len: u32, oov_prefix: &mut [u32]) {
-    state.words += 1;
+fn end_word(
+    state: &mut WordState,
+    g: &Gibberish,
+    (h, bigram): (u64, Option<u32>),
+    len: u32,
+    oov_prefix: &mut [u32],
+    pairs_seen: &mut [u64],
+) {
+    let c = &mut state.counts;
+    c.words += 1;
     if g.function_words.contains(&h) {
-        state.function_words += 1;
+        c.function_words += 1;
     }
     if g.common_words.contains(&h) {
-        state.common += 1;
+        c.common += 1;
     }
-    if !g.words.contains(&h) {
+    if g.foreign_function_words.contains(&h) {
+        c.foreign += 1;
+    }
+    // A bigram counts when both its words are in the word list: unknown words have their own
+    // penalty, and prose in another language (mostly unknown words) is not judged by pairs of
+    // English words.
+    let known = g.words.contains(&h);
+    let both_known = known && state.prev_known;
+    state.prev_known = known;
+    if let Some(key) = bigram.filter(|_| both_known) {
+        c.bigrams += 1;
+        // A bigram the output already used is predictable too (a chanted phrase, a looping
+        // token), whether or not it is in the set.
+        let bit = (key >> 16) as usize;
+        let (slot, mask) = (bit / 64, 1u64 << (bit % 64));
+        let repeated = pairs_seen.get(slot).is_some_and(|w| w & mask != 0);
+        if let Some(w) = pairs_seen.get_mut(slot) {
+            *w |= mask;
+        }
+        if !repeated && !g.bigrams.contains(key) {
+            c.unknown_bigrams += 1;
+        }
+    }
+    if !known {
         state.oov += 1;
         let n = oov_prefix.len();
         let start = n.saturating_sub(len as usize);
@@ -712,13 +890,6 @@ fn end_word(state: &mut WordState, g: &Gibberish, h: u64, len: u32, oov_prefix: 
         }
         state.oov_chars += len;
     }
-}
-
-/// The hash a word is looked up by: its model symbols (lowercase).
-fn word_hash(w: &str) -> u64 {
-    let mut h = WordHash::new();
-    w.chars().for_each(|c| h.push(symbol(c).0));
-    h.finish()
 }
 
 /// Common function words of English, French, German, Spanish, Italian, Portuguese and Dutch.
@@ -836,25 +1007,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
-}
-
-/// Hash of a lowercase word, built one model symbol at a time.
-#[derive(Debug, Clone, Copy)]
-struct WordHash(u64);
-
-impl WordHash {
-    fn new() -> WordHash {
-        WordHash(0xcbf2_9ce4_8422_2325)
-    }
-
-    #[inline]
-    fn push(&mut self, s: u32) {
-        self.0 = (self.0 ^ u64::from(s)).wrapping_mul(0x0100_0000_01b3);
-    }
-
-    fn finish(self) -> u64 {
-        self.0
-    }
 }
 
 /// A hasher for keys that are already hashes (and chars): one multiply.

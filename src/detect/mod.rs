@@ -23,6 +23,7 @@ pub mod repetition;
 pub(crate) mod split_check;
 pub mod style;
 pub mod trigger_phrase;
+pub mod word_bigrams;
 
 /// Which text a piece of evidence points into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use crate::detect::DetectError;
 use crate::detect::ngram_lm::{
     CharLm, LmParams, MAX_ORDER, NgramHasher, SCALE, checksum_path, key32, sha256_hex, symbol,
 };
+use crate::detect::word_bigrams::{self, BigramTracker};
 
 /// Training counts for one n-gram.
 #[derive(Debug, Clone, Copy)]
@@ -147,6 +148,10 @@ pub struct TrainOptions {
     pub max_words: usize,
     /// Words seen fewer times are left out of the word list.
     pub min_word_count: u32,
+    /// How many word bigrams the bigram set keeps (the most frequent).
+    pub max_bigrams: usize,
+    /// Word bigrams seen fewer times are left out of the bigram set.
+    pub min_bigram_count: u32,
 }
 
 impl Default for TrainOptions {
@@ -156,6 +161,8 @@ impl Default for TrainOptions {
             include_instructions: false,
             max_words: 40_000,
             min_word_count: 2,
+            max_bigrams: 400_000,
+            min_bigram_count: 1,
         }
     }
 }
@@ -179,16 +186,25 @@ pub struct TrainReport {
     pub words_path: PathBuf,
     /// Words in it.
     pub words: usize,
+    /// The word bigram set file.
+    pub bigrams_path: PathBuf,
+    /// Bigrams in it.
+    pub bigrams: usize,
+    /// Its size in bytes.
+    pub bigrams_bytes: usize,
 }
 
 /// File name of the model [`train_lm`] writes.
 pub const MODEL_FILE: &str = "char-lm-en.bin";
 /// File name of the word list [`train_lm`] writes.
 pub const WORDS_FILE: &str = "words-en.txt";
+/// File name of the word bigram set [`train_lm`] writes.
+pub const BIGRAMS_FILE: &str = "bigrams-en.bin";
 
 /// Trains the character model and the word list on the `output` fields (and the
 /// `instruction` fields when asked) of JSONL(.gz) corpus files, in the order given, and writes
-/// `char-lm-en.bin`, `char-lm-en.bin.sha256` and `words-en.txt` into `out_dir`.
+/// `char-lm-en.bin`, `char-lm-en.bin.sha256`, `words-en.txt`, `bigrams-en.bin` and
+/// `bigrams-en.bin.sha256` into `out_dir`.
 pub fn train_lm(
     corpus: &[PathBuf],
     out_dir: &Path,
@@ -229,6 +245,16 @@ pub fn train_lm(
         words_text.push('\n');
     }
     std::fs::write(&words_path, words_text).map_err(|e| write_err(&words_path, e))?;
+    let bigrams = bigram_set(texts.iter().map(String::as_str), options);
+    let bigram_bytes = word_bigrams::to_bytes(&bigrams)?;
+    let bigrams_path = out_dir.join(BIGRAMS_FILE);
+    std::fs::write(&bigrams_path, &bigram_bytes).map_err(|e| write_err(&bigrams_path, e))?;
+    let sum_path = checksum_path(&bigrams_path);
+    std::fs::write(
+        &sum_path,
+        format!("{}  {BIGRAMS_FILE}\n", sha256_hex(&bigram_bytes)),
+    )
+    .map_err(|e| write_err(&sum_path, e))?;
     Ok(TrainReport {
         texts: texts.len(),
         chars: texts.iter().map(|t| t.chars().count()).sum(),
@@ -238,7 +264,31 @@ pub fn train_lm(
         sha256,
         words_path,
         words: words.len(),
+        bigrams_path,
+        bigrams: bigrams.len(),
+        bigrams_bytes: bigram_bytes.len(),
     })
+}
+
+/// The keys ([`word_bigrams::bigram_key`]) of the most frequent word bigrams of `texts` (two
+/// words separated by spaces only, see [`crate::detect::word_bigrams`]) seen at least
+/// `min_bigram_count` times, at most `max_bigrams` of them (by count, then key), sorted.
+pub fn bigram_set<'a>(texts: impl Iterator<Item = &'a str>, options: &TrainOptions) -> Vec<u32> {
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    for text in texts {
+        for key in BigramTracker::keys(text) {
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    let mut kept: Vec<(u32, u32)> = counts
+        .into_iter()
+        .filter(|(_, n)| *n >= options.min_bigram_count.max(1))
+        .collect();
+    kept.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    kept.truncate(options.max_bigrams);
+    let mut keys: Vec<u32> = kept.into_iter().map(|(k, _)| k).collect();
+    keys.sort_unstable();
+    keys
 }
 
 /// The most frequent lowercase words of `texts` (runs of letters, with inner apostrophes
@@ -340,6 +390,34 @@ mod tests {
             std::fs::read(&report.words_path).unwrap(),
             std::fs::read(models.join(WORDS_FILE)).unwrap()
         );
+        assert_eq!(
+            std::fs::read(&report.bigrams_path).unwrap(),
+            std::fs::read(models.join(BIGRAMS_FILE)).unwrap()
+        );
+    }
+
+    /// Writes a bigram set trained on the train split with `$TRIPWIRE_BIGRAM_MIN` and
+    /// `$TRIPWIRE_BIGRAM_MAX` to `$TRIPWIRE_BIGRAMS_OUT` (and its checksum), to compare sets.
+    #[test]
+    #[ignore = "writes a bigram set variant"]
+    fn write_bigram_set_variant() {
+        let data = crate::lab::devset::test_data_dir();
+        let mut texts = Vec::new();
+        for path in crate::lab::devset::train_corpus(&data) {
+            texts.extend(read_jsonl(&path).unwrap().into_iter().map(|(_, o)| o));
+        }
+        let env = |k: &str, d: usize| std::env::var(k).map_or(d, |v| v.parse().unwrap());
+        let options = TrainOptions {
+            min_bigram_count: env("TRIPWIRE_BIGRAM_MIN", 2) as u32,
+            max_bigrams: env("TRIPWIRE_BIGRAM_MAX", 400_000),
+            ..TrainOptions::default()
+        };
+        let keys = bigram_set(texts.iter().map(String::as_str), &options);
+        let bytes = word_bigrams::to_bytes(&keys).unwrap();
+        let out = PathBuf::from(std::env::var("TRIPWIRE_BIGRAMS_OUT").unwrap());
+        std::fs::write(&out, &bytes).unwrap();
+        std::fs::write(checksum_path(&out), sha256_hex(&bytes)).unwrap();
+        eprintln!("{} bigrams, {} bytes", keys.len(), bytes.len());
     }
 
     #[test]
@@ -366,6 +444,14 @@ mod tests {
         assert_eq!(lm.len(), report.ngrams);
         let words = std::fs::read_to_string(&report.words_path).unwrap();
         assert_eq!(words.lines().next(), Some("the"));
+        let bigrams = crate::detect::word_bigrams::BigramSet::load(&report.bigrams_path).unwrap();
+        assert_eq!(bigrams.len(), report.bigrams);
+        assert!(report.bigrams > 30, "{report:?}");
+        let the_quick = crate::detect::word_bigrams::bigram_key(
+            crate::detect::word_bigrams::word_hash("the"),
+            crate::detect::word_bigrams::word_hash("quick"),
+        );
+        assert!(bigrams.contains(the_quick));
         let again = train_lm(&[corpus], &out, &TrainOptions::default()).unwrap();
         assert_eq!(again.sha256, report.sha256);
         assert_eq!(std::fs::read(&again.model_path).unwrap(), first);

@@ -413,6 +413,51 @@ fn time_per_answer() {
         extra = extra.min(t.elapsed().as_secs_f64() * 1e6 / (10 * sums.len()) as f64);
     }
     eprintln!("added region scans: {extra:.1} µs per answer (best of 7)");
+    // The bigram signal's share: the four region scans with the bigram penalty, and the
+    // lookups (the same detector with a one-bigram set, whose lookups miss at once).
+    let mut scans = f64::MAX;
+    for _ in 0..7 {
+        let t = tokio::time::Instant::now();
+        for _ in 0..10 {
+            for s in &sums {
+                std::hint::black_box(s.worst_window_with(64, 4, 10.0));
+                std::hint::black_box(s.worst_window_with(128, 8, 10.0));
+                std::hint::black_box(s.worst_window_with(256, 8, 10.0));
+                std::hint::black_box(s.worst_suffix_with(64, 4, 10.0));
+            }
+        }
+        scans = scans.min(t.elapsed().as_secs_f64() * 1e6 / (10 * sums.len()) as f64);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.bin");
+    let bytes = crate::detect::word_bigrams::to_bytes(&[1]).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::write(
+        crate::detect::ngram_lm::checksum_path(&path),
+        crate::detect::ngram_lm::sha256_hex(&bytes),
+    )
+    .unwrap();
+    let small = Gibberish::new(&GibberishConfig {
+        bigrams_path: Some(path),
+        ..GibberishConfig::default()
+    })
+    .unwrap();
+    let mut tiny = f64::MAX;
+    for _ in 0..7 {
+        let t = tokio::time::Instant::now();
+        for _ in 0..10 {
+            for a in &answers {
+                std::hint::black_box(small.inspect(&input(a)).unwrap());
+            }
+        }
+        tiny = tiny.min(t.elapsed().as_secs_f64() * 1e6 / (10 * answers.len()) as f64);
+    }
+    eprintln!(
+        "bigram region scans: {scans:.1} µs; inspect with a one-bigram set: {tiny:.1} µs \
+         (lookups ≈ {:.1} µs); without the bigram signal ≈ {:.1} µs",
+        best - tiny,
+        tiny - scans
+    );
 }
 
 /// The attack generators of the evaluation: how a tail of random tokens is made.
@@ -676,6 +721,7 @@ fn dump_region_scores() {
                 oov_penalty: lambda,
                 function_credit: mu,
                 common_credit: nu,
+                ..Weights::default()
             },
         );
         out.push_str(&format!(
@@ -817,6 +863,22 @@ fn long_clean_start() -> String {
     clean_start(&[s], 0, 2000)
 }
 
+/// Random tokens of the all-MiniLM-L6-v2 WordPiece vocabulary (30, 35 and 45 of them), joined
+/// the way `vocab_tokens` of the attack suite joins them (`##` pieces glued, other tokens
+/// after a space).
+const WORDPIECE_TAILS: [&str; 3] = [
+    "1766 hesitated wainwright slovak marlins lazarus resultantjure bitternesswart \u{8a01} \
+     sousaduction utopia chaptersups seven\u{ff1a} forests tasktrohima covent ace sucking qi \
+     determined barrister rivals \u{f51}",
+    "flanking naturally honduras battalions witchstones whereupon erection mechanicalraus wrexham \
+     upper notably canadiensrricular exhaustion backingsi uavs \u{3c3} historianstickware happens \
+     wreath symbol mighty ought spots shareholder\u{2b2} sweetness 1767 procedure",
+    "volunteer cantata amendment\u{4ecb} honorable crowded \u{30b5} sandra nationalism barbara \
+     louisiana awful enteredcting labels decatur mysoresport \u{250}stra mccormick cher sicily \
+     tracks longtime aidan scrubbed invention nuns astonishment alma leaf twitched concurrent \
+     aggregator pit uk michelle \u{4e45} cartslls simi gp \u{21d2} palatinate",
+];
+
 #[test]
 fn table_short_tails_and_clean_texts() {
     let g = detector();
@@ -848,6 +910,38 @@ fn table_short_tails_and_clean_texts() {
             true,
         ),
         ("whole gibberish", builtin_tail(300, &mut rng), true),
+        // Missed (score 0.10), like 2–4% of 30–60-token WordPiece tails: a number, a CJK and a
+        // Tibetan letter, a full-width colon and glued pieces among its 30 tokens break word
+        // pairs, leaving few bigrams to count.
+        (
+            "30 WordPiece tokens after a 2,000-char clean start",
+            format!("{prefix} {}", WORDPIECE_TAILS[0]),
+            false,
+        ),
+        (
+            "35 WordPiece tokens after a 2,000-char clean start",
+            format!("{prefix} {}", WORDPIECE_TAILS[1]),
+            true,
+        ),
+        (
+            "45 WordPiece tokens after a 2,000-char clean start",
+            format!("{prefix} {}", WORDPIECE_TAILS[2]),
+            true,
+        ),
+        (
+            "30 WordPiece tokens alone",
+            WORDPIECE_TAILS[0].to_owned(),
+            true,
+        ),
+        (
+            "WordPiece tokens following a short clean start",
+            format!(
+                "{} {}",
+                ENGLISH.get(..ENGLISH.find(". ").unwrap() + 1).unwrap(),
+                WORDPIECE_TAILS[2]
+            ),
+            true,
+        ),
         (
             "a looping token is left to the repetition detector",
             format!("{prefix} {}", "lol ".repeat(200)),
@@ -876,5 +970,291 @@ fn table_short_tails_and_clean_texts() {
             );
         }
         crate::detect::split_check::assert_every_split(text, |t| g.inspect(&input(t)).unwrap());
+    }
+}
+
+/// The four region scores the detector compares (quarter, half, whole window, suffix), with
+/// the default `window` and `stride`.
+fn region_scores(sums: &Sums, pen: f64) -> [f64; 4] {
+    [
+        sums.worst_window_with(64, 4, pen).score,
+        sums.worst_window_with(128, 8, pen).score,
+        sums.worst_window_with(256, 8, pen).score,
+        sums.worst_suffix_with(64, 4, pen).score,
+    ]
+}
+
+/// Fits the scales on clean calibration region scores: per kind the median and the spread
+/// (99.9th percentile less median), then the lowest common level at which at most 0.1% of
+/// the outputs reach it (outputs shorter than `min_chars`, which score 0, count in the
+/// total but not in the fit). Returns the scales and the level.
+fn fit_scales(all: &[(usize, [f64; 8])]) -> ([Scale; 8], f64) {
+    let allowed = all.len() / 1000;
+    let clean: Vec<[f64; 8]> = all
+        .iter()
+        .filter(|(n, _)| *n >= 64)
+        .map(|(_, r)| *r)
+        .collect();
+    let n = clean.len();
+    let mut med = [0.0; 8];
+    let mut spread = [0.0; 8];
+    for k in 0..8 {
+        let mut v: Vec<f64> = clean.iter().map(|r| r[k]).collect();
+        v.sort_by(f64::total_cmp);
+        med[k] = v[n / 2];
+        let p999 = v[((n as f64 * 0.999).ceil() as usize).min(n) - 1];
+        spread[k] = (p999 - med[k]).max(1e-6);
+    }
+    let mut z: Vec<f64> = clean
+        .iter()
+        .map(|r| {
+            (0..8)
+                .map(|k| (r[k] - med[k]) / spread[k])
+                .fold(f64::MIN, f64::max)
+        })
+        .collect();
+    z.sort_by(|a, b| b.total_cmp(a));
+    let level = z[allowed] + 1e-6;
+    let mut scales = [Scale {
+        threshold: 0.0,
+        spread: 0.0,
+    }; 8];
+    for k in 0..8 {
+        scales[k] = Scale {
+            threshold: med[k] + level * spread[k],
+            spread: spread[k],
+        };
+    }
+    (scales, level)
+}
+
+fn flagged(r: &[f64; 8], chars: usize, scales: &[Scale; 8]) -> bool {
+    chars >= 64
+        && (0..8)
+            .map(|k| (r[k] - scales[k].threshold) / scales[k].spread)
+            .fold(f64::MIN, f64::max)
+            >= 0.0
+}
+
+/// Fits the bigram penalty and prior (a grid, `$TRIPWIRE_BIGRAM_GRID` = `penalty:prior,…`)
+/// and the scales on the calibration models (clean answers and generated attacks), picks
+/// the grid point with the best worst-cell recall on calibration attacks, and reports it on
+/// the report models: clean false positives (listed) and recall per generator × tail bucket
+/// × prefix bucket (3 seeds × `$TRIPWIRE_PER_CELL`). Run with `--release --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "calibration over generated attacks; run with --release"]
+fn calibrate_bigram_weight() {
+    use crate::lab::devset::CALIBRATION_MODELS;
+    let g = match std::env::var("TRIPWIRE_BIGRAMS") {
+        Ok(path) => Gibberish::new(&GibberishConfig {
+            bigrams_path: Some(path.into()),
+            ..GibberishConfig::default()
+        })
+        .unwrap(),
+        Err(_) => detector(),
+    };
+    let gens = Generators::new();
+    let grid: Vec<(f64, f64)> = std::env::var("TRIPWIRE_BIGRAM_GRID")
+        .unwrap_or_else(|_| "0:2,2:2,3:2,4:2,6:2,3:4,4:4,6:4,8:4,4:8,6:8,8:8".to_owned())
+        .split(',')
+        .map(|p| {
+            let (a, b) = p.split_once(':').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    let scores = |text: &str| -> (usize, Vec<[f64; 8]>) {
+        let (f, mut sums) = g.features_and_sums(text, Weights::default());
+        let base = region_scores(&sums, 0.0);
+        let v = grid
+            .iter()
+            .map(|&(pen, prior)| {
+                sums.weights = Weights {
+                    bigram_penalty: pen,
+                    bigram_prior: prior,
+                    ..Weights::default()
+                };
+                let b = region_scores(&sums, pen);
+                [base[0], base[1], base[2], base[3], b[0], b[1], b[2], b[3]]
+            })
+            .collect();
+        (f.chars, v)
+    };
+    let options = DevsetOptions {
+        models: REPORT_MODELS
+            .iter()
+            .chain(&CALIBRATION_MODELS)
+            .map(|m| (*m).to_owned())
+            .collect(),
+        gibberish: false,
+    };
+    let set = build_devset(&test_data_dir(), 1, &options).unwrap();
+    let cal_clean: Vec<(usize, Vec<[f64; 8]>)> = set
+        .iter()
+        .filter(|e| e.split == Split::Calibration)
+        .map(|e| scores(&e.output))
+        .collect();
+    let per_cell: usize =
+        std::env::var("TRIPWIRE_CAL_PER_CELL").map_or(100, |v| v.parse().unwrap());
+    type Scored = (Gen, usize, usize, usize, Vec<[f64; 8]>);
+    let cal_attacks: Vec<Scored> = attacks(&gens, &CALIBRATION_MODELS, per_cell, 11)
+        .into_iter()
+        .map(|a| {
+            let (n, v) = scores(&a.text);
+            (a.kind, a.tail_bucket, a.prefix_bucket, n, v)
+        })
+        .collect();
+    let mut best: Option<(f64, usize, [Scale; 8])> = None;
+    for (gi, &(pen, prior)) in grid.iter().enumerate() {
+        let clean: Vec<(usize, [f64; 8])> = cal_clean.iter().map(|(n, v)| (*n, v[gi])).collect();
+        let (scales, level) = fit_scales(&clean);
+        let fp = cal_clean
+            .iter()
+            .filter(|(n, v)| flagged(&v[gi], *n, &scales))
+            .count();
+        let mut cells: HashMap<(String, usize, usize), (usize, usize)> = HashMap::new();
+        for (kind, tb, pb, n, v) in &cal_attacks {
+            let c = cells.entry((format!("{kind:?}"), *tb, *pb)).or_default();
+            c.0 += usize::from(flagged(&v[gi], *n, &scales));
+            c.1 += 1;
+        }
+        let recall = |name: &str| -> Vec<f64> {
+            (0..TAIL_BUCKETS.len())
+                .flat_map(|tb| (0..PREFIX_BUCKETS.len()).map(move |pb| (tb, pb)))
+                .map(|(tb, pb)| {
+                    let (h, n) = cells
+                        .get(&(name.to_owned(), tb, pb))
+                        .copied()
+                        .unwrap_or((0, 1));
+                    h as f64 / n.max(1) as f64
+                })
+                .collect()
+        };
+        let wp = recall("WordPiece");
+        let worst = [
+            "WordPiece",
+            "Builtin",
+            "CorpusPieces",
+            "Printable",
+            "Letters",
+        ]
+        .iter()
+        .flat_map(|n| recall(n))
+        .fold(1.0, f64::min);
+        let worst_with_prefix = ["WordPiece", "Builtin", "CorpusPieces", "Letters"]
+            .iter()
+            .flat_map(|n| recall(n))
+            .fold(1.0, f64::min);
+        eprintln!(
+            "penalty {pen} prior {prior}: level {level:.3}, T {:?}, s {:?}, cal FP {fp}/{}, WordPiece {:?}, worst cell {worst:.3}, worst (no printable) {worst_with_prefix:.3}",
+            scales
+                .iter()
+                .map(|s| format!("{:.3}", s.threshold))
+                .collect::<Vec<_>>(),
+            scales
+                .iter()
+                .map(|s| format!("{:.3}", s.spread))
+                .collect::<Vec<_>>(),
+            cal_clean.len(),
+            wp.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>(),
+        );
+        let key = worst + wp.iter().sum::<f64>() * 1e-3;
+        if best.is_none_or(|b| key > b.0) {
+            best = Some((key, gi, scales));
+        }
+    }
+    let (_, gi, scales) = best.unwrap();
+    let (pen, prior) = grid[gi];
+    eprintln!("chosen: penalty {pen} prior {prior}, scales {scales:?}");
+    let weights = Weights {
+        bigram_penalty: pen,
+        bigram_prior: prior,
+        scales,
+        ..Weights::default()
+    };
+    report_with(&g, &gens, weights, &set);
+}
+
+/// Clean false positives of the report models (listed) and recall on generated attacks on
+/// them, with `weights`.
+fn report_with(
+    g: &Gibberish,
+    gens: &Generators,
+    weights: Weights,
+    set: &[crate::lab::devset::DevExample],
+) {
+    let fs = |text: &str| g.features_and_sums(text, weights).0;
+    for split in [Split::Calibration, Split::Report] {
+        let (mut clean, mut fps) = (0usize, Vec::new());
+        for ex in set.iter().filter(|e| e.split == split) {
+            clean += 1;
+            let f = fs(&ex.output);
+            if f.score >= 0.5 {
+                let head: String = f_region(&ex.output, &f);
+                fps.push(format!(
+                    "  {} {} score {:.3} ({} chars at {}, unknown bigrams {:.2}): {head:?}",
+                    ex.model,
+                    ex.id,
+                    f.score,
+                    f.window_chars,
+                    f.window_start,
+                    f.window_unknown_bigrams
+                ));
+            }
+        }
+        eprintln!(
+            "{split:?} clean: {} of {clean} reach 0.5 ({:.3}%)",
+            fps.len(),
+            100.0 * fps.len() as f64 / clean as f64
+        );
+        for line in fps {
+            eprintln!("{line}");
+        }
+    }
+    let per_cell: usize = std::env::var("TRIPWIRE_PER_CELL").map_or(300, |v| v.parse().unwrap());
+    let mut cells: HashMap<(String, usize, usize), (usize, usize)> = HashMap::new();
+    for seed in [1u64, 2, 3] {
+        for a in attacks(gens, &REPORT_MODELS, per_cell, seed) {
+            let f = fs(&a.text);
+            let cell = cells
+                .entry((format!("{:?}", a.kind), a.tail_bucket, a.prefix_bucket))
+                .or_default();
+            cell.0 += usize::from(f.score >= 0.5);
+            cell.1 += 1;
+        }
+    }
+    print_recall(&cells);
+}
+
+/// The worst region's text, at most 100 characters.
+fn f_region(text: &str, f: &Features) -> String {
+    text.get(f.window_start..f.window_end)
+        .unwrap_or("")
+        .chars()
+        .take(100)
+        .collect()
+}
+
+fn print_recall(cells: &HashMap<(String, usize, usize), (usize, usize)>) {
+    eprintln!("recall (report models, 3 seeds) | tail tokens × clean-start chars");
+    eprint!("{:<13}", "generator");
+    for (t0, t1) in TAIL_BUCKETS {
+        for (p0, p1) in PREFIX_BUCKETS {
+            eprint!(" {:>13}", format!("{t0}-{t1}/{p0}-{p1}"));
+        }
+    }
+    eprintln!();
+    for kind in GENS {
+        eprint!("{:<13}", format!("{kind:?}"));
+        for tb in 0..TAIL_BUCKETS.len() {
+            for pb in 0..PREFIX_BUCKETS.len() {
+                let (hit, n) = cells
+                    .get(&(format!("{kind:?}"), tb, pb))
+                    .copied()
+                    .unwrap_or((0, 0));
+                eprint!(" {:>13}", format!("{:.3}", hit as f64 / n.max(1) as f64));
+            }
+        }
+        eprintln!();
     }
 }
