@@ -279,7 +279,8 @@ fn paragraphs_and_short_prompts_table() {
     let de = "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person. Niemand darf \
         in Sklaverei oder Leibeigenschaft gehalten werden; Sklaverei und Sklavenhandel sind in \
         allen ihren Formen verboten.";
-    let rows: Vec<(&str, &str, String, bool)> = vec![
+    let rows: Vec<(&str, &str, String, bool)> =
+        vec![
         ("english answer", EN_PROMPT, format!("{en}\n\n{en}"), false),
         ("french paragraph in the middle", EN_PROMPT, format!("{en}\n\n{fr}\n\n{en}"), true),
         ("arabic paragraph at the end", EN_PROMPT, format!("{en}\n\n{ar}"), true),
@@ -321,7 +322,10 @@ fn paragraphs_and_short_prompts_table() {
         );
         if *switched {
             let e = &finding.evidence[0];
-            assert!(output.is_char_boundary(e.start) && output.is_char_boundary(e.end), "{name}");
+            assert!(
+                output.is_char_boundary(e.start) && output.is_char_boundary(e.end),
+                "{name}"
+            );
         }
         crate::detect::split_check::assert_every_split(output, |text| inspect(&d, prompt, text));
     }
