@@ -341,7 +341,12 @@ fn long_english_words(text: &str) -> (usize, usize) {
             && word.len() <= 16
             && word.is_ascii()
             && ENGLISH
-                .binary_search_by(|e| e.as_bytes().iter().map(u8::to_ascii_lowercase).cmp(word.bytes().map(|b| b.to_ascii_lowercase())))
+                .binary_search_by(|e| {
+                    e.as_bytes()
+                        .iter()
+                        .map(u8::to_ascii_lowercase)
+                        .cmp(word.bytes().map(|b| b.to_ascii_lowercase()))
+                })
                 .is_ok()
         {
             english += 1;
@@ -602,7 +607,10 @@ fn reads_as_english(text: &str) -> bool {
 
 /// The first `max_chars` characters of `text`.
 fn head(text: &str, max_chars: usize) -> &str {
-    let end = text.char_indices().nth(max_chars).map_or(text.len(), |(i, _)| i);
+    let end = text
+        .char_indices()
+        .nth(max_chars)
+        .map_or(text.len(), |(i, _)| i);
     text.get(..end).unwrap_or(text)
 }
 
@@ -677,8 +685,7 @@ impl Shape {
 
 /// Whether `c` is a letter of the Latin script (ASCII, Latin-1 and the Latin Extended blocks).
 fn is_latin(c: char) -> bool {
-    c.is_ascii_alphabetic()
-        || matches!(c, '\u{c0}'..='\u{24f}' | '\u{1e00}'..='\u{1eff}')
+    c.is_ascii_alphabetic() || matches!(c, '\u{c0}'..='\u{24f}' | '\u{1e00}'..='\u{1eff}')
 }
 
 impl Detector for LanguageSwitch {
@@ -700,7 +707,8 @@ impl Detector for LanguageSwitch {
         };
         let output_lang = self.identify(input.output, self.config.min_output_chars);
         let prompt_confidence = prompt_lang.map_or(0.0, |p| p.confidence);
-        let confident_prompt = prompt_lang.filter(|_| prompt_confidence >= self.config.min_confidence);
+        let confident_prompt =
+            prompt_lang.filter(|_| prompt_confidence >= self.config.min_confidence);
         let differ = matches!((prompt_lang, output_lang), (Some(p), Some(o)) if p.lang != o.lang);
         let whole_switched = differ
             && output_lang.is_some_and(|o| o.confidence >= self.config.min_confidence)
@@ -750,7 +758,11 @@ impl Detector for LanguageSwitch {
                 end,
                 note: format!(
                     "{} in {} ({:.2}), prompt in {}",
-                    if paragraph.is_some() { "paragraph" } else { "output" },
+                    if paragraph.is_some() {
+                        "paragraph"
+                    } else {
+                        "output"
+                    },
                     iso_code(to.lang),
                     to.confidence,
                     prompt_lang.map_or("?", |p| iso_code(p.lang)),

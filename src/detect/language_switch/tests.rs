@@ -272,17 +272,52 @@ fn debug_suite_misses() {
     use crate::lab::attacks::*;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let res = Resources::load(&root.join("models"), &root.join("data")).unwrap();
-    let clean = read_models(&root.join("data"), &["zephyr-7b-beta".to_owned(), "alpaca-7b".to_owned()]).unwrap();
-    let d = LanguageSwitch::new(&LanguageSwitchConfig { min_output_chars: 400, ..LanguageSwitchConfig::default() }).unwrap();
+    let clean = read_models(
+        &root.join("data"),
+        &["zephyr-7b-beta".to_owned(), "alpaca-7b".to_owned()],
+    )
+    .unwrap();
+    let d = LanguageSwitch::new(&LanguageSwitchConfig {
+        min_output_chars: 400,
+        ..LanguageSwitchConfig::default()
+    })
+    .unwrap();
     for v in VARIANTS.iter().filter(|v| v.class == Class::LanguageSwitch) {
         for (model, answers) in &clean {
-            let spec = StreamSpec { model, variant: *v, rate: 0.2, seed: 1 };
+            let spec = StreamSpec {
+                model,
+                variant: *v,
+                rate: 0.2,
+                seed: 1,
+            };
             for line in build_stream(&spec, answers, &res, 300, 40) {
-                if line.occurrence.is_none() { continue; }
+                if line.occurrence.is_none() {
+                    continue;
+                }
                 let f = inspect(&d, &line.prompt, &line.output);
                 if f.fields["switched"] != Value::Bool(true) {
-                        let para = d.switched_paragraph(&line.output, Some(Lang::Eng), true); let ids: Vec<_> = paragraphs(&line.output).iter().map(|(a,b)| { let t=&line.output[*a..*b]; (d.detector.detect(t).map(|i| (i.lang().code(), i.confidence())), long_english_words(t), Shape::of(t).prose(100)) }).collect(); eprintln!("IDS {para:?} {ids:?}");
-                eprintln!("MISS {} prompt={:?} fields={:?}\n{}\n", v.name, line.prompt, f.fields, line.output.chars().take(600).collect::<String>());
+                    let para = d.switched_paragraph(&line.output, Some(Lang::Eng), true);
+                    let ids: Vec<_> = paragraphs(&line.output)
+                        .iter()
+                        .map(|(a, b)| {
+                            let t = line.output.get(*a..*b).unwrap_or("");
+                            (
+                                d.detector
+                                    .detect(t)
+                                    .map(|i| (i.lang().code(), i.confidence())),
+                                long_english_words(t),
+                                Shape::of(t).prose(100),
+                            )
+                        })
+                        .collect();
+                    eprintln!("IDS {para:?} {ids:?}");
+                    eprintln!(
+                        "MISS {} prompt={:?} fields={:?}\n{}\n",
+                        v.name,
+                        line.prompt,
+                        f.fields,
+                        line.output.chars().take(600).collect::<String>()
+                    );
                 }
             }
         }
@@ -294,15 +329,36 @@ fn debug_suite_misses() {
 fn debug_clean_paragraph_switches() {
     use crate::lab::attacks::*;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let models: Vec<String> = crate::lab::devset::CALIBRATION_MODELS.iter().chain(&crate::lab::devset::REPORT_MODELS).map(|m| m.to_string()).collect();
+    let models: Vec<String> = crate::lab::devset::CALIBRATION_MODELS
+        .iter()
+        .chain(&crate::lab::devset::REPORT_MODELS)
+        .map(|m| m.to_string())
+        .collect();
     let clean = read_models(&root.join("data"), &models).unwrap();
-    let d = LanguageSwitch::new(&LanguageSwitchConfig { min_output_chars: 400, ..LanguageSwitchConfig::default() }).unwrap();
+    let d = LanguageSwitch::new(&LanguageSwitchConfig {
+        min_output_chars: 400,
+        ..LanguageSwitchConfig::default()
+    })
+    .unwrap();
     for (model, answers) in &clean {
         for (p, o) in answers {
             let f = inspect(&d, p, o);
-            if f.fields["switched"] == Value::Bool(true) && f.fields["prompt_requests_translation"] == Value::Bool(false) {
+            if f.fields["switched"] == Value::Bool(true)
+                && f.fields["prompt_requests_translation"] == Value::Bool(false)
+            {
                 let e = &f.evidence[0];
-                eprintln!("FP {model} {:?} {:?} conf={} :: {}", f.fields["paragraph_language"], e.note, f.fields["confidence"], o.get(e.start..e.end).unwrap_or("").chars().take(200).collect::<String>().replace('\n', " / "));
+                eprintln!(
+                    "FP {model} {:?} {:?} conf={} :: {}",
+                    f.fields["paragraph_language"],
+                    e.note,
+                    f.fields["confidence"],
+                    o.get(e.start..e.end)
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                        .replace('\n', " / ")
+                );
             }
         }
     }
