@@ -28,9 +28,10 @@
 //!   a band; the band key is the feature;
 //! * **entities**, found in one pass over the whitespace-separated tokens: web hosts (from a
 //!   URL, or a bare domain with a common top-level domain; `www.` dropped), e-mail addresses,
-//!   `@handles`, CamelCase words (`ZenCola`, `iPhone`) and runs of two or more capitalised
-//!   words (`Maria Keller`, `Dr. Maria Keller`; a leading function word dropped), each keyed
-//!   by kind and lowercase text.
+//!   `@handles`, CamelCase words (`ZenCola`, `iPhone`), runs of two or more capitalised
+//!   words (`Maria Keller`, `Dr. Maria Keller`; a leading function word dropped) and single
+//!   capitalised words inside a sentence (`Quelloria`; not at the start of a sentence or a
+//!   line, not a contraction such as "I'm"), each keyed by kind and lowercase text.
 //!
 //! Each scope keeps two *tiers* of counts, each in two *generations*: spans over `window`
 //! exchanges (generations of `window / 2`, or `max_shingles` distinct shingles, whichever
@@ -40,8 +41,12 @@
 //! count is the sum over both generations, never less than the last `long_window / 2`
 //! exchanges. A generation counts, for each feature, the exchanges with a *distinct prompt*
 //! that produced it: an exchange whose prompt (hashed exactly) was already seen in the long
-//! window is a retry and is not counted again. The recent count of a feature is its count in
-//! both generations of its tier, plus one for the current exchange when its prompt is new.
+//! window with the same answer (its words, case and punctuation folded) is a retry and is not
+//! counted again, and one prompt counts for at most two distinct answers in the long window
+//! (a popular prompt asked again with a new, perhaps poisoned, answer still counts; one
+//! prompt hammered with resampled answers cannot make their common phrases recur). The
+//! recent count of a feature is its count in both generations of its tier, plus one for the
+//! current exchange when it counts.
 //!
 //! When a generation retires, its features seen in at least two exchanges join the tier's
 //! *history* (counts and the number of exchanges behind them; halved when the history
@@ -71,8 +76,9 @@
 //! on one topic can make a topical sentence or name recur; a prompt that differs by one byte
 //! is a distinct prompt; a verbatim span needs `min_prompts` occurrences within `window`
 //! exchanges (rates of about 2% and up; rarer injections are caught through their entities
-//! when they name one); an injected brand that is one capitalised word (`Zencola`) is no
-//! entity, and an injected entity that is in the background (`google.com`) is never novel.
+//! when they name one); an injected brand that is one capitalised word (`Zencola`) is an
+//! entity only where it is not the first word of a sentence or a line, and an injected
+//! entity that is in the background (`google.com`) is never novel.
 //!
 //! # Measured
 //!
@@ -92,6 +98,16 @@
 //!   occurrence at 3% (3 seeds) and at 0.5% (3 seeds; 2,944 exchanges); the devset's exact
 //!   target at 10%: 8th, every model;
 //! * verbatim injected sentence at 10% (devset and `content_injection` tests): 8th;
+//! * attack suite streams (`debug_suite_streams` in the tests: the report models, seeds 1
+//!   and 2, 300 clean answers, then 25 attacked ones among the models' 805 prompts reused in
+//!   shuffled rounds), occurrence of the first flag over the 8 streams, after the retry rule
+//!   above and single-word entities (before: prompts reused after 805 exchanges were all
+//!   retries, so at 0.5% counts stalled: verbatim and paraphrased never flagged):
+//!   verbatim injection 0.5%: 8–12, 5% and 20%: 8; paraphrased 0.5%: 12–16 (6 of 8 at 12),
+//!   5%: 12–13, 20%: 12–17; perturbed fixed target 0.5%: 8–10, 5%: 7–12, 20%: 7–9 (a
+//!   one-word target whose word is replaced by a filler word carries nothing to match);
+//!   clean answers of those streams flagged: 8 of 182,712, all in the perturbed streams at
+//!   0.5%;
 //! * paraphrased injection (25 paraphrases of a claim about "ZenCola", inserted at random
 //!   sentence boundaries): flagged through the entity at the 12th occurrence at 10%, 3% and
 //!   1% (2 seeds each), with 0–2 clean answers of ~2,700 flagged per stream;
@@ -365,6 +381,13 @@ impl RecurringSpan {
 /// A set of already mixed 64-bit hashes.
 type Keys = HashSet<u64, BuildHasherDefault<MixedKey>>;
 
+/// Distinct outputs counted per prompt in the long window: a prompt sent again with an
+/// answer it already had is a retry, and one prompt never counts more than this many times.
+const OUTPUTS_PER_PROMPT: usize = 2;
+
+/// Prompt hashes with the hashes of the distinct outputs counted for them.
+type Prompts = HashMap<u64, [u32; OUTPUTS_PER_PROMPT], BuildHasherDefault<MixedKey>>;
+
 /// A [`Hasher`] for keys that are hashes already.
 #[derive(Debug, Default)]
 struct MixedKey(u64);
@@ -446,9 +469,10 @@ struct Scope {
     spans: Tier,
     /// Whole-output bands and entities, over `long_window`.
     sparse: Tier,
-    /// Prompt hashes of the current and previous generation of the long tier.
-    cur_prompts: Keys,
-    prev_prompts: Keys,
+    /// Prompt hashes of the current and previous generation of the long tier, each with the
+    /// hashes of the distinct outputs counted for it (0: none).
+    cur_prompts: Prompts,
+    prev_prompts: Prompts,
     last_used: u64,
 }
 
@@ -586,15 +610,40 @@ impl Scope {
         self.spans.warming_up() || self.sparse.warming_up()
     }
 
-    fn is_retry(&self, prompt: u64) -> bool {
-        self.cur_prompts.contains(&prompt) || self.prev_prompts.contains(&prompt)
+    /// Whether the exchange counts: its prompt is new in the long window, or it has an
+    /// output the prompt did not have yet and fewer than [`OUTPUTS_PER_PROMPT`] of them. A
+    /// counted exchange is remembered in the current generation.
+    fn counts(&mut self, prompt: u64, output: u32) -> bool {
+        let output = output.max(1);
+        let mut seen = [0u32; OUTPUTS_PER_PROMPT];
+        for outputs in [
+            self.prev_prompts.get(&prompt),
+            self.cur_prompts.get(&prompt),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for &o in outputs.iter().filter(|&&o| o != 0) {
+                if let Some(slot) = seen.iter_mut().find(|s| **s == 0 || **s == o) {
+                    *slot = o;
+                }
+            }
+        }
+        if seen.contains(&output) {
+            return false;
+        }
+        let Some(slot) = seen.iter_mut().find(|s| **s == 0) else {
+            return false;
+        };
+        *slot = output;
+        self.cur_prompts.insert(prompt, seen);
+        true
     }
 
     /// Counts the current exchange and starts new generations where they are full.
-    fn advance(&mut self, prompt: u64, config: &RecurringSpanConfig) {
+    fn advance(&mut self, config: &RecurringSpanConfig) {
         self.spans.cur_exchanges += 1;
         self.sparse.cur_exchanges += 1;
-        self.cur_prompts.insert(prompt);
         let max_features = usize::try_from(config.max_shingles).unwrap_or(usize::MAX);
         let max_history = usize::try_from(config.max_history).unwrap_or(usize::MAX);
         let warm_up = (config.window / 2).max(1);
@@ -833,6 +882,8 @@ pub(crate) enum EntityKind {
     /// Two or more capitalised words in a row (`Maria Keller`, `United States`), a leading
     /// function word dropped.
     Name,
+    /// One capitalised word inside a sentence (`Quelloria`, `Python`), not at its start.
+    Word,
 }
 
 /// An entity of an output: its key (kind and lowercase text) and where it is.
@@ -929,12 +980,18 @@ pub(crate) fn entities(text: &str) -> Vec<Entity> {
     const TRAIL: &[char] = &[
         '"', '\'', ')', ']', '}', '>', '*', '_', '`', '.', ',', ';', ':', '!', '?', '”', '’', '»',
     ];
-    let mut scan = EntityScan::default();
+    let mut scan = EntityScan {
+        at_start: true,
+        ..EntityScan::default()
+    };
     let bytes = text.as_bytes();
     for piece in bytes.split(u8::is_ascii_whitespace) {
         if plain(piece) {
             // Most tokens: a lowercase word, perhaps with punctuation after it.
             scan.flush();
+            let end =
+                (piece.as_ptr() as usize).saturating_sub(bytes.as_ptr() as usize) + piece.len();
+            scan.note_plain(piece, bytes.get(end) == Some(&b'\n'));
             continue;
         }
         // Offsets from the piece's place in the text (ASCII whitespace around it, so at
@@ -998,6 +1055,7 @@ pub(crate) fn entities(text: &str) -> Vec<Entity> {
         if breaks_run {
             scan.flush();
         }
+        scan.at_start = ends_sentence || newline;
         if scan.found.len() >= MAX_ENTITIES {
             break;
         }
@@ -1025,6 +1083,10 @@ struct EntityScan {
     /// The run: (start, end, words).
     run: Option<(usize, usize, usize)>,
     run_text: String,
+    /// Whether the run started a sentence (or a line).
+    run_at_start: bool,
+    /// Whether the next token starts a sentence (or a line).
+    at_start: bool,
 }
 
 impl EntityScan {
@@ -1052,20 +1114,37 @@ impl EntityScan {
                 *n += 1;
                 self.run_text.push(' ');
             }
-            None => self.run = Some((start, end, 1)),
+            None => {
+                self.run = Some((start, end, 1));
+                self.run_at_start = self.at_start;
+            }
         }
         self.run_text.push_str(word);
     }
 
-    /// Ends the run: two or more words make a name.
+    /// Ends the run: two or more words make a name, one word inside a sentence (not a
+    /// contraction such as "I'm") a word entity.
     fn flush(&mut self) {
-        if let Some((start, end, n)) = self.run.take()
-            && n >= 2
-        {
-            let text = std::mem::take(&mut self.run_text);
-            self.push(EntityKind::Name, &text, start, end);
+        if let Some((start, end, n)) = self.run.take() {
+            if n >= 2 {
+                let text = std::mem::take(&mut self.run_text);
+                self.push(EntityKind::Name, &text, start, end);
+            } else if !self.run_at_start && !self.run_text.contains(['\'', '’']) {
+                let text = std::mem::take(&mut self.run_text);
+                self.push(EntityKind::Word, &text, start, end);
+            }
         }
         self.run_text.clear();
+    }
+
+    /// Notes where a plain token leaves the sentence: a token ending in `.`, `!`, `?` or
+    /// `:` ends it; a list marker (no letters: `-`, `1.`, `*`) keeps a start a start.
+    fn note_plain(&mut self, token: &[u8], newline: bool) {
+        if newline {
+            self.at_start = true;
+        } else if token.iter().any(u8::is_ascii_alphabetic) {
+            self.at_start = matches!(token.last(), Some(b'.' | b'!' | b'?' | b':'));
+        }
     }
 }
 
@@ -1150,7 +1229,8 @@ impl Detector for RecurringSpan {
         let mut distinct = shingle_hashes.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let mut band_keys = bands(&collapse(&output_words));
+        let collapsed = collapse(&output_words);
+        let mut band_keys = bands(&collapsed);
         band_keys.sort_unstable();
         band_keys.dedup();
         // Entities of the examined words only.
@@ -1165,13 +1245,15 @@ impl Detector for RecurringSpan {
         entity_sorted.sort_unstable();
         entity_sorted.dedup();
         let prompt = prompt_hash(input.prompt);
+        // The output's words, case and punctuation folded: a retry with the same answer.
+        let output_hash = counter(collapsed.iter().fold(FNV_OFFSET, |h, &w| mix(h ^ w)));
         let ratio = config.novelty_ratio;
         let span_background = config.shingle_words == BACKGROUND_SHINGLE_WORDS;
         let key = (input.exchange.model.clone(), input.exchange.route);
 
         let standings = self.with_scope(key, |scope| {
             let warming_up = scope.warming_up();
-            let record = !scope.is_retry(prompt) && !output_words.is_empty();
+            let record = !output_words.is_empty() && scope.counts(prompt, output_hash);
             let fixed = scope
                 .sparse
                 .visit(&band_keys, record, ratio, false)
@@ -1183,7 +1265,7 @@ impl Detector for RecurringSpan {
             let entities = scope.sparse.visit(&entity_sorted, record, ratio, true);
             let spans = scope.spans.visit(&distinct, record, ratio, span_background);
             if record {
-                scope.advance(prompt, config);
+                scope.advance(config);
             }
             Standings {
                 warming_up,

@@ -979,7 +979,7 @@ fn background_is_up_to_date() {
 /// its counts and one control byte).
 fn scope_bytes(scope: &Scope) -> usize {
     let cell = std::mem::size_of::<(u32, Cell)>() + 1;
-    let prompt = std::mem::size_of::<u64>() + 1;
+    let prompt = std::mem::size_of::<(u64, [u32; OUTPUTS_PER_PROMPT])>() + 1;
     (scope.spans.table.capacity() + scope.sparse.table.capacity()) * cell
         + (scope.cur_prompts.capacity() + scope.prev_prompts.capacity()) * prompt
 }
@@ -1005,4 +1005,86 @@ fn scope_memory_stays_bounded() {
     }
     eprintln!("scope memory: peak {} KiB over {i} exchanges", peak / 1024);
     assert!(peak < 8 << 20, "{peak}");
+}
+
+/// Prints the recurring fields of the attacked lines of the suite's streams
+/// (`DEBUG_RATES=0.005,0.05`, `DEBUG_VARIANTS=verbatim,paraphrased,perturbed`).
+#[test]
+#[ignore]
+fn debug_suite_streams() {
+    use crate::lab::attacks::{Resources, StreamSpec, VARIANTS, build_stream, read_models};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let res = Resources::load(&root.join("models"), &root.join("data")).unwrap();
+    let models: Vec<String> = REPORT_MODELS.iter().map(|m| (*m).to_owned()).collect();
+    let clean = read_models(&root.join("data"), &models).unwrap();
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let rates: Vec<f64> = env("DEBUG_RATES", "0.005,0.05,0.2")
+        .split(',')
+        .map(|r| r.parse().unwrap())
+        .collect();
+    let names = env("DEBUG_VARIANTS", "verbatim,paraphrased,perturbed");
+    let verbose = std::env::var_os("DEBUG_VERBOSE").is_some();
+    for v in VARIANTS
+        .iter()
+        .filter(|v| names.split(',').any(|n| n == v.name))
+    {
+        for &rate in &rates {
+            for (model, answers) in &clean {
+                for seed in [1, 2] {
+                    let spec = StreamSpec {
+                        model,
+                        variant: *v,
+                        rate,
+                        seed,
+                    };
+                    let lines = build_stream(&spec, answers, &res, 300, 25);
+                    let detector = RecurringSpan::new(&RecurringSpanConfig::default()).unwrap();
+                    let (mut first, mut clean_fp) = (None, 0);
+                    for line in &lines {
+                        let f = inspect(&detector, &spec.scope(), &line.prompt, &line.output);
+                        match line.occurrence {
+                            Some(n) => {
+                                if matched(&f) && first.is_none() {
+                                    first = Some(n);
+                                }
+                                if verbose {
+                                    let ents: Vec<String> = entities(&line.output)
+                                        .iter()
+                                        .map(|e| {
+                                            format!(
+                                                "{:?}:{}",
+                                                e.kind,
+                                                line.output.get(e.start..e.end).unwrap_or("")
+                                            )
+                                        })
+                                        .collect();
+                                    eprintln!(
+                                        "  #{n} fixed={} span={} ent={} {:?} ents={ents:?} out={:?}",
+                                        f.fields["fixed_output"]["count"],
+                                        f.fields["span"]["count"],
+                                        f.fields["entity"]["count"],
+                                        f.fields["entity"]["text"],
+                                        clip(&line.output, 80)
+                                    );
+                                }
+                            }
+                            None => {
+                                if matched(&f) && f.fields["warming_up"] == Value::Bool(false) {
+                                    clean_fp += 1;
+                                    if verbose {
+                                        eprintln!("  CLEAN FP {:?}", f.fields);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    eprintln!(
+                        "{} {rate} {model} s{seed}: first {first:?}, clean fp {clean_fp}/{}",
+                        v.name,
+                        lines.len()
+                    );
+                }
+            }
+        }
+    }
 }
