@@ -475,10 +475,14 @@ fn perturb(target: &str, rng: &mut Rng) -> String {
             1 => words[i].push_str(rng.pick_str(&[",", "!", "."])),
             2 => words[i] = words[i].to_uppercase(),
             3 => words[i] = words[i].to_lowercase(),
-            _ => {
-                words[i] =
-                    (rng.pick_str(&["really", "very", "the", "now", "please", "simply"])).to_owned()
+            // A word replaced only in a target of several words: a one-word target (a URL)
+            // replaced is no longer the target.
+            _ if words.len() >= 4 => {
+                words[i] = rng
+                    .pick_str(&["really", "very", "the", "now", "please", "simply"])
+                    .to_owned()
             }
+            _ => words[i].push(' '),
         }
     }
     let separator = if rng.chance(0.3) { "  " } else { " " };

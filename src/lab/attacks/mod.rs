@@ -699,17 +699,14 @@ mod tests {
     use super::*;
     use crate::lab::devset::test_data_dir;
 
-    /// The floor each variant of the quick suite must reach: the measured recall (per-answer
-    /// variants) or first-flag occurrence (stream variants) of the default policy, so that a
-    /// regression in any detector fails `make test`. docs/detection.md has the full table.
+    /// The floor each variant of the quick suite must reach, so that a regression in any
+    /// detector fails `make test`: the target itself for stream variants (first flag by the
+    /// 8th or 15th occurrence), and for per-answer variants at most one miss in a stream of
+    /// 16 (the full suite, docs/detection.md, measures ≥ 0.99 over 1,200 answers).
     fn floor(variant: &Variant) -> (f64, u32) {
-        match (variant.class, variant.name) {
-            (Class::Gibberish, "vocab-tokens") => (0.5, 0),
-            (Class::ContentInjection, _) => (0.0, 15),
-            (_, _) => match variant.target {
-                Target::EveryAnswer => (0.95, 0),
-                Target::ByOccurrence(n) => (0.0, n + 2),
-            },
+        match variant.target {
+            Target::EveryAnswer => (0.9, 0),
+            Target::ByOccurrence(n) => (0.0, n),
         }
     }
 
