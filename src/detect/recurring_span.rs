@@ -1095,6 +1095,18 @@ impl EntityScan {
         if self.found.len() >= MAX_ENTITIES {
             return;
         }
+        // A lone capitalised word already found as another kind (a CamelCase brand, a
+        // domain) is that entity, not a second one.
+        if kind == EntityKind::Word {
+            let camel = entity_key(EntityKind::Camel, text);
+            if self
+                .found
+                .iter()
+                .any(|e| (e.start < end && start < e.end) || e.key == camel)
+            {
+                return;
+            }
+        }
         let key = entity_key(kind, text);
         if !self.found.iter().any(|e| e.key == key) {
             self.found.push(Entity {
