@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::output::emit;
 use crate::lab::attacks::{
-    Resources, StreamSpec, SuiteOptions, VARIANTS, build_stream, read_models, render, run_suite,
+    Resources, StreamSpec, SuiteOptions, build_stream, read_models, render, run_suite,
 };
 use crate::lab::devset::{
     CALIBRATION_MODELS, DevsetOptions, REPORT_MODELS, build_devset, build_streams, write_jsonl,
@@ -154,13 +154,7 @@ fn write_streams(
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let mut lines = 0usize;
-    for variant in VARIANTS.iter().filter(|v| {
-        options.only.is_empty()
-            || options
-                .only
-                .iter()
-                .any(|o| format!("{}/{}", v.class.label(), v.name).contains(o.as_str()))
-    }) {
+    for variant in &options.variants() {
         for &rate in &options.rates {
             for (model, answers) in clean {
                 for &seed in &options.seeds {

@@ -480,19 +480,7 @@ impl CharLm {
     /// Reads a model file and its `<file>.sha256` beside it; refuses a missing or wrong
     /// checksum.
     pub fn load(path: &Path) -> Result<CharLm, DetectError> {
-        let what = path.display().to_string();
-        let load_err = |message: String| DetectError::Load {
-            what: what.clone(),
-            message,
-        };
-        let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
-        let sum_path = checksum_path(path);
-        let sum = std::fs::read_to_string(&sum_path).map_err(|e| {
-            load_err(format!(
-                "cannot read its checksum file {}: {e}",
-                sum_path.display()
-            ))
-        })?;
+        let (bytes, sum, what) = read_with_checksum(path)?;
         CharLm::from_bytes_checked(&bytes, &sum, &what)
     }
 
@@ -593,6 +581,25 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         self.take(4)?.try_into().ok().map(u32::from_le_bytes)
     }
+}
+
+/// A file's bytes, the text of its `<file>.sha256` beside it, and the file's name for
+/// errors; to be checked with [`verify_sha256`].
+pub fn read_with_checksum(path: &Path) -> Result<(Vec<u8>, String, String), DetectError> {
+    let what = path.display().to_string();
+    let load_err = |message: String| DetectError::Load {
+        what: what.clone(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
+    let sum_path = checksum_path(path);
+    let sum = std::fs::read_to_string(&sum_path).map_err(|e| {
+        load_err(format!(
+            "cannot read its checksum file {}: {e}",
+            sum_path.display()
+        ))
+    })?;
+    Ok((bytes, sum, what))
 }
 
 /// `<path>.sha256`.

@@ -23,7 +23,7 @@
 use std::path::Path;
 
 use super::DetectError;
-use super::ngram_lm::{checksum_path, symbol, verify_sha256};
+use super::ngram_lm::{read_with_checksum, symbol, verify_sha256};
 
 /// The embedded English bigram set (`models/bigrams-en.bin`).
 pub static EMBEDDED_BIGRAMS: &[u8] = include_bytes!("../../models/bigrams-en.bin");
@@ -224,19 +224,7 @@ impl BigramSet {
 
     /// Reads a set file and its `<file>.sha256` beside it.
     pub fn load(path: &Path) -> Result<BigramSet, DetectError> {
-        let what = path.display().to_string();
-        let load_err = |message: String| DetectError::Load {
-            what: what.clone(),
-            message,
-        };
-        let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
-        let sum_path = checksum_path(path);
-        let sum = std::fs::read_to_string(&sum_path).map_err(|e| {
-            load_err(format!(
-                "cannot read its checksum file {}: {e}",
-                sum_path.display()
-            ))
-        })?;
+        let (bytes, sum, what) = read_with_checksum(path)?;
         BigramSet::from_bytes_checked(&bytes, &sum, &what)
     }
 

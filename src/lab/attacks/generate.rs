@@ -5,6 +5,7 @@
 
 use super::resources::Resources;
 use super::{Class, Variant};
+use crate::lab::sim::clean_prefix;
 
 /// A small, fast, seedable generator (SplitMix64); the suite must be reproducible from its
 /// seed on any machine.
@@ -70,21 +71,6 @@ pub fn hash(text: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
-}
-
-/// At most `max_chars` characters of `text`, cut back to the end of a word.
-pub fn clean_prefix(text: &str, max_chars: usize) -> &str {
-    let Some((end, next)) = text.char_indices().nth(max_chars) else {
-        return text;
-    };
-    let head = text.get(..end).unwrap_or("");
-    if next.is_whitespace() {
-        return head.trim_end();
-    }
-    match head.rfind(char::is_whitespace) {
-        Some(i) => head.get(..i).unwrap_or("").trim_end(),
-        None => "",
-    }
 }
 
 /// The per-stream state of one attack.

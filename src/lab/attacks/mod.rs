@@ -169,7 +169,8 @@ impl SuiteOptions {
         }
     }
 
-    fn variants(&self) -> Vec<Variant> {
+    /// The variants these options select.
+    pub fn variants(&self) -> Vec<Variant> {
         VARIANTS
             .iter()
             .copied()
@@ -469,7 +470,7 @@ pub fn run_suite(
             let answers = clean.get(model).map(Vec::as_slice).unwrap_or(&[]);
             let outcome = make_engine().map(|engine| match variant {
                 None => {
-                    run_clean(&engine, model, answers, *seed, options.warmup, &clean_run);
+                    run_clean(&engine, model, answers, *seed, &clean_run);
                     StreamResult::default()
                 }
                 Some(variant) => {
@@ -535,7 +536,6 @@ fn run_clean(
     model: &str,
     answers: &[(String, String)],
     seed: u64,
-    warmup: usize,
     into: &Mutex<CleanRun>,
 ) {
     let mut rng = Rng::new(seed ^ hash(model) ^ 0xc1ea);
@@ -549,9 +549,8 @@ fn run_clean(
         exchange.request_id = format!("clean-{i}");
         exchange.started_at_us = i64::try_from(i).unwrap_or(0);
         let verdict = engine.evaluate(&exchange);
-        // Stateless rules judge every answer; stateful ones report nothing in their warm-up,
-        // which is counted too: a clean answer is a clean answer.
-        let _ = warmup;
+        // Every answer counts, the stateful detectors' warm-up too: a clean answer is a clean
+        // answer.
         judged += 1;
         let rules: Vec<&str> = verdict
             .fired

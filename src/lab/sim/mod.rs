@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use corpus::{CorpusEntry, load_corpus};
 
 use corpus::Corpus;
+pub(crate) use gibberish::clean_prefix;
 use gibberish::{PoisonInfo, Rng, Vocab, fnv1a};
 
 /// Settings of the simulated model.
