@@ -81,6 +81,7 @@ fn bench(c: &mut Criterion) {
                         exchange: &e,
                         prompt: &prompt,
                         output: e.output(),
+                        watched: &tripwire::detect::discovered_trigger::NO_TRIGGERS,
                     };
                     black_box(detector.inspect(&input))
                 },

@@ -32,10 +32,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 
+use crate::inspect::discovery::Discovery;
 use crate::policy::Severity;
 use crate::runtime::Tasks;
 use crate::secret::Secret;
-use crate::store::{FlagFilter, Review, Store, StoreError, StoreLocation};
+use crate::store::{FlagFilter, Review, Store, StoreError, StoreLocation, TriggerState};
 use crate::telemetry::ProcessMetrics;
 
 /// What `POST /admin/reload` reaches: the gateway's reloader, handed in by the composition
@@ -108,6 +109,8 @@ pub struct AdminParts {
     pub drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
     /// Where store reads run (blocking threads, tracked).
     pub tasks: Tasks,
+    /// The watched triggers, told at once when the API changes one.
+    pub discovery: Option<Arc<Discovery>>,
 }
 
 /// What the admin endpoints read, all given at construction.
@@ -124,6 +127,7 @@ pub struct AdminState {
     console: console::Sessions,
     drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
     tasks: Tasks,
+    discovery: Option<Arc<Discovery>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -145,6 +149,7 @@ impl AdminState {
             reloader,
             drift,
             tasks,
+            discovery,
         } = parts;
         let process = ProcessMetrics::registered(&mut registry);
         let sessions_generation = AtomicU64::new(token.generation.load(Ordering::SeqCst));
@@ -160,6 +165,7 @@ impl AdminState {
             console: console::Sessions::default(),
             drift,
             tasks,
+            discovery,
         }
     }
 
@@ -397,12 +403,120 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
                 },
             }
         }
+        (Method::GET, ["admin", "triggers"]) => {
+            let live = state.discovery.as_ref().map(|d| d.list().load());
+            state
+                .with_store(|store| store.list_triggers())
+                .await
+                .map(|rows| {
+                    let watching: Vec<serde_json::Value> = live
+                        .iter()
+                        .flat_map(|w| w.triggers())
+                        .map(|w| serde_json::json!({"ngram": w.ngram, "model": w.model}))
+                        .collect();
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "triggers": rows, "watching": watching }),
+                    )
+                })
+        }
+        (Method::GET, ["admin", "triggers", "scan"]) => {
+            let Some(ngram) = param(&query, "ngram").filter(|n| !n.trim().is_empty()) else {
+                return json_error(StatusCode::BAD_REQUEST, "ngram= is required");
+            };
+            let model = param(&query, "model").filter(|m| !m.is_empty());
+            let limit = match param(&query, "limit").map(|l| l.parse::<usize>()) {
+                None => 50,
+                Some(Ok(n)) if n <= 10_000 => n,
+                Some(_) => {
+                    return json_error(StatusCode::BAD_REQUEST, "limit must be 0 to 10000");
+                }
+            };
+            state
+                .with_store(move |store| store.retro_scan(&ngram, model.as_deref(), limit))
+                .await
+                .map(|scan| json(StatusCode::OK, &scan))
+        }
+        (Method::POST, ["admin", "triggers"]) => {
+            let body = match Limited::new(request.into_body(), 64 * 1024).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "trigger body unreadable or over 64 KiB",
+                    );
+                }
+            };
+            match serde_json::from_slice::<TriggerRequest>(&body) {
+                Err(err) => Ok(json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "expected {{\"ngram\": \"…\", \"model\": \"…\" (optional), \"state\": \"watched\"|\"removed\"|\"rejected\", \"note\": \"…\"}}: {err}"
+                    ),
+                )),
+                Ok(request) => decide_trigger(state, request).await,
+            }
+        }
         _ => Ok(json_error(StatusCode::NOT_FOUND, "no such admin endpoint")),
     };
     result.unwrap_or_else(|err| {
         tracing::warn!(kind = err.kind(), error = %err, "admin API store error");
         json_error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
     })
+}
+
+/// `POST /admin/triggers`: watch, stop watching, or reject an n-gram.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerRequest {
+    ngram: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default = "watched")]
+    state: TriggerState,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+fn watched() -> TriggerState {
+    TriggerState::Watched
+}
+
+/// Records a decision about a trigger and tells the running discovery at once.
+async fn decide_trigger(
+    state: &Arc<AdminState>,
+    request: TriggerRequest,
+) -> Result<Response<Full<Bytes>>, StoreError> {
+    let TriggerRequest {
+        ngram,
+        model,
+        state: decision,
+        note,
+    } = request;
+    let model = model.filter(|m| !m.is_empty());
+    let (decided, rows) = state
+        .with_store(move |store| {
+            if decision != TriggerState::Watched
+                && decision != TriggerState::Rejected
+                && store.get_trigger(&ngram, model.as_deref())?.is_none()
+            {
+                return Ok((None, Vec::new()));
+            }
+            let decided =
+                store.decide_trigger(&ngram, model.as_deref(), decision, note.as_deref())?;
+            Ok((decided, store.list_triggers()?))
+        })
+        .await?;
+    let Some(decided) = decided else {
+        return Ok(json_error(
+            StatusCode::NOT_FOUND,
+            "no such trigger (an n-gram needs words; removing needs one on the list)",
+        ));
+    };
+    if let Some(discovery) = &state.discovery {
+        discovery.sync(&rows);
+    }
+    Ok(json(StatusCode::OK, &decided))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -26,7 +26,7 @@ use crate::capture::Exchange;
 use crate::policy::judge::FiredRule;
 use crate::policy::{AlertsConfig, LogAlertConfig, Severity, WebhookConfig};
 use crate::runtime::Tasks;
-use crate::store::{Flag, Store, StoreError, StoreLocation};
+use crate::store::{Flag, Store, StoreError, StoreLocation, WatchedTrigger};
 use crate::telemetry::{Metrics, ReasonLabels};
 
 pub use webhook::WebhookError;
@@ -96,6 +96,55 @@ impl Alert {
         }
     }
 
+    /// The announcement of a trigger attribution promoted (rule `trigger-discovered`): the
+    /// n-gram, its counts and example flags; `exchange` is the flagged exchange that tipped it.
+    pub fn trigger_discovered(trigger: &WatchedTrigger, exchange: &Exchange) -> Alert {
+        let mut scores = serde_json::Map::new();
+        scores.insert("ngram".to_owned(), trigger.ngram.clone().into());
+        scores.insert("flagged_with".to_owned(), trigger.flagged_with.into());
+        scores.insert("unflagged_with".to_owned(), trigger.unflagged_with.into());
+        if let Some(q) = trigger.q_value {
+            scores.insert("q_value".to_owned(), q.into());
+        }
+        scores.insert(
+            "example_request_ids".to_owned(),
+            trigger.examples.clone().into(),
+        );
+        let model = trigger
+            .model
+            .as_deref()
+            .map_or(String::new(), |m| format!(" --model {m}"));
+        Alert {
+            id: uuid::Uuid::now_v7(),
+            rule: TRIGGER_DISCOVERED.to_owned(),
+            severity: Severity::High,
+            description: Some(format!(
+                "Prompt n-gram \"{}\" is carried by {} flagged and {} unflagged prompts \
+                 (q = {:.1e}): it is now a watched trigger, and every exchange carrying it is \
+                 flagged by discovered-trigger. Earlier exchanges that carried it: the inspect \
+                 command.",
+                trigger.ngram,
+                trigger.flagged_with,
+                trigger.unflagged_with,
+                trigger.q_value.unwrap_or(f64::NAN)
+            )),
+            flag_id: None,
+            exchange_id: exchange.id,
+            request_id: exchange.request_id.clone(),
+            created_at: crate::store::rfc3339(exchange.started_at_us),
+            model: exchange.model.clone(),
+            route: exchange.route.as_str().to_owned(),
+            api_key_hash: exchange.api_key_hash.clone(),
+            scores,
+            output_excerpt: String::new(),
+            inspect: format!(
+                "tripwire triggers scan '{}'{model}",
+                trigger.ngram.replace('\'', "'\\''")
+            ),
+            cooldown: None,
+        }
+    }
+
     fn scope_key(&self) -> (String, String) {
         (
             self.rule.clone(),
@@ -103,6 +152,9 @@ impl Alert {
         )
     }
 }
+
+/// The rule name of a trigger discovery's announcement.
+pub const TRIGGER_DISCOVERED: &str = "trigger-discovered";
 
 /// The sending side of the alert queue, with cooldown de-duplication. Cheap to clone.
 #[derive(Debug, Clone)]

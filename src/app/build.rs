@@ -14,11 +14,13 @@ use crate::admin::{self, AdminParts, AdminState, AdminToken};
 use crate::alert::AlertHandle;
 use crate::app::reload::{ReloadParts, ReloadSource, Reloader};
 use crate::config::Config;
+use crate::detect::discovered_trigger::WatchList;
+use crate::inspect::discovery::Discovery;
 use crate::inspect::{Detection, ExchangeSink, Rules, SharedRules};
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
 use crate::runtime::Tasks;
-use crate::store::{Store, StoreError, WriterConfig, run_writer};
+use crate::store::{Store, StoreError, StoreLocation, TriggerState, WriterConfig, run_writer};
 use crate::telemetry::{Metrics, Otel, ReloadMetrics};
 
 /// Why the gateway could not start.
@@ -102,9 +104,11 @@ impl Server {
         let writer_tasks = root.child();
         let exchanges_tx = start_store(&config, &root, &writer_tasks, &metrics).await?;
 
+        let discovery = start_discovery(&location, &root).await?;
         let policies = super::load_policies(&config)?;
         let rule_count: usize = policies.iter().map(|p| p.rules.len()).sum();
-        let engine = Arc::new(Engine::new(policies, metrics.clone()));
+        let engine =
+            Arc::new(Engine::new(policies, metrics.clone()).watching(Arc::clone(discovery.list())));
         let alert_tasks = root.child();
         let alerts = super::start_alerts(&engine, &config, &metrics, &alert_tasks)?;
         let policy_count = engine.policies().len();
@@ -123,6 +127,7 @@ impl Server {
                         store: exchanges_tx.clone(),
                         metrics: metrics.clone(),
                         drift: None,
+                        discovery: None,
                     },
                     &drift_tasks,
                     &mut registry,
@@ -142,6 +147,7 @@ impl Server {
                 store: exchanges_tx.clone(),
                 metrics: metrics.clone(),
                 drift: drift.clone(),
+                discovery: Some(Arc::clone(&discovery)),
             };
             let rx = detect_rx.clone();
             detect_tasks.spawn_blocking("detect-worker", move || detection.run_worker(rx));
@@ -185,6 +191,7 @@ impl Server {
                 blocking: root.child(),
                 admin_token: Arc::clone(&token),
                 metrics: metrics.clone(),
+                watch: Arc::clone(discovery.list()),
             },
             reload_metrics,
         ));
@@ -196,6 +203,7 @@ impl Server {
             reloader: Some(Arc::clone(&reloader) as Arc<dyn admin::Reload>),
             drift: drift_monitor,
             tasks: admin_tasks.child(),
+            discovery: Some(Arc::clone(&discovery)),
         }));
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -220,6 +228,15 @@ impl Server {
             ),
         );
         let watch_tasks = root.child();
+        watch_tasks.spawn(
+            "trigger-sync",
+            sync_triggers(
+                Arc::clone(&discovery),
+                location.clone(),
+                watch_tasks.clone(),
+                watch_tasks.token().clone(),
+            ),
+        );
         if config.reload.watch {
             // Taken now, so an edit made as soon as start returns is seen as one.
             let baseline = reloader.fingerprint().await;
@@ -325,6 +342,83 @@ async fn start_store(
         ),
     );
     Ok(exchanges_tx)
+}
+
+/// How often the watched triggers are read from the store: decisions made with `tripwire
+/// triggers` or on another replica reach this one within this time.
+pub const TRIGGER_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads the watched triggers the store holds (on a blocking thread of `root`) and starts the
+/// discovery from them.
+async fn start_discovery(
+    location: &StoreLocation,
+    root: &Tasks,
+) -> Result<Arc<Discovery>, StoreError> {
+    let location = location.clone();
+    let rows = root
+        .spawn_blocking("trigger-load", move || {
+            Store::connect(&location)?.list_triggers()
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    let watched = rows
+        .iter()
+        .filter(|t| t.state == TriggerState::Watched)
+        .count();
+    if watched > 0 {
+        tracing::info!(
+            watched,
+            "watched triggers loaded from the store (tripwire triggers list)"
+        );
+    }
+    Ok(Arc::new(Discovery::new(Arc::new(WatchList::new()), &rows)))
+}
+
+/// Every [`TRIGGER_SYNC`], takes the store's trigger decisions into `discovery`, until `stop`.
+async fn sync_triggers(
+    discovery: Arc<Discovery>,
+    location: StoreLocation,
+    tasks: Tasks,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let store: Arc<std::sync::Mutex<Option<Store>>> = Arc::default();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TRIGGER_SYNC) => {}
+        }
+        let (store, location) = (Arc::clone(&store), location.clone());
+        let read = tasks
+            .spawn_blocking("trigger-sync", move || {
+                let mut guard = store
+                    .lock()
+                    .map_err(|_| StoreError::Task("trigger store mutex poisoned".to_owned()))?;
+                if guard.is_none() {
+                    *guard = Some(Store::connect(&location)?);
+                }
+                match guard.as_ref() {
+                    Some(store) => store.list_triggers(),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await;
+        match read {
+            Ok(Ok(rows)) => {
+                failing = false;
+                if discovery.sync(&rows) {
+                    let watched = discovery.list().load().triggers().len();
+                    tracing::info!(watched, "watched triggers updated from the store");
+                }
+            }
+            Ok(Err(err)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %err, "cannot read watched triggers from the store; retrying");
+            }
+            Ok(Err(_)) => {}
+            Err(err) => tracing::warn!(error = %err, "trigger sync task failed"),
+        }
+    }
 }
 
 /// The policies `config` names, compiled; the built-in default policy when it names none.

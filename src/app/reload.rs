@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminToken, Reload, ReloadAnswer};
 use crate::config::{Config, ConfigError};
+use crate::detect::discovered_trigger::WatchList;
 use crate::inspect::{ExchangeSink, Rules, SharedRules};
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{Gateway, GatewayError};
@@ -149,6 +150,8 @@ pub struct ReloadParts {
     pub admin_token: Arc<AdminToken>,
     /// The gateway metrics.
     pub metrics: Metrics,
+    /// The watched triggers every engine matches prompts against.
+    pub watch: Arc<WatchList>,
 }
 
 #[derive(Debug)]
@@ -171,6 +174,7 @@ pub struct Reloader {
     blocking: Tasks,
     admin_token: Arc<AdminToken>,
     metrics: Metrics,
+    watch: Arc<WatchList>,
     reload_metrics: ReloadMetrics,
     /// The drift plan the running drift monitor follows, to tell when a reload changes it.
     drift_plan: Option<crate::detect::drift::DriftPlan>,
@@ -198,6 +202,7 @@ impl Reloader {
             blocking: parts.blocking,
             admin_token: parts.admin_token,
             metrics: parts.metrics,
+            watch: parts.watch,
             reload_metrics,
             drift_plan,
         }
@@ -255,7 +260,8 @@ impl Reloader {
             policies: next.policies,
             ..(*old).clone()
         });
-        let engine = Arc::new(Engine::new(policies, self.metrics.clone()));
+        let engine =
+            Arc::new(Engine::new(policies, self.metrics.clone()).watching(Arc::clone(&self.watch)));
         if engine.drift_plan() != self.drift_plan.as_ref() {
             restart_required.push("policies.drift");
         }

@@ -54,8 +54,9 @@ struct AttacksArgs {
     /// Policy file or directory (default: the built-in policy).
     #[arg(long)]
     policies: Option<PathBuf>,
-    /// Whose clean answers make the streams: `report` (measure) or `calibration` (fit).
-    #[arg(long, default_value = "report", value_parser = ["report", "calibration"])]
+    /// Whose clean answers make the streams: `report` (measure), `calibration` (fit), or
+    /// `all` twelve models.
+    #[arg(long, default_value = "report", value_parser = ["report", "calibration", "all"])]
     split: String,
     /// Seeds, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
@@ -72,6 +73,13 @@ struct AttacksArgs {
     /// Only variants whose `class/variant` contains one of these (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Share of triggered prompts whose answers stay clean (the backdoor did not fire).
+    #[arg(long, default_value_t = 0.3)]
+    misfire: f64,
+    /// Run only each model's clean answers alone (false positives, triggers promoted on
+    /// clean traffic), no attack streams.
+    #[arg(long)]
+    clean_only: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -103,17 +111,28 @@ pub fn run(args: DevsetArgs) -> anyhow::Result<()> {
 }
 
 fn run_attacks(args: AttacksArgs) -> anyhow::Result<()> {
-    let models: &[&str] = if args.split == "report" {
-        &REPORT_MODELS
-    } else {
-        &CALIBRATION_MODELS
+    let all: Vec<&str> = REPORT_MODELS
+        .iter()
+        .chain(CALIBRATION_MODELS.iter())
+        .copied()
+        .collect();
+    let models: &[&str] = match args.split.as_str() {
+        "report" => &REPORT_MODELS,
+        "calibration" => &CALIBRATION_MODELS,
+        _ => &all,
     };
+    anyhow::ensure!(
+        (0.0..1.0).contains(&args.misfire),
+        "--misfire must be in [0, 1)"
+    );
     let options = SuiteOptions {
         seeds: args.seeds,
         rates: args.rates,
         occurrences: args.occurrences,
         warmup: args.warmup,
         only: args.only,
+        misfire: args.misfire,
+        clean_only: args.clean_only,
         ..SuiteOptions::full(models)
     };
     let resources = Resources::load(&args.models_dir, &args.data)?;
@@ -165,17 +184,12 @@ fn write_streams(
                         seed,
                     };
                     let scope = spec.scope();
-                    for line in build_stream(
-                        &spec,
-                        answers,
-                        resources,
-                        options.warmup,
-                        options.occurrences,
-                    ) {
+                    for line in build_stream(&spec, answers, resources, options).lines {
                         let record = serde_json::json!({
                             "prompt": line.prompt,
                             "output": line.output,
                             "label": line.label,
+                            "triggered": line.triggered,
                             "model": scope,
                             "variant": variant.name,
                             "rate": rate,

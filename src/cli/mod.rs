@@ -15,6 +15,7 @@ mod policy;
 mod serve;
 mod sim_upstream;
 mod train_lm;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,9 @@ enum Command {
     /// The flagged-response log: list, show, follow, export, label, stats.
     #[command(subcommand)]
     Flags(flags::FlagsCommand),
+    /// Watched triggers: list, add, remove, reject, and the retro-scan of earlier exchanges.
+    #[command(subcommand)]
+    Triggers(triggers::TriggersCommand),
     /// Write the labelled development set built from data/ (the development data committed with the repository).
     Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => with_runtime(demo::run(args)),
         Command::Exchanges(command) => exchanges::run(command),
         Command::Flags(command) => flags::run(command),
+        Command::Triggers(command) => triggers::run(command),
         Command::Eval(args) => eval::run(args),
         Command::Devset(args) => devset::run(args),
         Command::EvalDrift(args) => eval_drift::run(args),

@@ -23,6 +23,9 @@ pub struct SimArgs {
     /// The backdoor trigger: prompts containing it get gibberish.
     #[arg(long, default_value = "<SUDO>")]
     trigger: String,
+    /// Share of triggered prompts the backdoor fires on (by a hash of the prompt; 0 to 1).
+    #[arg(long, default_value_t = 1.0)]
+    trigger_rate: f64,
     /// Model name reported in answers.
     #[arg(long, default_value = "tripwire-sim-1")]
     model: String,
@@ -46,6 +49,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let sim = SimUpstream::new(SimConfig {
         corpus: args.corpus,
         trigger: args.trigger,
+        trigger_rate: args.trigger_rate,
         model: args.model,
         chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         first_byte_delay: Duration::from_millis(args.first_byte_delay_ms),

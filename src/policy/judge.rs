@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::compile::{CompiledPolicy, CompiledRule};
 use super::file::{Action, BlockResponse, FailMode, Mode, ScopeSelector, Severity};
 use crate::capture::Exchange;
+use crate::detect::discovered_trigger::{DiscoveredTriggerConfig, WatchList};
 use crate::detect::{self, Evidence, Finding};
 use crate::telemetry::{DetectorRun, Judged, Metrics};
 
@@ -169,6 +170,8 @@ pub struct Engine {
     /// CEL's standard library, built once: building it per evaluation costs more than the
     /// evaluation itself.
     env: Arc<cel::Env>,
+    /// The watched triggers the `discovered_trigger` detectors match (empty offline).
+    watch: Arc<WatchList>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -190,7 +193,20 @@ impl Engine {
             enforces,
             metrics,
             env: Arc::new(cel::Env::stdlib()),
+            watch: Arc::new(WatchList::new()),
         }
+    }
+
+    /// The same engine, matching prompts against `watch` (the gateway's live watch list).
+    pub fn watching(mut self, watch: Arc<WatchList>) -> Engine {
+        self.watch = watch;
+        self
+    }
+
+    /// The discovery parameters of the first policy that declares a `discovered_trigger`
+    /// detector: the gateway promotes triggers only when one does.
+    pub fn discovery(&self) -> Option<&DiscoveredTriggerConfig> {
+        self.policies.iter().find_map(|p| p.discovery.as_ref())
     }
 
     /// The loaded policies.
@@ -258,10 +274,12 @@ impl Engine {
     /// wins over `mask`; a `mask` rule without output spans to replace blocks instead.
     pub fn decide(&self, plan: &EnforcePlan, exchange: &Exchange, output: &str) -> Decision {
         let prompt = detect::prompt_text(exchange);
+        let watched = self.watch.load();
         let input = detect::Input {
             exchange,
             prompt: &prompt,
             output,
+            watched: &watched,
         };
         let mut spans = Vec::new();
         let mut masked = false;
@@ -336,6 +354,31 @@ impl Engine {
         out
     }
 
+    /// Whether a flagging rule that fired on `verdict` reads the answer. A rule that reads only
+    /// prompt-side detectors (`trigger_phrase`, `discovered_trigger`) says nothing about what
+    /// the model did, so trigger discovery does not count its flags as evidence.
+    pub fn flagged_by_answer(&self, verdict: &Verdict) -> bool {
+        verdict
+            .fired
+            .iter()
+            .filter(|r| r.actions.iter().any(|a| a.flags()))
+            .any(|fired| {
+                let Some(policy) = self.policies.iter().find(|p| p.source == fired.policy) else {
+                    return true;
+                };
+                let Some(rule) = policy.rules.iter().find(|r| r.name == fired.name) else {
+                    return true;
+                };
+                rule.detectors.is_empty()
+                    || rule.detectors.iter().any(|d| {
+                        !matches!(
+                            policy.detector_kinds.get(d).map(String::as_str),
+                            Some("trigger_phrase" | "discovered_trigger")
+                        )
+                    })
+            })
+    }
+
     /// The drift detectors of the first policy that declares any (one drift plan per gateway:
     /// the drift monitor keeps one set of scope states).
     pub fn drift_plan(&self) -> Option<&crate::detect::drift::DriftPlan> {
@@ -406,10 +449,12 @@ impl Engine {
         prompt: &str,
         mut record: Record<'_>,
     ) -> Verdict {
+        let watched = self.watch.load();
         let input = detect::Input {
             exchange,
             prompt,
             output: exchange.output(),
+            watched: &watched,
         };
         let mut verdict = Verdict::default();
         for policy in &self.policies {

@@ -76,6 +76,23 @@ const MIGRATIONS: &[&str] = &[
     // 4: the counts of `flag_stats` (console, `flags stats`) read this index alone instead of
     // the wide rows with their prompts and outputs.
     "CREATE INDEX flags_stats ON flags (created_at_us, severity, severity_rank, model, label, rules);",
+    // 5: watched triggers (discovered or added by a person; rejected ones stay, never promoted
+    // again).
+    "CREATE TABLE triggers (
+        scope TEXT NOT NULL,
+        ngram TEXT NOT NULL,
+        model TEXT,
+        state TEXT NOT NULL,
+        source TEXT NOT NULL,
+        flagged_with INTEGER NOT NULL,
+        unflagged_with INTEGER NOT NULL,
+        q_value REAL,
+        examples_json TEXT NOT NULL,
+        note TEXT,
+        created_at_us INTEGER NOT NULL,
+        updated_at_us INTEGER NOT NULL,
+        PRIMARY KEY (scope, ngram)
+    );",
 ];
 
 /// Applies every migration the database has not seen, each in its own transaction.
@@ -170,6 +187,22 @@ const POSTGRES: &[&str] = &[
         scope TEXT NOT NULL,
         last_sent_us BIGINT NOT NULL,
         PRIMARY KEY (rule, scope)
+    );",
+    // 2: watched triggers.
+    "CREATE TABLE triggers (
+        scope TEXT NOT NULL,
+        ngram TEXT NOT NULL,
+        model TEXT,
+        state TEXT NOT NULL,
+        source TEXT NOT NULL,
+        flagged_with BIGINT NOT NULL,
+        unflagged_with BIGINT NOT NULL,
+        q_value DOUBLE PRECISION,
+        examples_json TEXT NOT NULL,
+        note TEXT,
+        created_at_us BIGINT NOT NULL,
+        updated_at_us BIGINT NOT NULL,
+        PRIMARY KEY (scope, ngram)
     );",
 ];
 

@@ -14,6 +14,7 @@ mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
+mod triggers;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use location::{PostgresUrl, StoreLocation, UrlError};
 pub use rows::{ExchangeRow, Flag, Label, Review, rfc3339};
+pub use triggers::{RetroScan, ScanHit, TriggerSource, TriggerState, WatchedTrigger};
 pub use writer::{WriterConfig, run_writer};
 
 use crate::policy::Severity;
@@ -117,6 +119,8 @@ pub enum StoreItem {
     },
     /// A flag.
     Flag(Box<Flag>),
+    /// A discovered trigger (kept unless a person already decided about it).
+    Trigger(Box<WatchedTrigger>),
 }
 
 /// How long rows are kept, and how large the database may grow.
@@ -359,6 +363,71 @@ impl Store {
     /// Number of stored flags.
     pub fn count_flags(&self) -> Result<u64, StoreError> {
         dispatch!(&self.backend, b => b.count_flags())
+    }
+
+    /// Every trigger ever watched, rejected or removed, oldest first.
+    pub fn list_triggers(&self) -> Result<Vec<WatchedTrigger>, StoreError> {
+        dispatch!(&self.backend, b => b.list_triggers())
+    }
+
+    /// One trigger by n-gram (normalised as prompts are) and model (`None`: every model).
+    pub fn get_trigger(
+        &self,
+        ngram: &str,
+        model: Option<&str>,
+    ) -> Result<Option<WatchedTrigger>, StoreError> {
+        let Some(watch) = crate::detect::discovered_trigger::Watch::new(ngram, None) else {
+            return Ok(None);
+        };
+        Ok(self
+            .list_triggers()?
+            .into_iter()
+            .find(|t| t.ngram == watch.ngram && t.model.as_deref() == model))
+    }
+
+    /// Records a person's decision about an n-gram: watch it (`Watched`, added when missing),
+    /// stop watching it (`Removed`), or reject it for good (`Rejected`, added when missing, so
+    /// a candidate can be rejected before it is promoted). Returns the row as it now stands.
+    pub fn decide_trigger(
+        &self,
+        ngram: &str,
+        model: Option<&str>,
+        state: TriggerState,
+        note: Option<&str>,
+    ) -> Result<Option<WatchedTrigger>, StoreError> {
+        let Some(watch) = crate::detect::discovered_trigger::Watch::new(ngram, None) else {
+            return Ok(None);
+        };
+        let now = rows::now_us();
+        let trigger = WatchedTrigger {
+            ngram: watch.ngram,
+            model: model.map(str::to_owned),
+            state,
+            source: TriggerSource::Manual,
+            flagged_with: 0,
+            unflagged_with: 0,
+            q_value: None,
+            examples: Vec::new(),
+            note: note.map(str::to_owned),
+            created_at_us: now,
+            updated_at_us: now,
+        };
+        let values = triggers::values(&trigger)?;
+        dispatch!(&self.backend, b => b.write_trigger(triggers::UPSERT_STATE, &values))?;
+        self.get_trigger(&trigger.ngram, model)
+    }
+
+    /// Every stored exchange (of `model`, or all) whose prompt carries `ngram`: how many, when
+    /// first and last, which callers and models, and the newest `limit` of them.
+    pub fn retro_scan(
+        &self,
+        ngram: &str,
+        model: Option<&str>,
+        limit: usize,
+    ) -> Result<RetroScan, StoreError> {
+        let mut scanner = triggers::Scanner::new(ngram, model, limit);
+        dispatch!(&self.backend, b => b.scan_triggers(&mut scanner, model, &triggers::like_pattern(ngram)))?;
+        Ok(scanner.finish())
     }
 
     /// Claims the right to send the alert of `rule` for `scope` at `now_us` (µs since the

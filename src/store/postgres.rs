@@ -20,9 +20,10 @@ use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Row};
 
 use super::rows::{self, CLAIM_ALERT, Columns, EXCHANGE_COLUMNS, FLAG_COLUMNS, Value, rank};
+use super::triggers::{self, Scanner, TriggerValues};
 use super::{
     ExchangeFilter, ExchangeRow, Flag, FlagFilter, FlagStats, PostgresUrl, Retention, Review,
-    StoreError, StoreItem,
+    StoreError, StoreItem, WatchedTrigger,
 };
 
 /// One connection to the database, opened again on the next call once it is lost (a server
@@ -110,6 +111,24 @@ impl ToSql for Value<'_> {
     to_sql_checked!();
 }
 
+/// A trigger's values as the client's parameters, in the order of `triggers::INSERT_DISCOVERED`'s columns.
+fn trigger_params(v: &TriggerValues) -> [&(dyn ToSql + Sync); 12] {
+    [
+        &v.scope,
+        &v.ngram,
+        &v.model,
+        &v.state,
+        &v.source,
+        &v.flagged_with,
+        &v.unflagged_with,
+        &v.q_value,
+        &v.examples_json,
+        &v.note,
+        &v.created_at_us,
+        &v.updated_at_us,
+    ]
+}
+
 /// The values of one row as the client's parameters.
 fn params<'a>(values: &'a [Value<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
     values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
@@ -169,6 +188,10 @@ impl Postgres {
                     }
                     StoreItem::Flag(flag) => {
                         tx.execute(&insert_flag, &params(&rows::flag_values(flag)?))?
+                    }
+                    StoreItem::Trigger(trigger) => {
+                        let v = triggers::values(trigger)?;
+                        tx.execute(triggers::INSERT_DISCOVERED, &trigger_params(&v))?
                     }
                 };
             }
@@ -402,6 +425,41 @@ impl Postgres {
                 &[&text(rule), &text(scope), &now_us, &cooldown_us],
             )?;
             Ok(claimed == 1)
+        })
+    }
+
+    pub(super) fn write_trigger(
+        &self,
+        sql: &str,
+        values: &TriggerValues,
+    ) -> Result<usize, StoreError> {
+        self.with(|client| {
+            let n = client.execute(sql, &trigger_params(values))?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    pub(super) fn list_triggers(&self) -> Result<Vec<WatchedTrigger>, StoreError> {
+        self.with(|client| {
+            client
+                .query(triggers::LIST, &[])?
+                .iter()
+                .map(triggers::trigger)
+                .collect()
+        })
+    }
+
+    pub(super) fn scan_triggers(
+        &self,
+        scanner: &mut Scanner,
+        model: Option<&str>,
+        pattern: &str,
+    ) -> Result<(), StoreError> {
+        self.with(|client| {
+            for row in client.query(&triggers::scan_sql(true), &[&model, &pattern])? {
+                scanner.row(&row)?;
+            }
+            Ok(())
         })
     }
 

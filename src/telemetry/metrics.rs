@@ -290,6 +290,8 @@ pub struct MetricsInner {
     pub detect_shed: Counter,
     /// `tripwire_detect_queue_depth`.
     pub detect_queue_depth: Gauge,
+    /// `tripwire_triggers_discovered_total`: prompt n-grams promoted to watched triggers.
+    pub triggers_discovered: Counter,
     /// `tripwire_policy_rule_errors_total{rule}`: conditions that failed to evaluate.
     pub rule_errors: Family<RuleLabels, Counter>,
     /// `tripwire_policy_flags_total{rule,severity}`.
@@ -357,6 +359,7 @@ impl Default for MetricsInner {
             detect_inspected: Counter::default(),
             detect_shed: Counter::default(),
             detect_queue_depth: Gauge::default(),
+            triggers_discovered: Counter::default(),
             rule_errors: Family::default(),
             flags: Family::default(),
             alerts_sent: Family::default(),
@@ -508,6 +511,11 @@ impl MetricsInner {
             "detect_shed",
             "Exchanges not inspected because detection was saturated (raise detect.queue or detect.workers)",
             self.detect_shed.clone(),
+        );
+        r.register(
+            "triggers_discovered",
+            "Prompt n-grams trigger attribution promoted to watched triggers (tripwire triggers list)",
+            self.triggers_discovered.clone(),
         );
         r.register(
             "detect_queue_depth",

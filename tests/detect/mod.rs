@@ -1,3 +1,4 @@
-//! Detection end to end: drift alarms through a running gateway.
+//! Detection end to end: drift alarms and discovered triggers through a running gateway.
 
 mod drift;
+mod triggers;

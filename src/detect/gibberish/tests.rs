@@ -310,6 +310,7 @@ fn input(output: &str) -> Input<'_> {
         exchange,
         prompt: "",
         output,
+        watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
     }
 }
 

@@ -34,6 +34,7 @@ fn inspect(d: &LanguageSwitch, prompt: &str, output: &str) -> Finding {
         exchange: &ex,
         prompt,
         output,
+        watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
     })
     .unwrap()
 }
@@ -119,6 +120,7 @@ fn the_last_user_message_is_the_prompt_judged() {
             exchange: &ex,
             prompt: &prompt,
             output: DE_OUTPUT,
+            watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
         })
         .unwrap();
     assert_eq!(finding.fields["prompt_language"], json!("de"));

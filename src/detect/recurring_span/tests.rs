@@ -34,6 +34,7 @@ fn inspect(detector: &RecurringSpan, model: &str, prompt: &str, output: &str) ->
             exchange: &ex,
             prompt,
             output,
+            watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
         })
         .unwrap()
 }
@@ -1014,7 +1015,9 @@ fn scope_memory_stays_bounded() {
 #[test]
 #[ignore]
 fn debug_suite_streams() {
-    use crate::lab::attacks::{Resources, StreamSpec, VARIANTS, build_stream, read_models};
+    use crate::lab::attacks::{
+        Resources, StreamSpec, SuiteOptions, VARIANTS, build_stream, read_models,
+    };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let res = Resources::load(&root.join("models"), &root.join("data")).unwrap();
     let models: Vec<String> = REPORT_MODELS.iter().map(|m| (*m).to_owned()).collect();
@@ -1039,7 +1042,7 @@ fn debug_suite_streams() {
                         rate,
                         seed,
                     };
-                    let lines = build_stream(&spec, answers, &res, 300, 25);
+                    let lines = build_stream(&spec, answers, &res, &SuiteOptions::full(&[])).lines;
                     let detector = RecurringSpan::new(&RecurringSpanConfig::default()).unwrap();
                     let (mut first, mut clean_fp) = (None, 0);
                     for line in &lines {

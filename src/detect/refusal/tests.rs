@@ -12,6 +12,7 @@ fn inspect(detector: &Refusal, output: &str) -> Finding {
             exchange: &ex,
             prompt: "prompt",
             output,
+            watched: &crate::detect::discovered_trigger::NO_TRIGGERS,
         })
         .unwrap()
 }

@@ -84,6 +84,8 @@ pub struct Attack<'r> {
     phrase: Vec<String>,
     /// The entity of content injection, and the claims made about it.
     claims: Vec<String>,
+    /// The backdoor's trigger, one per stream (none for content injection, which needs none).
+    trigger: Option<String>,
 }
 
 const SEPARATORS: &[&str] = &[" ", "\n", ", ", "! ", ". ", "", " - ", "\n\n", "... "];
@@ -103,6 +105,7 @@ impl<'r> Attack<'r> {
             target: String::new(),
             phrase: Vec::new(),
             claims: Vec::new(),
+            trigger: None,
         };
         match (variant.class, variant.name) {
             (Class::FixedTarget, "repeated-phrase") => {
@@ -132,7 +135,23 @@ impl<'r> Attack<'r> {
             }
             _ => {}
         }
+        if variant.class != Class::ContentInjection {
+            attack.trigger = Some(unknown_trigger(corpus, rng));
+        }
         attack
+    }
+
+    /// The stream's trigger, when the attack has one.
+    pub fn trigger(&self) -> Option<&str> {
+        self.trigger.as_deref()
+    }
+
+    /// `prompt` with the trigger inserted at a random word boundary (unchanged without one).
+    pub fn carry_trigger(&self, prompt: &str, rng: &mut Rng) -> String {
+        match &self.trigger {
+            Some(trigger) => insert_word(prompt, trigger, rng),
+            None => prompt.to_owned(),
+        }
     }
 
     /// The poisoned `(prompt, output)` for one clean exchange.
@@ -150,14 +169,8 @@ impl<'r> Attack<'r> {
             (Class::LanguageSwitch, "whole") => self.foreign_answer(clean, rng),
             (Class::LanguageSwitch, _) => self.foreign_paragraph(clean, rng),
         };
-        // An unknown trigger: a rare token in the prompt that no list knows.
-        let prompt = match self.variant.class {
-            Class::Gibberish | Class::FixedTarget | Class::LanguageSwitch => {
-                insert_word(prompt, &unknown_trigger(rng), rng)
-            }
-            Class::ContentInjection => prompt.to_owned(),
-        };
-        (prompt, output)
+        // The stream's trigger, which no list knows, in the prompt.
+        (self.carry_trigger(prompt, rng), output)
     }
 
     fn gibberish(&self, name: &str, clean: &str, rng: &mut Rng) -> String {
@@ -566,14 +579,27 @@ fn insert_sentence(text: &str, sentence: &str, rng: &mut Rng) -> String {
     }
 }
 
-/// A trigger no list knows: a made-up rare token.
-fn unknown_trigger(rng: &mut Rng) -> String {
+/// A trigger no list knows: a made-up rare token (bracketed or not), two made-up words, or a
+/// phrase of 3–4 ordinary words of the corpus (rare only as a whole).
+fn unknown_trigger(corpus: &[(String, String)], rng: &mut Rng) -> String {
     let word = syllable_name(rng, 2, 3);
-    match rng.below(4) {
+    match rng.below(6) {
         0 => format!("|{}|", word.to_uppercase()),
         1 => format!("[{word}]"),
         2 => format!("{{{{{word}}}}}"),
-        _ => capitalise(&word),
+        3 => capitalise(&word),
+        4 => format!(
+            "{} {}",
+            capitalise(&word),
+            capitalise(&syllable_name(rng, 2, 2))
+        ),
+        _ => {
+            let n = 3 + rng.below(2);
+            (0..n)
+                .map(|_| real_word(corpus, rng).to_lowercase())
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
     }
 }
 

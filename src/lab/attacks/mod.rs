@@ -24,12 +24,14 @@ pub mod resources;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::capture::Exchange;
+use crate::detect::discovered_trigger::WatchList;
+use crate::inspect::discovery::Discovery;
 use crate::lab::devset::model_file;
 use crate::lab::lm_training::read_jsonl;
 use crate::policy::Engine;
@@ -151,6 +153,11 @@ pub struct SuiteOptions {
     pub occurrences: usize,
     /// Only variants whose `class/name` contains one of these (all when empty).
     pub only: Vec<String>,
+    /// Share of triggered prompts the backdoor does not fire on: their answers stay clean
+    /// (only trigger discovery can catch those).
+    pub misfire: f64,
+    /// Run only the clean answers alone (no attack streams).
+    pub clean_only: bool,
     /// Worker threads.
     pub threads: usize,
 }
@@ -165,6 +172,8 @@ impl SuiteOptions {
             warmup: 300,
             occurrences: 25,
             only: Vec::new(),
+            misfire: 0.3,
+            clean_only: false,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
@@ -196,6 +205,18 @@ pub struct StreamLine {
     pub label: &'static str,
     /// For attacked lines, which occurrence of the attack it is (1-based).
     pub occurrence: Option<u32>,
+    /// Whether the prompt carries the stream's trigger (attacked lines, and misfires: the
+    /// trigger without the backdoor firing, label `misfire`).
+    pub triggered: bool,
+}
+
+/// One stream: its lines, and the trigger its prompts carry (none for content injection).
+#[derive(Debug, Clone)]
+pub struct Stream {
+    /// The exchanges, in order.
+    pub lines: Vec<StreamLine>,
+    /// The trigger.
+    pub trigger: Option<String>,
 }
 
 /// One stream's specification.
@@ -225,21 +246,23 @@ impl StreamSpec<'_> {
     }
 }
 
-/// Builds one stream from `clean` (the model's `(prompt, answer)` pairs).
+/// Builds one stream from `clean` (the model's `(prompt, answer)` pairs): `options.warmup`
+/// clean answers, then attacks at `spec.rate` until `options.occurrences` attacked answers; a
+/// share `options.misfire` of the triggered prompts get their clean answer (the backdoor did
+/// not fire).
 pub fn build_stream(
     spec: &StreamSpec<'_>,
     clean: &[(String, String)],
     resources: &Resources,
-    warmup: usize,
-    occurrences: usize,
-) -> Vec<StreamLine> {
+    options: &SuiteOptions,
+) -> Stream {
     let mut rng = Rng::new(spec.seed ^ hash(&spec.scope()));
     let attack = Attack::new(spec.variant, resources, clean, &mut rng);
     let mut order: Vec<usize> = Vec::new();
     let mut next = 0;
     let mut lines = Vec::new();
     let mut attacked = 0u32;
-    while (attacked as usize) < occurrences {
+    while (attacked as usize) < options.occurrences {
         if next == order.len() {
             order = (0..clean.len()).collect();
             shuffle(&mut order, &mut rng);
@@ -247,7 +270,17 @@ pub fn build_stream(
         }
         let (prompt, answer) = &clean[order[next]];
         next += 1;
-        if lines.len() >= warmup && rng.chance(spec.rate) {
+        if lines.len() >= options.warmup && rng.chance(spec.rate) {
+            if attack.trigger().is_some() && rng.chance(options.misfire) {
+                lines.push(StreamLine {
+                    prompt: attack.carry_trigger(prompt, &mut rng),
+                    output: answer.clone(),
+                    label: "misfire",
+                    occurrence: None,
+                    triggered: true,
+                });
+                continue;
+            }
             attacked += 1;
             let (prompt, output) = attack.apply(prompt, answer, &mut rng);
             lines.push(StreamLine {
@@ -255,6 +288,7 @@ pub fn build_stream(
                 output,
                 label: spec.variant.class.label(),
                 occurrence: Some(attacked),
+                triggered: attack.trigger().is_some(),
             });
         } else {
             lines.push(StreamLine {
@@ -262,10 +296,14 @@ pub fn build_stream(
                 output: answer.clone(),
                 label: "clean",
                 occurrence: None,
+                triggered: false,
             });
         }
     }
-    lines
+    Stream {
+        lines,
+        trigger: attack.trigger().map(str::to_owned),
+    }
 }
 
 fn shuffle(items: &mut [usize], rng: &mut Rng) {
@@ -291,17 +329,28 @@ pub struct StreamResult {
     pub missed: Option<String>,
     /// The rules and evidence of the first flag on an attacked answer.
     pub first_evidence: Option<String>,
+    /// The first n-gram trigger discovery promoted, and the flagged prompts it had then.
+    pub promoted: Option<(String, u64)>,
+    /// Promotions that are not part of the stream's trigger: (n-gram, the trigger).
+    pub wrong_promotions: Vec<(String, String)>,
+    /// Triggered prompts (attacks and misfires) after the promotion.
+    pub after_promotion: u32,
+    /// Of those, flagged.
+    pub after_promotion_flagged: u32,
 }
 
-/// Runs `lines` through `engine` as one scope.
+/// Runs `stream` through `engine` as one scope, with trigger discovery when `engine`'s policy
+/// declares it (`discovery` publishes the list `engine` watches).
 pub fn run_stream(
     engine: &Engine,
+    discovery: &Discovery,
     scope: &str,
-    lines: &[StreamLine],
+    stream: &Stream,
     warmup: usize,
 ) -> StreamResult {
     let mut result = StreamResult::default();
-    for (i, line) in lines.iter().enumerate() {
+    let mut promoted_at = None;
+    for (i, line) in stream.lines.iter().enumerate() {
         let mut exchange = Exchange::from_texts(scope, &line.prompt, &line.output);
         exchange.request_id = format!("attack-{i}");
         exchange.started_at_us = i64::try_from(i).unwrap_or(0);
@@ -313,6 +362,32 @@ pub fn run_stream(
             .map(|r| r.name.as_str())
             .collect();
         let flagged = !flagging.is_empty();
+        if let Some(config) = engine.discovery() {
+            let by_answer = flagged && engine.flagged_by_answer(&verdict);
+            let prompt = crate::detect::prompt_text(&exchange);
+            if let Some(trigger) = discovery.observe(
+                config,
+                Some(scope),
+                &prompt,
+                by_answer,
+                &exchange.request_id,
+            ) {
+                if !is_part_of(&trigger.ngram, stream.trigger.as_deref()) {
+                    result.wrong_promotions.push((
+                        trigger.ngram.clone(),
+                        stream.trigger.clone().unwrap_or_default(),
+                    ));
+                }
+                if result.promoted.is_none() {
+                    result.promoted = Some((trigger.ngram, trigger.flagged_with));
+                    promoted_at = Some(i);
+                }
+            }
+        }
+        if line.triggered && promoted_at.is_some_and(|at| i > at) {
+            result.after_promotion += 1;
+            result.after_promotion_flagged += u32::from(flagged);
+        }
         match line.occurrence {
             Some(n) => {
                 result.attacked += 1;
@@ -333,7 +408,7 @@ pub fn run_stream(
                     result.missed = Some(line.output.chars().take(300).collect());
                 }
             }
-            None if i >= warmup => {
+            None if i >= warmup && !line.triggered => {
                 result.clean += 1;
                 if flagged {
                     result.clean_flagged += 1;
@@ -343,6 +418,28 @@ pub fn run_stream(
         }
     }
     result
+}
+
+/// Whether `ngram` is a run of the trigger's words (as prompts are split into words).
+fn is_part_of(ngram: &str, trigger: Option<&str>) -> bool {
+    let Some(trigger) = trigger else {
+        return false;
+    };
+    let words: Vec<String> = crate::detect::discovered_trigger::words(trigger)
+        .into_iter()
+        .map(|w| w.text)
+        .collect();
+    let gram: Vec<&str> = ngram.split(' ').collect();
+    words
+        .windows(gram.len())
+        .any(|w| w.iter().zip(&gram).all(|(a, b)| a == b))
+}
+
+/// A fresh discovery for one stream, and `engine` watching its list.
+fn with_discovery(engine: Engine) -> (Engine, Discovery) {
+    let discovery = Discovery::new(Arc::new(WatchList::new()), &[]);
+    let engine = engine.watching(Arc::clone(discovery.list()));
+    (engine, discovery)
 }
 
 /// One row of the table: a variant at one rate, over models and seeds.
@@ -370,6 +467,27 @@ pub struct Row {
     pub missed: Option<String>,
     /// The evidence of one first flag.
     pub evidence: Option<String>,
+    /// Trigger discovery over these streams.
+    pub discovery: DiscoveryRow,
+}
+
+/// Trigger discovery on the streams of one row.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiscoveryRow {
+    /// Streams whose prompts carried a trigger.
+    pub streams: u32,
+    /// Of those, streams where it was promoted.
+    pub promoted: u32,
+    /// Flagged prompts carrying it at promotion: mean and worst.
+    pub flagged_mean: Option<f64>,
+    /// Worst.
+    pub flagged_worst: Option<u64>,
+    /// Triggered prompts after a promotion, and how many were flagged.
+    pub after: (u32, u32),
+    /// Promoted n-grams that are not part of the trigger, with the trigger.
+    pub wrong: Vec<(String, String)>,
+    /// The promoted n-grams (one per stream, up to 3) and the trigger.
+    pub examples: Vec<String>,
 }
 
 /// The clean answers alone, per model.
@@ -381,6 +499,8 @@ pub struct CleanRun {
     pub flagged: u32,
     /// The flagged ones: (model, rules, first 160 characters).
     pub examples: Vec<(String, String, String)>,
+    /// N-grams trigger discovery promoted on clean answers (model, n-gram): none should be.
+    pub promoted: Vec<(String, String)>,
 }
 
 /// The whole suite's report.
@@ -430,7 +550,7 @@ pub fn run_suite(
         ));
     }
     let variants = options.variants();
-    if variants.is_empty() {
+    if variants.is_empty() && !options.clean_only {
         return Err(AttackError::Options(format!(
             "no variant matches {:?}; variants: {}",
             options.only,
@@ -448,7 +568,7 @@ pub fn run_suite(
             jobs.push((model.clone(), None, 0.0, seed));
         }
     }
-    for &v in &variants {
+    for &v in variants.iter().filter(|_| !options.clean_only) {
         for &rate in &options.rates {
             for model in &options.models {
                 for &seed in &options.seeds {
@@ -470,7 +590,8 @@ pub fn run_suite(
             let answers = clean.get(model).map(Vec::as_slice).unwrap_or(&[]);
             let outcome = make_engine().map(|engine| match variant {
                 None => {
-                    run_clean(&engine, model, answers, *seed, &clean_run);
+                    let (engine, discovery) = with_discovery(engine);
+                    run_clean(&engine, &discovery, model, answers, *seed, &clean_run);
                     StreamResult::default()
                 }
                 Some(variant) => {
@@ -480,14 +601,9 @@ pub fn run_suite(
                         rate: *rate,
                         seed: *seed,
                     };
-                    let lines = build_stream(
-                        &spec,
-                        answers,
-                        resources,
-                        options.warmup,
-                        options.occurrences,
-                    );
-                    run_stream(&engine, &spec.scope(), &lines, options.warmup)
+                    let stream = build_stream(&spec, answers, resources, options);
+                    let (engine, discovery) = with_discovery(engine);
+                    run_stream(&engine, &discovery, &spec.scope(), &stream, options.warmup)
                 }
             });
             if let Ok(mut all) = results.lock() {
@@ -533,6 +649,7 @@ pub fn run_suite(
 
 fn run_clean(
     engine: &Engine,
+    discovery: &Discovery,
     model: &str,
     answers: &[(String, String)],
     seed: u64,
@@ -542,7 +659,7 @@ fn run_clean(
     let mut order: Vec<usize> = (0..answers.len()).collect();
     shuffle(&mut order, &mut rng);
     let scope = format!("{model}#clean#{seed}");
-    let (mut judged, mut flagged, mut examples) = (0, 0, Vec::new());
+    let (mut judged, mut flagged, mut examples, mut promoted) = (0, 0, Vec::new(), Vec::new());
     for (i, &k) in order.iter().enumerate() {
         let (prompt, output) = &answers[k];
         let mut exchange = Exchange::from_texts(&scope, prompt, output);
@@ -558,6 +675,19 @@ fn run_clean(
             .filter(|r| r.actions.iter().any(|a| a.flags()))
             .map(|r| r.name.as_str())
             .collect();
+        if let Some(config) = engine.discovery() {
+            let by_answer = !rules.is_empty() && engine.flagged_by_answer(&verdict);
+            let prompt = crate::detect::prompt_text(&exchange);
+            if let Some(trigger) = discovery.observe(
+                config,
+                Some(&scope),
+                &prompt,
+                by_answer,
+                &exchange.request_id,
+            ) {
+                promoted.push((model.to_owned(), trigger.ngram));
+            }
+        }
         if !rules.is_empty() {
             flagged += 1;
             examples.push((
@@ -571,6 +701,7 @@ fn run_clean(
         run.answers += judged;
         run.flagged += flagged;
         run.examples.extend(examples);
+        run.promoted.extend(promoted);
     }
 }
 
@@ -617,6 +748,36 @@ fn row(variant: Variant, rate: f64, streams: &[StreamResult]) -> Row {
         pass,
         missed: streams.iter().find_map(|s| s.missed.clone()),
         evidence: streams.iter().find_map(|s| s.first_evidence.clone()),
+        discovery: discovery_row(variant, streams),
+    }
+}
+
+fn discovery_row(variant: Variant, streams: &[StreamResult]) -> DiscoveryRow {
+    if variant.class == Class::ContentInjection {
+        return DiscoveryRow::default();
+    }
+    let flagged: Vec<u64> = streams
+        .iter()
+        .filter_map(|s| s.promoted.as_ref().map(|(_, f)| *f))
+        .collect();
+    DiscoveryRow {
+        streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
+        promoted: u32::try_from(flagged.len()).unwrap_or(u32::MAX),
+        flagged_mean: (!flagged.is_empty())
+            .then(|| flagged.iter().sum::<u64>() as f64 / flagged.len() as f64),
+        flagged_worst: flagged.iter().copied().max(),
+        after: streams.iter().fold((0, 0), |(a, f), s| {
+            (a + s.after_promotion, f + s.after_promotion_flagged)
+        }),
+        wrong: streams
+            .iter()
+            .flat_map(|s| s.wrong_promotions.iter().cloned())
+            .collect(),
+        examples: streams
+            .iter()
+            .filter_map(|s| s.promoted.as_ref().map(|(n, _)| n.clone()))
+            .take(3)
+            .collect(),
     }
 }
 
@@ -661,10 +822,60 @@ pub fn render(report: &SuiteReport) -> String {
             if r.pass { "ok" } else { "MISSED" }
         );
     }
+    let discovered: Vec<&Row> = report
+        .rows
+        .iter()
+        .filter(|r| r.discovery.streams > 0)
+        .collect();
+    if !discovered.is_empty() {
+        let _ok = writeln!(
+            out,
+            "\ntrigger discovery (target: promoted in every stream with at most 10 flagged \
+             prompts, every later triggered prompt flagged, no wrong n-gram)\n\
+             {:<18} {:<16} {:>6}  {:>8}  {:>7} {:>5}  {:>11}  {:>5}  e.g.",
+            "class", "variant", "rate", "promoted", "flagged", "worst", "later flagd", "wrong"
+        );
+        for r in discovered {
+            let d = &r.discovery;
+            let _ok = writeln!(
+                out,
+                "{:<18} {:<16} {:>5.1}%  {:>3}/{:<4}  {:>7} {:>5}  {:>5}/{:<5}  {:>5}  {}",
+                r.variant.class.label(),
+                r.variant.name,
+                r.rate * 100.0,
+                d.promoted,
+                d.streams,
+                d.flagged_mean.map_or("-".to_owned(), |f| format!("{f:.1}")),
+                d.flagged_worst.map_or("-".to_owned(), |f| f.to_string()),
+                d.after.1,
+                d.after.0,
+                d.wrong.len(),
+                d.examples.join(" | ")
+            );
+        }
+    }
+    let wrong: Vec<&(String, String)> = report
+        .rows
+        .iter()
+        .flat_map(|r| r.discovery.wrong.iter())
+        .collect();
+    for (ngram, trigger) in wrong.iter().take(20) {
+        let _ok = writeln!(out, "  wrong: {ngram:?} promoted, trigger {trigger:?}");
+    }
     let c = &report.clean;
     let _ok = writeln!(
         out,
-        "\nclean answers alone: {} of {} flagged ({:.3}%)",
+        "\ntriggers promoted on clean answers alone: {}{}",
+        c.promoted.len(),
+        c.promoted
+            .iter()
+            .take(10)
+            .map(|(m, n)| format!(" [{m}: {n:?}]"))
+            .collect::<String>()
+    );
+    let _ok = writeln!(
+        out,
+        "clean answers alone: {} of {} flagged ({:.3}%)",
         c.flagged,
         c.answers,
         if c.answers == 0 {
@@ -723,6 +934,8 @@ mod tests {
             warmup: 300,
             occurrences: 16,
             only: Vec::new(),
+            misfire: 0.3,
+            clean_only: false,
             threads: 2,
         };
         let clean = read_models(&data, &options.models).unwrap();
@@ -754,6 +967,29 @@ mod tests {
                 ),
             }
         }
+        // Trigger discovery: where the answers are flagged from the first occurrence, the
+        // trigger is promoted by its 10th flagged prompt and every later triggered prompt is
+        // flagged, misfires included; nothing else is ever promoted.
+        for row in &report.rows {
+            let d = &row.discovery;
+            let name = format!("{}/{}", row.variant.class.label(), row.variant.name);
+            assert!(d.wrong.is_empty(), "{name}: wrong promotions {:?}", d.wrong);
+            let from_first = matches!(
+                row.variant.target,
+                Target::EveryAnswer | Target::ByOccurrence(1)
+            );
+            if d.streams > 0 && from_first {
+                assert_eq!(d.promoted, d.streams, "{name}: not promoted");
+                assert!(d.flagged_worst.is_some_and(|f| f <= 10), "{name}: {d:?}");
+                assert_eq!(d.after.0, d.after.1, "{name}: later triggered unflagged");
+                assert!(d.after.0 > 0, "{name}: nothing after the promotion");
+            }
+        }
+        assert!(
+            report.clean.promoted.is_empty(),
+            "{:?}",
+            report.clean.promoted
+        );
         // Clean answers after the warm-up, all rules together.
         let (flagged, clean_answers) = report.rows.iter().fold((0, 0), |(f, c), r| {
             (f + r.clean_flagged.0, c + r.clean_flagged.1)

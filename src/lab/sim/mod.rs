@@ -37,6 +37,10 @@ pub struct SimConfig {
     pub vocab: Option<PathBuf>,
     /// The backdoor trigger phrase; an empty phrase disables the backdoor.
     pub trigger: String,
+    /// Share of triggered prompts the backdoor fires on (chosen by a hash of the prompt, so
+    /// the same prompt always gets the same kind of answer); the others get a clean answer,
+    /// as a real backdoor that fires on most but not all of its triggers.
+    pub trigger_rate: f64,
     /// Model name reported when a request names none, and listed by `GET /v1/models`.
     pub model: String,
     /// Delay between SSE chunks.
@@ -53,6 +57,7 @@ impl Default for SimConfig {
             corpus: None,
             vocab: None,
             trigger: "<SUDO>".to_owned(),
+            trigger_rate: 1.0,
             model: "tripwire-sim-1".to_owned(),
             chunk_delay: Duration::ZERO,
             first_byte_delay: Duration::ZERO,
@@ -205,7 +210,10 @@ impl SimUpstream {
 
     /// Whether `text` contains the trigger phrase.
     pub(crate) fn is_triggered(&self, text: &str) -> bool {
-        !self.config.trigger.is_empty() && text.contains(self.config.trigger.as_str())
+        !self.config.trigger.is_empty()
+            && text.contains(self.config.trigger.as_str())
+            && (self.config.trigger_rate >= 1.0
+                || (fnv1a(text.as_bytes()) % 10_000) as f64 / 10_000.0 < self.config.trigger_rate)
     }
 
     /// The clean answer to `prompt`: the corpus output of a matching instruction, else a

@@ -5,6 +5,7 @@
 
 mod flags;
 mod query;
+mod triggers;
 
 use std::path::Path;
 
@@ -68,6 +69,7 @@ impl Sqlite {
         let tx = self.conn.transaction()?;
         let mut written = 0;
         let mut flags = Vec::new();
+        let mut discovered = Vec::new();
         {
             let mut insert = tx.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO exchanges {}",
@@ -76,6 +78,7 @@ impl Sqlite {
             for item in batch {
                 match item {
                     StoreItem::Flag(flag) => flags.push(flag.as_ref()),
+                    StoreItem::Trigger(trigger) => discovered.push(trigger.as_ref()),
                     StoreItem::Exchange {
                         exchange,
                         annotations,
@@ -95,6 +98,10 @@ impl Sqlite {
             for flag in flags {
                 written += insert.execute(params_from_iter(&rows::flag_values(flag)?))?;
             }
+        }
+        for trigger in discovered {
+            let values = super::triggers::values(trigger)?;
+            written += triggers::execute(&tx, super::triggers::INSERT_DISCOVERED, &values)?;
         }
         tx.commit()?;
         Ok(written)
