@@ -363,19 +363,22 @@ fn long_english_words(text: &str) -> (usize, usize) {
             continue;
         }
         total += 1;
+        // ENGLISH is lowercase ASCII, sorted bytewise: compare with the word lowercased once.
+        let mut lower = [0u8; 16];
         if word.len() >= 3
-            && word.len() <= 16
+            && word.len() <= lower.len()
             && word.is_ascii()
-            && ENGLISH
-                .binary_search_by(|e| {
-                    e.as_bytes()
-                        .iter()
-                        .map(u8::to_ascii_lowercase)
-                        .cmp(word.bytes().map(|b| b.to_ascii_lowercase()))
-                })
-                .is_ok()
+            && let Some(lower) = lower.get_mut(..word.len())
         {
-            english += 1;
+            for (l, b) in lower.iter_mut().zip(word.bytes()) {
+                *l = b.to_ascii_lowercase();
+            }
+            if ENGLISH
+                .binary_search_by(|e| e.as_bytes().cmp(lower))
+                .is_ok()
+            {
+                english += 1;
+            }
         }
     }
     (total, english)
