@@ -250,15 +250,28 @@ pub struct Features {
 pub struct Gibberish {
     config: GibberishConfig,
     lm: CharLm,
-    words: HashSet<u64, BuildId>,
-    function_words: HashSet<u64, BuildId>,
-    /// The [`COMMON_WORDS`] most frequent words of the word list.
-    common_words: HashSet<u64, BuildId>,
+    /// What each word of the word list and each function word is, by word hash (one lookup
+    /// a word).
+    lexicon: HashMap<u64, WordKind, BuildId>,
     /// Frequent word bigrams.
     bigrams: BigramSet,
-    /// Function words of French, German, Spanish, Italian, Portuguese or Dutch that are not
-    /// English function words.
-    foreign_function_words: HashSet<u64, BuildId>,
+}
+
+/// What a word is, as bits: in the word list, among its [`COMMON_WORDS`] most frequent words,
+/// a function word, a function word of French, German, Spanish, Italian, Portuguese or Dutch
+/// that is not an English one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WordKind(u8);
+
+impl WordKind {
+    const KNOWN: u8 = 1;
+    const COMMON: u8 = 2;
+    const FUNCTION: u8 = 4;
+    const FOREIGN: u8 = 8;
+
+    fn is(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
 }
 
 impl Gibberish {
@@ -280,49 +293,50 @@ impl Gibberish {
             })?,
             None => EMBEDDED_WORDS.to_owned(),
         };
-        let words: HashSet<u64, BuildId> = words_text
+        let mut lexicon: HashMap<u64, WordKind, BuildId> = HashMap::default();
+        let mark = |lexicon: &mut HashMap<u64, WordKind, BuildId>, word: &str, bit: u8| {
+            lexicon.entry(word_hash(word)).or_default().0 |= bit;
+        };
+        for (rank, word) in words_text
             .lines()
             .map(str::trim)
             .filter(|w| !w.is_empty())
-            .map(word_hash)
-            .collect();
-        let common_words: HashSet<u64, BuildId> = words_text
-            .lines()
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-            .take(COMMON_WORDS)
-            .map(word_hash)
-            .collect();
-        if words.is_empty() {
+            .enumerate()
+        {
+            mark(&mut lexicon, word, WordKind::KNOWN);
+            if rank < COMMON_WORDS {
+                mark(&mut lexicon, word, WordKind::COMMON);
+            }
+        }
+        if lexicon.is_empty() {
             return Err(DetectError::Load {
                 what: "word list".to_owned(),
                 message: "no words".to_owned(),
             });
         }
-        let function_words = FUNCTION_WORDS
+        for word in FUNCTION_WORDS
             .iter()
             .flat_map(|line| line.split_whitespace())
-            .map(word_hash)
-            .collect();
+        {
+            mark(&mut lexicon, word, WordKind::FUNCTION);
+        }
         let bigrams = match &config.bigrams_path {
             Some(path) => BigramSet::load(path)?,
             None => BigramSet::embedded()?,
         };
         let english: HashSet<&str> = FUNCTION_WORDS[0].split_whitespace().collect();
-        let foreign_function_words = FUNCTION_WORDS[1..]
+        for word in FUNCTION_WORDS[1..]
             .iter()
             .flat_map(|line| line.split_whitespace())
             .filter(|w| !english.contains(w))
-            .map(word_hash)
-            .collect();
+        {
+            mark(&mut lexicon, word, WordKind::FOREIGN);
+        }
         Ok(Gibberish {
             config: config.clone(),
             lm,
-            words,
-            function_words,
-            common_words,
+            lexicon,
             bigrams,
-            foreign_function_words,
         })
     }
 
@@ -516,15 +530,20 @@ impl Gibberish {
         let (wide, stride) = (self.config.window, self.config.stride);
         let fine = (stride / 2).max(1);
         let pen = sums.weights.bigram_penalty;
+        // Each scan scores its regions without the bigram penalty and with it.
+        let [quarter, quarter_pen] = sums.worst_windows_with((wide / 4).max(1), fine, [0.0, pen]);
+        let [half, half_pen] = sums.worst_windows_with((wide / 2).max(1), stride, [0.0, pen]);
+        let [whole, whole_pen] = sums.worst_windows_with(wide, stride, [0.0, pen]);
+        let [suffix, suffix_pen] = sums.worst_suffixes_with((wide / 4).max(1), fine, [0.0, pen]);
         let regions = [
-            sums.worst_window_with((wide / 4).max(1), fine, 0.0),
-            sums.worst_window_with((wide / 2).max(1), stride, 0.0),
-            sums.worst_window_with(wide, stride, 0.0),
-            sums.worst_suffix_with((wide / 4).max(1), fine, 0.0),
-            sums.worst_window_with((wide / 4).max(1), fine, pen),
-            sums.worst_window_with((wide / 2).max(1), stride, pen),
-            sums.worst_window_with(wide, stride, pen),
-            sums.worst_suffix_with((wide / 4).max(1), fine, pen),
+            quarter,
+            half,
+            whole,
+            suffix,
+            quarter_pen,
+            half_pen,
+            whole_pen,
+            suffix_pen,
         ];
         let scales = &sums.weights.scales;
         let mut best = (f64::MIN, Region::default());
@@ -731,8 +750,9 @@ impl Sums {
             .unwrap_or(0) as usize
     }
 
-    /// The score of characters `s..e` (`s < e ≤ chars`) with bigram penalty `pen`.
-    fn region_with(&self, s: usize, e: usize, pen: f64) -> Region {
+    /// The score of characters `s..e` (`s < e ≤ chars`) with each bigram penalty of `pens`.
+    #[inline]
+    fn regions_with<const N: usize>(&self, s: usize, e: usize, pens: [f64; N]) -> [Region; N] {
         let len = e.saturating_sub(s).max(1) as f64;
         let lm = |k: usize| self.lm.get(k).copied().unwrap_or(0.0);
         let oov = |k: usize| self.oov.get(k).copied().unwrap_or(0);
@@ -751,14 +771,14 @@ impl Sums {
         let foreign = f64::from(b.foreign.saturating_sub(a.foreign)) / nw;
         let english = (1.0 - FOREIGN_DISCOUNT * foreign).max(0.0);
         let unknown_share = english * unknown / (pairs + w.bigram_prior).max(1.0);
-        Region {
-            score: mean + w.oov_penalty * oov_share - w.function_credit * fw + pen * unknown_share
-                - w.common_credit * common,
+        let base = mean + w.oov_penalty * oov_share - w.function_credit * fw;
+        pens.map(|pen| Region {
+            score: base + pen * unknown_share - w.common_credit * common,
             oov: oov_share,
             unknown_bigrams: unknown_share,
             start: s,
             end: e,
-        }
+        })
     }
 
     /// Starts of the windows of `width` characters every `stride` (the last one flush with
@@ -789,15 +809,23 @@ impl Sums {
     }
 
     /// [`Sums::worst_window`] with bigram penalty `pen`.
+    #[cfg(test)]
     pub(crate) fn worst_window_with(&self, width: usize, stride: usize, pen: f64) -> Region {
-        let mut best: Option<Region> = None;
-        for (s, e) in self.starts(width, stride) {
-            let r = self.region_with(s, e, pen);
-            if best.is_none_or(|b| r.score > b.score) {
-                best = Some(r);
-            }
-        }
-        best.unwrap_or_default()
+        let [r] = self.worst_windows_with(width, stride, [pen]);
+        r
+    }
+
+    /// [`Sums::worst_window_with`] for each bigram penalty of `pens`, in one scan.
+    fn worst_windows_with<const N: usize>(
+        &self,
+        width: usize,
+        stride: usize,
+        pens: [f64; N],
+    ) -> [Region; N] {
+        worst(
+            self.starts(width, stride)
+                .map(|(s, e)| self.regions_with(s, e, pens)),
+        )
     }
 
     /// The worst suffix of at least `min_len` characters, its start every `stride`
@@ -808,22 +836,43 @@ impl Sums {
     }
 
     /// [`Sums::worst_suffix`] with bigram penalty `pen`.
+    #[cfg(test)]
     pub(crate) fn worst_suffix_with(&self, min_len: usize, stride: usize, pen: f64) -> Region {
+        let [r] = self.worst_suffixes_with(min_len, stride, [pen]);
+        r
+    }
+
+    /// [`Sums::worst_suffix_with`] for each bigram penalty of `pens`, in one scan.
+    fn worst_suffixes_with<const N: usize>(
+        &self,
+        min_len: usize,
+        stride: usize,
+        pens: [f64; N],
+    ) -> [Region; N] {
         let n = self.chars();
         let last = n.saturating_sub(min_len.max(1));
         let stride = stride.max(1);
-        let mut best: Option<Region> = None;
-        for s in (0..=last / stride)
-            .map(|k| k * stride)
-            .chain((!last.is_multiple_of(stride)).then_some(last))
-        {
-            let r = self.region_with(s, n, pen);
-            if best.is_none_or(|b| r.score > b.score) {
-                best = Some(r);
+        worst(
+            (0..=last / stride)
+                .map(|k| k * stride)
+                .chain((!last.is_multiple_of(stride)).then_some(last))
+                .map(|s| self.regions_with(s, n, pens)),
+        )
+    }
+}
+
+/// The highest-scoring region of each column of `rows` (the first one wins a tie); the default
+/// region where there is none.
+fn worst<const N: usize>(rows: impl Iterator<Item = [Region; N]>) -> [Region; N] {
+    let mut best: [Option<Region>; N] = [None; N];
+    for row in rows {
+        for (b, r) in best.iter_mut().zip(row) {
+            if b.is_none_or(|b| r.score > b.score) {
+                *b = Some(r);
             }
         }
-        best.unwrap_or_default()
     }
+    best.map(Option::unwrap_or_default)
 }
 
 /// Running word counts of one output.
@@ -852,19 +901,20 @@ fn end_word(
 ) {
     let c = &mut state.counts;
     c.words += 1;
-    if g.function_words.contains(&h) {
+    let kind = g.lexicon.get(&h).copied().unwrap_or_default();
+    if kind.is(WordKind::FUNCTION) {
         c.function_words += 1;
     }
-    if g.common_words.contains(&h) {
+    if kind.is(WordKind::COMMON) {
         c.common += 1;
     }
-    if g.foreign_function_words.contains(&h) {
+    if kind.is(WordKind::FOREIGN) {
         c.foreign += 1;
     }
     // A bigram counts when both its words are in the word list: unknown words have their own
     // penalty, and prose in another language (mostly unknown words) is not judged by pairs of
     // English words.
-    let known = g.words.contains(&h);
+    let known = kind.is(WordKind::KNOWN);
     let both_known = known && state.prev_known;
     state.prev_known = known;
     if let Some(key) = bigram.filter(|_| both_known) {

@@ -192,6 +192,39 @@ const ENGLISH: &[&str] = &[
     "why", "will", "with", "work", "would", "write", "you", "you're", "your",
 ];
 
+/// [`ENGLISH`] as integers (see [`english_key`]), in the same order: a lookup compares
+/// integers, not byte strings.
+const ENGLISH_KEYS: [u64; ENGLISH.len()] = {
+    let mut keys = [0u64; ENGLISH.len()];
+    let mut i = 0;
+    while i < ENGLISH.len() {
+        keys[i] = english_key(ENGLISH[i].as_bytes());
+        i += 1;
+    }
+    keys
+};
+
+/// A word of at most 8 bytes with no NUL, ASCII-lowercased, as an integer, its first byte
+/// highest, so that integer order is bytewise order (longer words keep their first 8 bytes).
+const fn english_key(word: &[u8]) -> u64 {
+    let mut key = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        key <<= 8;
+        if i < word.len() {
+            key |= word[i].to_ascii_lowercase() as u64;
+        }
+        i += 1;
+    }
+    key
+}
+
+/// Whether `word`, ASCII-lowercased, is one of the [`ENGLISH`] words (none is longer than
+/// 8 bytes).
+fn is_frequent_english(word: &[u8]) -> bool {
+    word.len() <= 8 && ENGLISH_KEYS.binary_search(&english_key(word)).is_ok()
+}
+
 /// Share of frequent English words from which a text is taken as plainly English.
 pub const PLAIN_ENGLISH_SHARE: f64 = 0.25;
 
@@ -363,18 +396,7 @@ fn long_english_words(text: &str) -> (usize, usize) {
             continue;
         }
         total += 1;
-        if word.len() >= 3
-            && word.len() <= 16
-            && word.is_ascii()
-            && ENGLISH
-                .binary_search_by(|e| {
-                    e.as_bytes()
-                        .iter()
-                        .map(u8::to_ascii_lowercase)
-                        .cmp(word.bytes().map(|b| b.to_ascii_lowercase()))
-                })
-                .is_ok()
-        {
+        if word.len() >= 3 && word.is_ascii() && is_frequent_english(word.as_bytes()) {
             english += 1;
         }
     }
@@ -398,7 +420,7 @@ fn english_words(text: &str) -> (usize, usize) {
         if state == 1
             && len <= word.len()
             && let Some(w) = word.get(..len)
-            && ENGLISH.binary_search_by(|e| e.as_bytes().cmp(w)).is_ok()
+            && is_frequent_english(w)
         {
             english += 1;
         }

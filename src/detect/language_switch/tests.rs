@@ -352,3 +352,16 @@ fn default_language_is_checked_and_can_be_turned_off() {
     let finding = inspect(&off, "Kevlar Zusammensetzung", de);
     assert_eq!(finding.fields["switched"], Value::Bool(false));
 }
+
+#[test]
+fn frequent_english_words_are_keys_in_order() {
+    assert!(ENGLISH.iter().all(|w| w.len() <= 8 && !w.contains('\0')));
+    assert!(ENGLISH_KEYS.windows(2).all(|k| k[0] < k[1]));
+    for w in ENGLISH {
+        assert!(is_frequent_english(w.as_bytes()));
+        assert!(is_frequent_english(w.to_uppercase().as_bytes()));
+    }
+    for w in ["", "th", "thee", "abouts", "because's", "zzzzzzzzz"] {
+        assert!(!is_frequent_english(w.as_bytes()), "{w}");
+    }
+}
