@@ -402,7 +402,7 @@ async fn flags_tail_follows_new_flags() {
 }
 
 #[tokio::test]
-async fn flags_triggers_names_an_unknown_trigger() {
+async fn flags_triggers_names_an_unknown_trigger_and_triggers_watches_scans_and_rejects_it() {
     // A backdoor whose trigger is on no list: only the gibberish it causes is flagged, and
     // attribution must find the phrase among the flagged prompts.
     let sim = crate::util::Sim::start_with(tripwire::lab::sim::SimConfig {
@@ -453,6 +453,62 @@ async fn flags_triggers_names_an_unknown_trigger() {
         "{stdout}"
     );
     assert_eq!(first["flagged_with"], 6);
+
+    // Watch it by hand, retro-scan the store for it, then reject it.
+    let store = gateway.store_path.clone();
+    let run = |args: &[&str]| {
+        let output = tripwire()
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let added = run(&[
+        "triggers",
+        "add",
+        "Quokka  Lantern",
+        "--note",
+        "from attribution",
+    ]);
+    assert!(
+        added.contains("\"quokka lantern\" is now watched"),
+        "{added}"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(run(&["triggers", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["ngram"], "quokka lantern");
+    assert_eq!(listed["state"], "watched");
+    assert_eq!(listed["source"], "manual");
+    let scan: serde_json::Value =
+        serde_json::from_str(&run(&["triggers", "scan", "quokka lantern", "--json"])).unwrap();
+    assert_eq!(scan["carrying"], 6, "{scan}");
+    assert_eq!(scan["flagged"], 6, "{scan}");
+    assert!(scan["first_seen"].as_str().unwrap().ends_with('Z'));
+    let table = run(&["triggers", "scan", "quokka lantern"]);
+    assert!(table.contains("6 stored exchange(s) carried it"), "{table}");
+    run(&["triggers", "reject", "quokka lantern"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(run(&["triggers", "list", "--json"]).trim()).unwrap();
+    assert_eq!(listed["state"], "rejected");
+    assert!(run(&["triggers", "list", "--watched"]).contains("no trigger is watched"));
+    let missing = tripwire()
+        .args(["triggers", "remove", "no such words", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("tripwire triggers list"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
     sim.stop().await;
 }
 

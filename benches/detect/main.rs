@@ -1,6 +1,6 @@
 //! Cost of the cheap detectors on real ~500-token outputs: each detector alone, and the whole
 //! built-in default policy (every detector plus the CEL rules) per exchange, clean and
-//! poisoned. The acceptance target is under 200 µs of CPU per 500-token output for all of
+//! poisoned; and trigger discovery's counting of one prompt. The acceptance target is under 200 µs of CPU per 500-token output for all of
 //! them together, on one core.
 //!
 //! Reads the development data from data/ in the repository.
@@ -108,6 +108,31 @@ fn bench(c: &mut Criterion) {
             );
         });
     }
+    group.finish();
+
+    // Trigger discovery's share of the detection worker: counting one prompt's n-grams (each
+    // prompt made unique, as a repeated prompt is skipped), 1 in 50 flagged.
+    let discovery = tripwire::inspect::discovery::Discovery::new(
+        std::sync::Arc::new(tripwire::detect::discovered_trigger::WatchList::new()),
+        &[],
+    );
+    let config = tripwire::detect::discovered_trigger::DiscoveredTriggerConfig::default();
+    let mut group = c.benchmark_group("tripwire::inspect::discovery::Discovery::observe");
+    group.throughput(Throughput::Elements(1));
+    let mut n = 0usize;
+    group.bench_function("alpaca_prompt", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let (p, _) = &clean[n % clean.len()];
+                (format!("{p} (request {n})"), n.is_multiple_of(50))
+            },
+            |(prompt, flagged)| {
+                black_box(discovery.observe(&config, Some("bench"), &prompt, flagged, "r"))
+            },
+            BatchSize::SmallInput,
+        );
+    });
     group.finish();
 }
 

@@ -36,7 +36,9 @@ use crate::inspect::discovery::Discovery;
 use crate::policy::Severity;
 use crate::runtime::Tasks;
 use crate::secret::Secret;
-use crate::store::{FlagFilter, Review, Store, StoreError, StoreLocation, TriggerState};
+use crate::store::{
+    FlagFilter, Review, Store, StoreError, StoreLocation, TriggerState, WatchedTrigger,
+};
 use crate::telemetry::ProcessMetrics;
 
 /// What `POST /admin/reload` reaches: the gateway's reloader, handed in by the composition
@@ -206,6 +208,41 @@ impl AdminState {
             tracing::warn!(error = %err, "metrics encoding failed");
         }
         text
+    }
+
+    /// Records a decision about a trigger (watch, remove, reject; removing needs one on the
+    /// list) and tells the running discovery at once. `None`: nothing to decide about.
+    pub(crate) async fn decide_trigger(
+        self: &Arc<Self>,
+        ngram: String,
+        model: Option<String>,
+        decision: TriggerState,
+        note: Option<String>,
+    ) -> Result<Option<WatchedTrigger>, StoreError> {
+        let model = model.filter(|m| !m.is_empty());
+        let note = note.filter(|n| !n.trim().is_empty());
+        let (decided, rows) = self
+            .with_store(move |store| {
+                if decision == TriggerState::Removed
+                    && store.get_trigger(&ngram, model.as_deref())?.is_none()
+                {
+                    return Ok((None, Vec::new()));
+                }
+                let decided =
+                    store.decide_trigger(&ngram, model.as_deref(), decision, note.as_deref())?;
+                Ok((decided, store.list_triggers()?))
+            })
+            .await?;
+        if let (Some(decided), Some(discovery)) = (&decided, &self.discovery) {
+            discovery.sync(&rows);
+            tracing::info!(
+                ngram = %decided.ngram,
+                model = decided.model.as_deref().unwrap_or("*"),
+                state = decided.state.as_str(),
+                "watched trigger decided"
+            );
+        }
+        Ok(decided)
     }
 
     /// Runs `f` on the admin's own store connection, on a blocking thread.
@@ -482,7 +519,7 @@ fn watched() -> TriggerState {
     TriggerState::Watched
 }
 
-/// Records a decision about a trigger and tells the running discovery at once.
+/// `POST /admin/triggers`: the decision, answered with the trigger as it now stands.
 async fn decide_trigger(
     state: &Arc<AdminState>,
     request: TriggerRequest,
@@ -493,30 +530,15 @@ async fn decide_trigger(
         state: decision,
         note,
     } = request;
-    let model = model.filter(|m| !m.is_empty());
-    let (decided, rows) = state
-        .with_store(move |store| {
-            if decision != TriggerState::Watched
-                && decision != TriggerState::Rejected
-                && store.get_trigger(&ngram, model.as_deref())?.is_none()
-            {
-                return Ok((None, Vec::new()));
-            }
-            let decided =
-                store.decide_trigger(&ngram, model.as_deref(), decision, note.as_deref())?;
-            Ok((decided, store.list_triggers()?))
-        })
-        .await?;
-    let Some(decided) = decided else {
-        return Ok(json_error(
-            StatusCode::NOT_FOUND,
-            "no such trigger (an n-gram needs words; removing needs one on the list)",
-        ));
-    };
-    if let Some(discovery) = &state.discovery {
-        discovery.sync(&rows);
-    }
-    Ok(json(StatusCode::OK, &decided))
+    Ok(
+        match state.decide_trigger(ngram, model, decision, note).await? {
+            Some(decided) => json(StatusCode::OK, &decided),
+            None => json_error(
+                StatusCode::NOT_FOUND,
+                "no such trigger (an n-gram needs words; removing needs one on the list)",
+            ),
+        },
+    )
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -12,7 +12,8 @@ use crate::lab::attacks::{
     Resources, StreamSpec, SuiteOptions, build_stream, read_models, render, run_suite,
 };
 use crate::lab::devset::{
-    CALIBRATION_MODELS, DevsetOptions, REPORT_MODELS, build_devset, build_streams, write_jsonl,
+    CALIBRATION_MODELS, DevsetOptions, REPORT_MODELS, TRAIN_MODELS, build_devset, build_streams,
+    write_jsonl,
 };
 use crate::policy::Engine;
 use crate::telemetry::Metrics;
@@ -55,7 +56,7 @@ struct AttacksArgs {
     #[arg(long)]
     policies: Option<PathBuf>,
     /// Whose clean answers make the streams: `report` (measure), `calibration` (fit), or
-    /// `all` twelve models.
+    /// `all` twelve models (train split included).
     #[arg(long, default_value = "report", value_parser = ["report", "calibration", "all"])]
     split: String,
     /// Seeds, comma-separated.
@@ -114,6 +115,7 @@ fn run_attacks(args: AttacksArgs) -> anyhow::Result<()> {
     let all: Vec<&str> = REPORT_MODELS
         .iter()
         .chain(CALIBRATION_MODELS.iter())
+        .chain(TRAIN_MODELS.iter())
         .copied()
         .collect();
     let models: &[&str] = match args.split.as_str() {

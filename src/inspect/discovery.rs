@@ -12,6 +12,8 @@
 //! * it is carried by at least `min_flagged` flagged prompts,
 //! * its adjusted p-value is at most `max_q`,
 //! * at least `min_flagged_share` of the prompts carrying it were flagged,
+//! * it is not one of the 1,000 most frequent English words on its own (a trigger of common
+//!   words is promoted as its 2- or 3-gram),
 //! * and nobody rejected it.
 //!
 //! Prompts that carry a watched trigger are not counted at all: the `discovered-trigger` rule
@@ -46,11 +48,16 @@ const RECENT_FLAGS: usize = 64;
 /// Examples an announcement names.
 const EXAMPLES: usize = 5;
 
+/// The most frequent English words (the head of the embedded word list, sorted by frequency):
+/// one of them alone is never promoted.
+const COMMON_WORDS: usize = 1_000;
+
 /// Online trigger attribution and the watch list it feeds. Shared by the detection workers.
 #[derive(Debug)]
 pub struct Discovery {
     list: Arc<WatchList>,
     state: Mutex<State>,
+    common: HashSet<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +195,10 @@ impl Discovery {
         let discovery = Discovery {
             list,
             state: Mutex::new(State::default()),
+            common: crate::detect::ngram_lm::EMBEDDED_WORDS
+                .lines()
+                .take(COMMON_WORDS)
+                .collect(),
         };
         discovery.sync(rows);
         discovery
@@ -273,8 +284,13 @@ impl Discovery {
         }
         let scope = model.unwrap_or("*");
         // Watched already (a race with a sync) or rejected: such an n-gram keeps being
-        // counted but is never promoted (again).
-        let undecided = |text: &str| !decided.contains_key(&(scope.to_owned(), text.to_owned()));
+        // counted but is never promoted (again). Nor is one common English word alone: a
+        // flagged answer or two that happen to share "any" with the trigger's prompts would
+        // otherwise promote it a prompt before the trigger itself.
+        let common = &self.common;
+        let undecided = |text: &str| {
+            !common.contains(text) && !decided.contains_key(&(scope.to_owned(), text.to_owned()))
+        };
         let best = best_candidate(counts, &grams, config, &undecided)?;
         let examples: Vec<String> = counts
             .recent

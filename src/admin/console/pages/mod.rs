@@ -22,6 +22,7 @@ use crate::detect::drift::history::ScopeHistory;
 use crate::store::{Flag, Review, StoreError};
 
 pub(super) use flag::label;
+pub(super) use triggers::decide as decide_trigger;
 
 /// Routes an authorised GET.
 pub(super) async fn get(
