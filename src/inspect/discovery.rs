@@ -171,7 +171,6 @@ fn gram_hash(text: &str) -> u64 {
 /// `max_words` words.
 fn prompt_grams(prompt: &str, max_words: usize) -> Vec<(u64, String)> {
     let words: Vec<String> = words(prompt)
-        .into_iter()
         .take(max_words)
         .map(|w| w.text)
         .collect();

@@ -437,7 +437,6 @@ fn is_part_of(ngram: &str, trigger: Option<&str>) -> bool {
         return false;
     };
     let words: Vec<String> = crate::detect::discovered_trigger::words(trigger)
-        .into_iter()
         .map(|w| w.text)
         .collect();
     let gram: Vec<&str> = ngram.split(' ').collect();
