@@ -353,6 +353,34 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever the prompt, a watched run of 1–3 of its consecutive words (as attribution
+        /// counts them) is found in it, and the evidence span reads as those words.
+        #[test]
+        fn every_counted_ngram_is_found_where_it_was_counted(
+            prompt in "[ a-zA-Z0-9,.!?'\"|<>\\[\\]{}\u{e9}\u{4e2d}\n\t]{0,120}",
+            at in 0usize..40,
+            n in 1usize..=3,
+        ) {
+            let all: Vec<Word> = words(&prompt).collect();
+            if all.len() >= n {
+                let from = at % (all.len() - n + 1);
+                let gram: Vec<&str> = all[from..from + n].iter().map(|w| w.text.as_str()).collect();
+                let watch = Watch::new(&gram.join(" "), None);
+                proptest::prop_assert!(watch.is_some(), "{gram:?}");
+                let watched = Watched::new(watch);
+                let found = watched.find(Some("m"), &prompt);
+                proptest::prop_assert!(found.is_some(), "{prompt:?} {gram:?}");
+                if let Some(c) = found {
+                    let span = prompt.get(c.start..c.end).unwrap_or_default();
+                    let again: Vec<String> = words(span).map(|w| w.text).collect();
+                    proptest::prop_assert_eq!(again.join(" "), gram.join(" "));
+                }
+            }
+        }
+    }
+
     #[test]
     fn publish_reports_changes_only() {
         let list = WatchList::new();

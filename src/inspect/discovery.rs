@@ -170,10 +170,7 @@ fn gram_hash(text: &str) -> u64 {
 /// The n-gram hashes (and texts) of a prompt: distinct word 1- to 3-grams of its first
 /// `max_words` words.
 fn prompt_grams(prompt: &str, max_words: usize) -> Vec<(u64, String)> {
-    let words: Vec<String> = words(prompt)
-        .take(max_words)
-        .map(|w| w.text)
-        .collect();
+    let words: Vec<String> = words(prompt).take(max_words).map(|w| w.text).collect();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for n in 1..=3 {
