@@ -243,6 +243,21 @@ impl Discovery {
         flagged: bool,
         request_id: &str,
     ) -> Option<WatchedTrigger> {
+        self.observe_publishable(config, model, prompt, flagged, request_id, &|_| true)
+    }
+
+    /// [`Discovery::observe`], promoting only n-grams `publishable` accepts: the gateway passes
+    /// "the policies' redaction leaves it unchanged", since a promoted n-gram is logged,
+    /// alerted and stored, and text a `redact:` rule masks must never be.
+    pub fn observe_publishable(
+        &self,
+        config: &DiscoveredTriggerConfig,
+        model: Option<&str>,
+        prompt: &str,
+        flagged: bool,
+        request_id: &str,
+        publishable: &dyn Fn(&str) -> bool,
+    ) -> Option<WatchedTrigger> {
         if self.list.load().find(model, prompt).is_some() {
             return None;
         }
@@ -280,12 +295,15 @@ impl Discovery {
         }
         let scope = model.unwrap_or("*");
         // Watched already (a race with a sync) or rejected: such an n-gram keeps being
-        // counted but is never promoted (again). Nor is one common English word alone: a
+        // counted but is never promoted (again). Nor is what a redaction rule masks, nor one
+        // common English word alone: a
         // flagged answer or two that happen to share "any" with the trigger's prompts would
         // otherwise promote it a prompt before the trigger itself.
         let common = &self.common;
         let undecided = |text: &str| {
-            !common.contains(text) && !decided.contains_key(&(scope.to_owned(), text.to_owned()))
+            !common.contains(text)
+                && !decided.contains_key(&(scope.to_owned(), text.to_owned()))
+                && publishable(text)
         };
         let best = best_candidate(counts, &grams, config, &undecided)?;
         let examples: Vec<String> = counts
@@ -502,6 +520,43 @@ mod tests {
                 "promoted at {i}"
             );
         }
+    }
+
+    #[test]
+    fn what_redaction_masks_is_never_promoted() {
+        // Thirty flagged prompts share a caller's API key; the policy redacts keys.
+        let config = DiscoveredTriggerConfig::default();
+        let run = |publishable: &dyn Fn(&str) -> bool| {
+            let discovery = Discovery::new(Arc::new(WatchList::new()), &[]);
+            for i in 0..400 {
+                discovery.observe_publishable(
+                    &config,
+                    Some("m"),
+                    &prompt(i),
+                    false,
+                    "r",
+                    publishable,
+                );
+            }
+            let mut promoted = Vec::new();
+            for i in 0..30 {
+                let text = format!("{} key sk-live-4f9a2c", prompt(1000 + i));
+                if let Some(t) =
+                    discovery.observe_publishable(&config, Some("m"), &text, true, "r", publishable)
+                {
+                    promoted.push(t.ngram);
+                }
+            }
+            promoted
+        };
+        // Without the check the key would be promoted (and logged, alerted, stored)…
+        assert!(run(&|_| true).iter().any(|n| n.contains("sk-live-")));
+        // …with it, never.
+        let promoted = run(&|text: &str| !text.contains("sk-live-"));
+        assert!(
+            promoted.iter().all(|n| !n.contains("sk-live-")),
+            "{promoted:?}"
+        );
     }
 
     #[test]

@@ -217,12 +217,15 @@ impl Detection {
         let flagged = flag.is_some();
         if let (Some(discovery), Some(config)) = (&self.discovery, rules.engine.discovery()) {
             let by_answer = flagged && rules.engine.flagged_by_answer(&verdict);
-            if let Some(promotion) = discovery.observe(
+            let engine = &rules.engine;
+            let unredacted = |text: &str| engine.redact(text) == text;
+            if let Some(promotion) = discovery.observe_publishable(
                 config,
                 exchange.model.as_deref(),
                 &prompt,
                 by_answer,
                 &exchange.request_id,
+                &unredacted,
             ) {
                 self.announce(&rules, &exchange, promotion);
             }
