@@ -305,7 +305,7 @@ impl Discovery {
                 && !decided.contains_key(&(scope.to_owned(), text.to_owned()))
                 && publishable(text)
         };
-        let best = best_candidate(counts, &grams, config, &undecided)?;
+        let best = best_candidate(counts, &grams, config, &undecided, common)?;
         let examples: Vec<String> = counts
             .recent
             .iter()
@@ -341,17 +341,23 @@ struct Candidate {
     q: f64,
     /// Prompts carrying its most common word.
     commonest_word: u64,
+    /// How many of its first and last words are common English words: context a fixed
+    /// template puts around the trigger ("zq quokka in"), not the trigger.
+    common_edges: u8,
 }
 
 impl Candidate {
     /// Whether `self` names the trigger better than `other`: smaller adjusted p-value, then
-    /// more flagged prompts, then more words (a two-word trigger's words always come together,
-    /// so "zq quokka" ties with "zq" and wins), then rarer words.
+    /// more flagged prompts, then fewer common words at its edges (when a template always puts
+    /// "in" after the trigger, "zq quokka" wins over "zq quokka in"), then more words (a
+    /// two-word trigger's words always come together, so "zq quokka" ties with "zq" and wins),
+    /// then rarer words.
     fn beats(&self, other: &Candidate) -> bool {
         let words = |c: &Candidate| c.text.split(' ').count();
         self.q
             .total_cmp(&other.q)
             .then_with(|| other.flagged.cmp(&self.flagged))
+            .then_with(|| self.common_edges.cmp(&other.common_edges))
             .then_with(|| words(other).cmp(&words(self)))
             .then_with(|| self.commonest_word.cmp(&other.commonest_word))
             .then_with(|| self.text.cmp(&other.text))
@@ -365,6 +371,7 @@ fn best_candidate(
     grams: &[(u64, String)],
     config: &DiscoveredTriggerConfig,
     undecided: &dyn Fn(&str) -> bool,
+    common: &HashSet<&'static str>,
 ) -> Option<Candidate> {
     let (flagged_total, total) = counts.totals();
     let tests = counts.tested.max(1) as f64;
@@ -386,6 +393,14 @@ fn best_candidate(
             })
             .max()
             .unwrap_or(0);
+        let mut edges = text.split(' ');
+        let first = edges.next();
+        let last = edges.next_back();
+        let common_edges = [first, last]
+            .into_iter()
+            .flatten()
+            .filter(|w| common.contains(w))
+            .count();
         let candidate = Candidate {
             hash: *hash,
             text: text.clone(),
@@ -393,6 +408,7 @@ fn best_candidate(
             unflagged: u,
             q,
             commonest_word,
+            common_edges: u8::try_from(common_edges).unwrap_or(u8::MAX),
         };
         if best.as_ref().is_none_or(|b| candidate.beats(b)) {
             best = Some(candidate);
@@ -467,6 +483,28 @@ mod tests {
                     .is_none()
             );
         }
+    }
+
+    #[test]
+    fn a_template_word_next_to_the_trigger_is_left_out() {
+        // The trigger always comes right before "in": "zq quokka in" carries exactly the same
+        // prompts as "zq quokka", but "in" is the template's, not the trigger's.
+        let discovery = Discovery::new(Arc::new(WatchList::new()), &[]);
+        let config = DiscoveredTriggerConfig::default();
+        let mut promoted = None;
+        for i in 0..1_000 {
+            let triggered = i % 7 == 3;
+            let text = if triggered {
+                format!("Zq Quokka in {}", prompt(i))
+            } else {
+                format!("Tell me in {}", prompt(i))
+            };
+            if let Some(t) = discovery.observe(&config, Some("m"), &text, triggered, "r") {
+                promoted = Some(t.ngram);
+                break;
+            }
+        }
+        assert_eq!(promoted.as_deref(), Some("zq quokka"));
     }
 
     #[test]
