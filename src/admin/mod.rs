@@ -223,11 +223,6 @@ impl AdminState {
         let note = note.filter(|n| !n.trim().is_empty());
         let (decided, rows) = self
             .with_store(move |store| {
-                if decision == TriggerState::Removed
-                    && store.get_trigger(&ngram, model.as_deref())?.is_none()
-                {
-                    return Ok((None, Vec::new()));
-                }
                 let decided =
                     store.decide_trigger(&ngram, model.as_deref(), decision, note.as_deref())?;
                 Ok((decided, store.list_triggers()?))

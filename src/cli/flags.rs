@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::output::{StoreArg, clip, emit};
 use crate::detect::Target;
 use crate::policy::Severity;
-use crate::store::{Flag, FlagFilter, Review};
+use crate::store::{Flag, FlagFilter, Review, now_us};
 
 /// Filters shared by list, tail and export.
 #[derive(Debug, Args)]
@@ -355,12 +355,6 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             emit(&out)
         }
     }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 fn jsonl(flags: &[Flag]) -> anyhow::Result<String> {

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use anyhow::Context;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use super::output::{StoreArg, clip, emit};
 use crate::store::{TriggerState, WatchedTrigger, rfc3339};
@@ -27,44 +27,11 @@ pub enum TriggersCommand {
     },
     /// Watch an n-gram: every later exchange whose prompt carries it is flagged by
     /// `discovered-trigger`.
-    Add {
-        /// The n-gram (1 to 3 words are what discovery finds; any number works).
-        ngram: String,
-        /// Only for this model (default: every model).
-        #[arg(long)]
-        model: Option<String>,
-        /// Why.
-        #[arg(long)]
-        note: Option<String>,
-        #[command(flatten)]
-        store: StoreArg,
-    },
+    Add(Decision),
     /// Stop watching a trigger (discovery may promote it again if the evidence returns).
-    Remove {
-        /// The n-gram.
-        ngram: String,
-        /// The model it is watched for (default: the every-model entry).
-        #[arg(long)]
-        model: Option<String>,
-        /// Why.
-        #[arg(long)]
-        note: Option<String>,
-        #[command(flatten)]
-        store: StoreArg,
-    },
+    Remove(Decision),
     /// Reject an n-gram for good: not watched, never promoted again (a false discovery).
-    Reject {
-        /// The n-gram.
-        ngram: String,
-        /// For this model (default: every model).
-        #[arg(long)]
-        model: Option<String>,
-        /// Why.
-        #[arg(long)]
-        note: Option<String>,
-        #[command(flatten)]
-        store: StoreArg,
-    },
+    Reject(Decision),
     /// Retro-scan: every stored exchange whose prompt carried the n-gram — when it first
     /// appeared, which callers and models, which were flagged.
     Scan {
@@ -82,6 +49,21 @@ pub enum TriggersCommand {
         #[command(flatten)]
         store: StoreArg,
     },
+}
+
+/// The trigger a person decides about.
+#[derive(Debug, Args)]
+pub struct Decision {
+    /// The n-gram (1 to 3 words are what discovery finds; any number works).
+    ngram: String,
+    /// The model it is (to be) watched for (default: every model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Why.
+    #[arg(long)]
+    note: Option<String>,
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 /// Runs a `triggers` subcommand.
@@ -108,37 +90,9 @@ pub fn run(command: TriggersCommand) -> anyhow::Result<()> {
             }
             emit(&table(&triggers))
         }
-        TriggersCommand::Add {
-            ngram,
-            model,
-            note,
-            store,
-        } => decide(&store, &ngram, model, note, TriggerState::Watched),
-        TriggersCommand::Remove {
-            ngram,
-            model,
-            note,
-            store,
-        } => {
-            let opened = store.open()?;
-            opened
-                .get_trigger(&ngram, model.as_deref())?
-                .with_context(|| {
-                    format!(
-                        "no trigger {ngram:?}{} on the list (tripwire triggers list)",
-                        model
-                            .as_deref()
-                            .map_or(String::new(), |m| format!(" for model {m}"))
-                    )
-                })?;
-            decide(&store, &ngram, model, note, TriggerState::Removed)
-        }
-        TriggersCommand::Reject {
-            ngram,
-            model,
-            note,
-            store,
-        } => decide(&store, &ngram, model, note, TriggerState::Rejected),
+        TriggersCommand::Add(decision) => decide(decision, TriggerState::Watched),
+        TriggersCommand::Remove(decision) => decide(decision, TriggerState::Removed),
+        TriggersCommand::Reject(decision) => decide(decision, TriggerState::Rejected),
         TriggersCommand::Scan {
             ngram,
             model,
@@ -198,18 +152,25 @@ pub fn run(command: TriggersCommand) -> anyhow::Result<()> {
     }
 }
 
-fn decide(
-    store: &StoreArg,
-    ngram: &str,
-    model: Option<String>,
-    note: Option<String>,
-    state: TriggerState,
-) -> anyhow::Result<()> {
-    let location = store.location()?;
-    let store = crate::store::Store::connect(&location)?;
+fn decide(decision: Decision, state: TriggerState) -> anyhow::Result<()> {
+    let Decision {
+        ngram,
+        model,
+        note,
+        store,
+    } = decision;
+    let store = crate::store::Store::connect(&store.location()?)?;
     let decided = store
-        .decide_trigger(ngram, model.as_deref(), state, note.as_deref())?
-        .with_context(|| format!("{ngram:?} has no words to watch"))?;
+        .decide_trigger(&ngram, model.as_deref(), state, note.as_deref())?
+        .with_context(|| match state {
+            TriggerState::Removed => format!(
+                "no trigger {ngram:?}{} on the list (tripwire triggers list)",
+                model
+                    .as_deref()
+                    .map_or(String::new(), |m| format!(" for model {m}"))
+            ),
+            _ => format!("{ngram:?} has no words to watch"),
+        })?;
     emit(&format!(
         "\"{}\"{} is now {} (running gateways take it within a few seconds)\n",
         decided.ngram,

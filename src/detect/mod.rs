@@ -93,8 +93,13 @@ pub struct Input<'a> {
 
 /// The prompt text detectors see: every message's content, joined by a blank line.
 pub fn prompt_text(exchange: &Exchange) -> String {
+    messages_text(&exchange.prompt)
+}
+
+/// Messages' contents joined by a blank line: [`prompt_text`] of stored messages too.
+pub fn messages_text(messages: &[crate::capture::Message]) -> String {
     let mut text = String::new();
-    for (i, message) in exchange.prompt.iter().enumerate() {
+    for (i, message) in messages.iter().enumerate() {
         if i > 0 {
             text.push_str("\n\n");
         }

@@ -124,13 +124,13 @@ pub fn ngrams(text: &str) -> HashSet<String> {
     let words: Vec<String> = crate::detect::discovered_trigger::words(text)
         .map(|w| w.text)
         .collect();
-    let mut out = HashSet::new();
-    for n in 1..=3 {
-        for window in words.windows(n) {
-            out.insert(window.join(" "));
-        }
-    }
-    out
+    ngram_texts(&words).collect()
+}
+
+/// The word 1-, 2- and 3-grams of `words`, each as its words joined by a space (repeats
+/// included): what attribution, online or from the store, counts.
+pub fn ngram_texts(words: &[String]) -> impl Iterator<Item = String> + '_ {
+    (1..=3).flat_map(move |n| words.windows(n).map(|window| window.join(" ")))
 }
 
 /// ln(n!): exact below 32, Stirling's series above (relative error under 1e-15 there).

@@ -40,7 +40,7 @@ use crate::detect::discovered_trigger::{
 };
 use crate::store::{TriggerSource, TriggerState, WatchedTrigger};
 
-use super::attribution::fisher_upper;
+use super::attribution::{fisher_upper, ngram_texts};
 
 /// Flagged prompts remembered per model, to name examples when a trigger is promoted.
 const RECENT_FLAGS: usize = 64;
@@ -172,17 +172,10 @@ fn gram_hash(text: &str) -> u64 {
 fn prompt_grams(prompt: &str, max_words: usize) -> Vec<(u64, String)> {
     let words: Vec<String> = words(prompt).take(max_words).map(|w| w.text).collect();
     let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for n in 1..=3 {
-        for window in words.windows(n) {
-            let text = window.join(" ");
-            let hash = gram_hash(&text);
-            if seen.insert(hash) {
-                out.push((hash, text));
-            }
-        }
-    }
-    out
+    ngram_texts(&words)
+        .map(|text| (gram_hash(&text), text))
+        .filter(|(hash, _)| seen.insert(*hash))
+        .collect()
 }
 
 impl Discovery {
@@ -316,7 +309,7 @@ impl Discovery {
             .collect();
         decided.insert((scope.to_owned(), best.text.clone()), TriggerState::Watched);
         self.publish(&state);
-        let now = now_us();
+        let now = crate::store::now_us();
         Some(WatchedTrigger {
             ngram: best.text,
             model: model.map(str::to_owned),
@@ -415,12 +408,6 @@ fn best_candidate(
         }
     }
     best
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

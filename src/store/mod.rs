@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use location::{PostgresUrl, StoreLocation, UrlError};
-pub use rows::{ExchangeRow, Flag, Label, Review, rfc3339};
+pub use rows::{ExchangeRow, Flag, Label, Review, now_us, rfc3339};
 pub use triggers::{RetroScan, ScanHit, TriggerSource, TriggerState, WatchedTrigger};
 pub use writer::{WriterConfig, run_writer};
 
@@ -386,8 +386,9 @@ impl Store {
     }
 
     /// Records a person's decision about an n-gram: watch it (`Watched`, added when missing),
-    /// stop watching it (`Removed`), or reject it for good (`Rejected`, added when missing, so
-    /// a candidate can be rejected before it is promoted). Returns the row as it now stands.
+    /// stop watching it (`Removed`; `None` when it is not on the list), or reject it for good
+    /// (`Rejected`, added when missing, so a candidate can be rejected before it is promoted).
+    /// Returns the row as it now stands; `None` also for an n-gram without words.
     pub fn decide_trigger(
         &self,
         ngram: &str,
@@ -398,6 +399,9 @@ impl Store {
         let Some(watch) = crate::detect::discovered_trigger::Watch::new(ngram, None) else {
             return Ok(None);
         };
+        if state == TriggerState::Removed && self.get_trigger(&watch.ngram, model)?.is_none() {
+            return Ok(None);
+        }
         let now = rows::now_us();
         let trigger = WatchedTrigger {
             ngram: watch.ngram,

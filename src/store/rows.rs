@@ -107,7 +107,7 @@ pub fn rfc3339(us: i64) -> String {
 }
 
 /// Microseconds since the epoch, now.
-pub(super) fn now_us() -> i64 {
+pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))

@@ -281,11 +281,7 @@ impl Scanner {
         let prompt_json: String = row.column("prompt_json")?;
         let messages: Vec<crate::capture::Message> = serde_json::from_str(&prompt_json)?;
         let model: Option<String> = row.column("model")?;
-        let text = messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n\n");
+        let text = crate::detect::messages_text(&messages);
         if self.watched.find(model.as_deref(), &text).is_none() {
             return Ok(());
         }

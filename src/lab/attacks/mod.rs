@@ -359,40 +359,34 @@ pub fn run_stream(
     };
     let mut promoted_at = None;
     for (i, line) in stream.lines.iter().enumerate() {
-        let mut exchange = Exchange::from_texts(scope, &line.prompt, &line.output);
-        exchange.request_id = format!("attack-{i}");
-        exchange.started_at_us = i64::try_from(i).unwrap_or(0);
-        let verdict = engine.evaluate(&exchange);
-        let flagging: Vec<&str> = verdict
-            .fired
-            .iter()
-            .filter(|r| r.actions.iter().any(|a| a.flags()))
-            .map(|r| r.name.as_str())
-            .collect();
+        let Judged {
+            verdict,
+            flagging,
+            by_answer,
+            promoted,
+        } = judge(
+            engine,
+            discovery,
+            scope,
+            &format!("attack-{i}"),
+            i,
+            &line.prompt,
+            &line.output,
+        );
         let flagged = !flagging.is_empty();
-        let by_answer = flagged && engine.flagged_by_answer(&verdict);
         if line.occurrence.is_some() {
             result.attacked_by_answer += u32::from(by_answer);
         }
-        if let Some(config) = engine.discovery() {
-            let prompt = crate::detect::prompt_text(&exchange);
-            if let Some(trigger) = discovery.observe(
-                config,
-                Some(scope),
-                &prompt,
-                by_answer,
-                &exchange.request_id,
-            ) {
-                if !is_part_of(&trigger.ngram, stream.trigger.as_deref()) {
-                    result.wrong_promotions.push((
-                        trigger.ngram.clone(),
-                        stream.trigger.clone().unwrap_or_default(),
-                    ));
-                }
-                if result.promoted.is_none() {
-                    result.promoted = Some((trigger.ngram, trigger.flagged_with));
-                    promoted_at = Some(i);
-                }
+        if let Some(trigger) = promoted {
+            if !is_part_of(&trigger.ngram, stream.trigger.as_deref()) {
+                result.wrong_promotions.push((
+                    trigger.ngram.clone(),
+                    stream.trigger.clone().unwrap_or_default(),
+                ));
+            }
+            if result.promoted.is_none() {
+                result.promoted = Some((trigger.ngram, trigger.flagged_with));
+                promoted_at = Some(i);
             }
         }
         if line.triggered && promoted_at.is_some_and(|at| i > at) {
@@ -429,6 +423,51 @@ pub fn run_stream(
         }
     }
     result
+}
+
+/// One exchange as a detection worker judges it.
+struct Judged {
+    verdict: crate::policy::Verdict,
+    /// The flagging rules that fired.
+    flagging: Vec<String>,
+    /// Whether one of them reads the answer (the evidence trigger discovery counts).
+    by_answer: bool,
+    /// The trigger discovery promoted on it, if any.
+    promoted: Option<crate::store::WatchedTrigger>,
+}
+
+/// Judges the `i`-th exchange of `scope` (`prompt`, `output`) with `engine`, and counts it
+/// in `discovery` when the policy declares one, as `inspect::Detection` does.
+fn judge(
+    engine: &Engine,
+    discovery: &Discovery,
+    scope: &str,
+    request_id: &str,
+    i: usize,
+    prompt: &str,
+    output: &str,
+) -> Judged {
+    let mut exchange = Exchange::from_texts(scope, prompt, output);
+    exchange.request_id = request_id.to_owned();
+    exchange.started_at_us = i64::try_from(i).unwrap_or(0);
+    let verdict = engine.evaluate(&exchange);
+    let flagging: Vec<String> = verdict
+        .fired
+        .iter()
+        .filter(|r| r.actions.iter().any(|a| a.flags()))
+        .map(|r| r.name.clone())
+        .collect();
+    let by_answer = !flagging.is_empty() && engine.flagged_by_answer(&verdict);
+    let promoted = engine.discovery().and_then(|config| {
+        let prompt = crate::detect::prompt_text(&exchange);
+        discovery.observe(config, Some(scope), &prompt, by_answer, request_id)
+    });
+    Judged {
+        verdict,
+        flagging,
+        by_answer,
+        promoted,
+    }
 }
 
 /// Whether `ngram` is a run of the trigger's words (as prompts are split into words).
@@ -675,31 +714,21 @@ fn run_clean(
     let (mut judged, mut flagged, mut examples, mut promoted) = (0, 0, Vec::new(), Vec::new());
     for (i, &k) in order.iter().enumerate() {
         let (prompt, output) = &answers[k];
-        let mut exchange = Exchange::from_texts(&scope, prompt, output);
-        exchange.request_id = format!("clean-{i}");
-        exchange.started_at_us = i64::try_from(i).unwrap_or(0);
-        let verdict = engine.evaluate(&exchange);
+        let judged_one = judge(
+            engine,
+            discovery,
+            &scope,
+            &format!("clean-{i}"),
+            i,
+            prompt,
+            output,
+        );
         // Every answer counts, the stateful detectors' warm-up too: a clean answer is a clean
         // answer.
         judged += 1;
-        let rules: Vec<&str> = verdict
-            .fired
-            .iter()
-            .filter(|r| r.actions.iter().any(|a| a.flags()))
-            .map(|r| r.name.as_str())
-            .collect();
-        if let Some(config) = engine.discovery() {
-            let by_answer = !rules.is_empty() && engine.flagged_by_answer(&verdict);
-            let prompt = crate::detect::prompt_text(&exchange);
-            if let Some(trigger) = discovery.observe(
-                config,
-                Some(&scope),
-                &prompt,
-                by_answer,
-                &exchange.request_id,
-            ) {
-                promoted.push((model.to_owned(), trigger.ngram));
-            }
+        let rules = judged_one.flagging;
+        if let Some(trigger) = judged_one.promoted {
+            promoted.push((model.to_owned(), trigger.ngram));
         }
         if !rules.is_empty() {
             flagged += 1;
