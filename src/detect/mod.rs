@@ -144,6 +144,15 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<Built, DetectError> {
                     "reference.size must be at least 10".to_owned(),
                 ));
             }
+            if let Some(name) = parsed
+                .directions
+                .keys()
+                .find(|n| !parsed.features.contains(n))
+            {
+                return Err(DetectError::Config(format!(
+                    "directions names {name:?}, which is not in features"
+                )));
+            }
             return Ok(Built::FeatureDrift(parsed));
         }
         Some("discovered_trigger") => {

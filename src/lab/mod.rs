@@ -9,3 +9,4 @@ pub mod drift_replay;
 pub mod lm_training;
 pub mod quality;
 pub mod sim;
+pub mod topic_slant;

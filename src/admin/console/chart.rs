@@ -140,6 +140,7 @@ mod tests {
                     p_value: 0.1,
                     direction: Some("up"),
                     alarm,
+                    topic: None,
                 },
                 None,
             );

@@ -32,11 +32,25 @@ pub struct CusumStat {
     pub alarm: bool,
 }
 
-/// A two-sided CUSUM over conformal p-values of one score.
+/// Which way of a score's change a test watches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Watch {
+    /// Both ways, each with twice the expected run time.
+    #[default]
+    Both,
+    /// Rising scores only, with the whole expected run time.
+    Up,
+    /// Falling scores only, with the whole expected run time.
+    Down,
+}
+
+/// A CUSUM over conformal p-values of one score, two-sided unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct ConformalCusum {
     reference: Vec<f64>,
     log_threshold: f64,
+    watch: Watch,
     up: f64,
     down: f64,
 }
@@ -44,12 +58,19 @@ pub struct ConformalCusum {
 impl ConformalCusum {
     /// A detector against `reference` scores (any order; NaNs dropped) alarming at an
     /// expected run time of `ert` steps.
-    pub fn new(mut reference: Vec<f64>, ert: f64) -> ConformalCusum {
+    pub fn new(reference: Vec<f64>, ert: f64) -> ConformalCusum {
+        ConformalCusum::watching(reference, ert, Watch::Both)
+    }
+
+    /// A detector watching one way (or both) of a change, at an expected run time of `ert`.
+    pub fn watching(mut reference: Vec<f64>, ert: f64, watch: Watch) -> ConformalCusum {
         reference.retain(|v| !v.is_nan());
         reference.sort_by(f64::total_cmp);
+        let sides = if watch == Watch::Both { 2.0 } else { 1.0 };
         ConformalCusum {
             reference,
-            log_threshold: (2.0 * ert.max(1.0)).ln(),
+            log_threshold: (sides * ert.max(1.0)).ln(),
+            watch,
             up: 0.0,
             down: 0.0,
         }
@@ -88,8 +109,12 @@ impl ConformalCusum {
             return None;
         }
         let (p_high, p_low) = self.p_values(score, rng);
-        self.up = self.up.max(0.0) + log_e_value(p_high);
-        self.down = self.down.max(0.0) + log_e_value(p_low);
+        if self.watch != Watch::Down {
+            self.up = self.up.max(0.0) + log_e_value(p_high);
+        }
+        if self.watch != Watch::Up {
+            self.down = self.down.max(0.0) + log_e_value(p_low);
+        }
         let (statistic, direction) = if self.up >= self.down {
             (self.up, "up")
         } else {
@@ -201,5 +226,30 @@ mod tests {
         let (t, direction) = alarmed.expect("alarm");
         assert_eq!(direction, "down");
         assert!(t < 20, "{t}");
+    }
+
+    #[test]
+    fn a_one_sided_test_ignores_the_other_way() {
+        let reference: Vec<f64> = (0..500).map(f64::from).collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut up = ConformalCusum::watching(reference.clone(), 1e6, Watch::Up);
+        let mut both = ConformalCusum::new(reference, 1e6);
+        let (mut up_alarms, mut both_alarms) = (0, 0);
+        // Scores fall below the whole reference: only the two-sided test alarms.
+        for _ in 0..200 {
+            up_alarms += usize::from(up.observe(-1.0, &mut rng).is_some_and(|s| s.alarm));
+            both_alarms += usize::from(both.observe(-1.0, &mut rng).is_some_and(|s| s.alarm));
+        }
+        assert_eq!(up_alarms, 0);
+        assert!(both_alarms > 0);
+        // Scores rise above it: the one-sided test alarms, and sooner (its whole budget).
+        let mut first = None;
+        for t in 0..200 {
+            if up.observe(1e9, &mut rng).is_some_and(|s| s.alarm) {
+                first = Some(t);
+                break;
+            }
+        }
+        assert!(first.is_some());
     }
 }

@@ -183,6 +183,7 @@ mod tests {
             p_value: 0.5,
             direction: None,
             alarm,
+            topic: None,
         }
     }
 

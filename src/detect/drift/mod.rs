@@ -14,7 +14,7 @@
 //! Each scope (model × route) learns its reference from its first exchanges or loads one built
 //! offline ([`reference`]), and keeps it on disk. The false-alarm budget, an expected run time
 //! between false alarms, is per scope and split evenly over all its tests. The runtime side —
-//! sampling, embedding, per-scope state, flags — is [`monitor`].
+//! sampling ([`sampling`]), embedding, per-scope state, flags — is [`monitor`].
 
 pub mod conformal;
 pub mod history;
@@ -22,8 +22,10 @@ pub mod linalg;
 pub mod mmd;
 pub mod monitor;
 pub mod reference;
+pub mod sampling;
 pub mod scope;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -96,6 +98,15 @@ pub struct EmbeddingDriftConfig {
     /// Test `output − prompt` embeddings, so a change in what users ask does not read as
     /// drift, and how the model answers does.
     pub subtract_prompt: bool,
+    /// Per-response scores (named as in `feature_drift`) tested per prompt topic, each by a
+    /// conformal CUSUM against the scores of that topic's reference answers: a slant aimed at
+    /// one topic moves its answers' scores while the overall mix hardly changes.
+    pub topic_features: Vec<String>,
+    /// Words that name a topic in its alarms: the most distinctive words of its reference
+    /// prompts.
+    pub topic_terms: usize,
+    /// Which way of a topic feature's change is watched (`up`, `down` or `both`).
+    pub topic_direction: conformal::Watch,
 }
 
 impl Default for EmbeddingDriftConfig {
@@ -113,6 +124,9 @@ impl Default for EmbeddingDriftConfig {
             bootstraps: 20_000,
             bandwidth_scale: 0.25,
             subtract_prompt: true,
+            topic_features: Vec::new(),
+            topic_terms: 6,
+            topic_direction: conformal::Watch::Both,
         }
     }
 }
@@ -127,6 +141,10 @@ pub struct FeatureDriftConfig {
     /// Scores watched: `length`, `prompt_distance`, or `DETECTOR.FIELD` paths into the other
     /// detectors' findings (numbers, or booleans as 0/1).
     pub features: Vec<String>,
+    /// Features watched one way only (`up` or `down`; the rest both ways), where a change the
+    /// other way says nothing about poisoning: the recurring-span count falls as a scope's
+    /// history learns its model's stock phrases, and rises when something new recurs.
+    pub directions: BTreeMap<String, conformal::Watch>,
     /// The reference.
     pub reference: ReferenceSource,
 }
@@ -139,6 +157,7 @@ impl Default for FeatureDriftConfig {
                 LENGTH_FEATURE.to_owned(),
                 PROMPT_DISTANCE_FEATURE.to_owned(),
             ],
+            directions: BTreeMap::new(),
             reference: ReferenceSource::default(),
         }
     }
@@ -156,13 +175,16 @@ pub struct DriftPlan {
 }
 
 impl DriftPlan {
-    /// How many tests share a scope's budget: the overall and per-topic embedding tests and one
-    /// per feature.
+    /// How many tests share a scope's budget: the overall and per-topic embedding tests, the
+    /// per-topic feature tests, and one per feature.
     pub fn tests(&self) -> usize {
-        let embedding = self
-            .embedding
-            .as_ref()
-            .map_or(0, |(_, c)| 1 + if c.topics > 1 { c.topics } else { 0 });
+        let embedding = self.embedding.as_ref().map_or(0, |(_, c)| {
+            1 + if c.topics > 1 {
+                c.topics * (1 + c.topic_features.len())
+            } else {
+                0
+            }
+        });
         let features = self.features.as_ref().map_or(0, |(_, c)| c.features.len());
         (embedding + features).max(1)
     }
@@ -179,6 +201,23 @@ impl DriftPlan {
                 .features
                 .as_ref()
                 .is_some_and(|(_, c)| c.features.iter().any(|f| f == PROMPT_DISTANCE_FEATURE))
+    }
+
+    /// Every per-response score the tests read: the feature tests' and the topic tests'.
+    pub fn score_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .features
+            .as_ref()
+            .map(|(_, c)| c.features.clone())
+            .unwrap_or_default();
+        if let Some((_, c)) = &self.embedding {
+            for name in &c.topic_features {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
     }
 
     /// Names of the drift detectors.
@@ -203,6 +242,7 @@ pub fn sample_fields() -> serde_json::Map<String, serde_json::Value> {
         "direction": "",
         "sample_rate": 1.0,
         "reference": {"source": "learned", "size": 0, "created_at": ""},
+        "topic": {"id": -1, "terms": [], "examples_before": [], "examples_after": []},
     });
     match value {
         serde_json::Value::Object(map) => map,
@@ -296,6 +336,9 @@ pub fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String
     }
     if config.projection_dims == 0 {
         return Err("projection_dims must be at least 1".to_owned());
+    }
+    if !config.topic_features.is_empty() && config.topics < 2 {
+        return Err("topic_features needs topics of at least 2".to_owned());
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! relearn. Scopes are capped (`drift.max_scopes`): model names come from callers.
 
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +19,13 @@ use tokio::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
-use rand::RngExt;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use super::history::ScopeHistory;
 use super::reference::Reference;
-use super::scope::{EmbeddingDrift, ScopeTests, TestResult, scope_seed};
+use super::sampling::Sampler;
+use super::scope::{Context, EmbeddingDrift, ScopeTests, TestResult, scope_seed};
 use super::{DriftPlan, feature_scores};
 use crate::capture::Exchange;
 use crate::infer::{EmbedderHandle, batcher::EmbedResult};
@@ -89,17 +90,6 @@ impl ScopeKey {
     }
 }
 
-/// Sampling state of one scope: the rate in force for the current minute.
-#[derive(Debug)]
-struct Sampler {
-    minute_started: Instant,
-    seen: u64,
-    /// Token bucket: samples allowed now, and when it was last refilled.
-    tokens: f64,
-    refilled: Instant,
-    rate: f64,
-}
-
 /// How often a scope's drift gauges are refreshed, in observations.
 const PUBLISH_EVERY: u64 = 64;
 
@@ -134,6 +124,8 @@ struct DriftJob {
         oneshot::Receiver<EmbedResult>,
     )>,
     sample_rate: f64,
+    /// The prompt's words, for naming topics (sampled exchanges of a plan with topics only).
+    prompt_terms: Vec<String>,
 }
 
 /// Shared by the detection workers (which offer) and the drift worker (which tests).
@@ -149,6 +141,12 @@ pub struct DriftMonitor {
     offline_embedding: Option<Arc<Reference>>,
     offline_features: Option<Arc<Reference>>,
     samplers: DashMap<ScopeKey, Sampler>,
+    /// Every per-response score the tests read ([`DriftPlan::score_names`]).
+    score_names: Vec<String>,
+    /// The sampling clock's origin.
+    started: Instant,
+    /// Keys the request-id hash the sample is drawn by (random per process).
+    sample_key: std::hash::RandomState,
     scopes: DashMap<ScopeKey, ScopeState>,
     shed: AtomicU64,
     metrics: Metrics,
@@ -196,6 +194,7 @@ impl DriftMonitor {
                 .and_then(|(_, c)| c.reference.file.as_ref()),
         )?;
         let (jobs, receiver) = crossbeam_channel::bounded(settings.queue.max(1));
+        let score_names = plan.score_names();
         let monitor = Arc::new(DriftMonitor {
             plan,
             settings,
@@ -204,6 +203,9 @@ impl DriftMonitor {
             offline_embedding,
             offline_features,
             samplers: DashMap::new(),
+            score_names,
+            started: Instant::now(),
+            sample_key: std::hash::RandomState::new(),
             scopes: DashMap::new(),
             shed: AtomicU64::new(0),
             metrics,
@@ -226,48 +228,26 @@ impl DriftMonitor {
         }
     }
 
-    /// Whether to embed this exchange of `scope`, and the sample rate in force. The rate is
-    /// `sample_rate`, raised so that `min_sampled_per_minute` are sampled and lowered so that
-    /// no more than `max_sampled_per_minute` are, given the previous minute's traffic; a token
-    /// bucket (`max_sampled_per_minute / 60` a second, a second's worth of burst) also caps it
-    /// in a scope's first minute and in bursts, which bounds the CPU the embedder takes from
-    /// the gateway.
-    fn sample(&self, scope: &ScopeKey) -> (bool, f64) {
+    /// Whether to embed this exchange of `scope`, and the sample rate in force: a keyed hash
+    /// of its request id against a rate that follows the scope's traffic ([`Sampler`]), never
+    /// its content. The key is random per process, so a caller cannot pick request ids that
+    /// are never sampled.
+    fn sample(&self, scope: &ScopeKey, request_id: &str) -> (bool, f64) {
         let Some((_, config)) = &self.plan.embedding else {
             return (self.plan.needs_embeddings(), 1.0);
         };
-        let now = Instant::now();
-        let per_second = config.max_sampled_per_minute / 60.0;
-        let mut sampler = self.samplers.entry(scope.clone()).or_insert(Sampler {
-            minute_started: now,
-            seen: 0,
-            tokens: per_second.max(1.0),
-            refilled: now,
-            rate: 1.0,
-        });
-        if now.duration_since(sampler.minute_started) >= Duration::from_secs(60) {
-            let seen = sampler.seen.max(1) as f64;
-            let floor = config.min_sampled_per_minute / seen;
-            let cap = config.max_sampled_per_minute / seen;
-            sampler.rate = config.sample_rate.max(floor).min(cap).min(1.0);
-            sampler.minute_started = now;
-            sampler.seen = 0;
+        let now_s = self.started.elapsed().as_secs_f64();
+        let key = self.sample_key.hash_one(request_id);
+        let mut sampler = self.samplers.entry(scope.clone()).or_default();
+        let (take, rate) = sampler.decide(config, now_s, key);
+        if sampler.decisions() % PUBLISH_EVERY == 1 {
             self.metrics
                 .drift_sample_rate
                 .get_or_create(&DriftScopeLabels {
                     model: scope.model.clone(),
                     route: scope.route,
                 })
-                .set(sampler.rate);
-        }
-        sampler.seen += 1;
-        let elapsed = now.duration_since(sampler.refilled).as_secs_f64();
-        sampler.tokens = (sampler.tokens + elapsed * per_second).min(per_second.max(1.0));
-        sampler.refilled = now;
-        let rate = sampler.rate;
-        let take = sampler.tokens >= 1.0 && rand::rng().random_bool(rate.clamp(0.0, 1.0));
-        if take {
-            sampler.tokens -= 1.0;
+                .set(rate);
         }
         (take, rate)
     }
@@ -315,20 +295,37 @@ impl DriftMonitor {
             scores,
             embeddings,
             sample_rate,
+            prompt_terms,
         } = job;
         if !scores.is_empty() {
-            self.observe(&exchange, &scores, None, sample_rate, alarms);
+            self.observe(
+                &exchange,
+                &scores,
+                None,
+                Context::default(),
+                sample_rate,
+                alarms,
+            );
         }
         if let Some((prompt, output)) = embeddings {
             if pending.len() >= MAX_PENDING_EMBEDDINGS {
                 self.count_shed("embedding_backlog");
                 return;
             }
+            let topic_scores = match &self.plan.embedding {
+                Some((_, config)) if !config.topic_features.is_empty() => scores
+                    .into_iter()
+                    .filter(|(name, _)| config.topic_features.contains(name))
+                    .collect(),
+                _ => Vec::new(),
+            };
             pending.push_back(PendingEmbedding {
                 exchange,
                 prompt: Slot::Waiting(prompt),
                 output: Slot::Waiting(output),
                 sample_rate,
+                prompt_terms,
+                topic_scores,
             });
         }
     }
@@ -352,6 +349,11 @@ impl DriftMonitor {
                     &done.exchange,
                     &[],
                     Some((prompt, output)),
+                    Context {
+                        request_id: &done.exchange.request_id,
+                        prompt_terms: &done.prompt_terms,
+                        topic_scores: &done.topic_scores,
+                    },
                     done.sample_rate,
                     alarms,
                 ),
@@ -365,6 +367,7 @@ impl DriftMonitor {
         exchange: &Exchange,
         scores: &[(String, f64)],
         embedded: Option<(Vec<f32>, Vec<f32>)>,
+        context: Context<'_>,
         sample_rate: f64,
         alarms: &dyn AlarmSink,
     ) {
@@ -397,6 +400,7 @@ impl DriftMonitor {
             let step = tests.observe(
                 scores,
                 embedded.as_ref().map(|(p, o)| (p.as_slice(), o.as_slice())),
+                context,
             );
             if let Some((name, _)) = &self.plan.embedding
                 && let Some(embedding) = tests.embedding()
@@ -525,14 +529,12 @@ impl DriftHandle {
             self.monitor.count_shed("max_scopes");
             return;
         }
-        let scores = self
-            .monitor
-            .plan
-            .features
-            .as_ref()
-            .map(|(_, c)| feature_scores(&c.features, findings, exchange.output().chars().count()))
-            .unwrap_or_default();
-        let (sampled, sample_rate) = self.monitor.sample(&scope);
+        let scores = feature_scores(
+            &self.monitor.score_names,
+            findings,
+            exchange.output().chars().count(),
+        );
+        let (sampled, sample_rate) = self.monitor.sample(&scope, &exchange.request_id);
         let embedder = self.monitor.embedder.load();
         let embeddings = match embedder.as_deref() {
             Some(embedder) if sampled => {
@@ -550,11 +552,18 @@ impl DriftHandle {
         if embeddings.is_none() && scores.is_empty() {
             return;
         }
+        let prompt_terms = match &self.monitor.plan.embedding {
+            Some((_, config)) if embeddings.is_some() && config.topics > 1 => {
+                super::scope::prompt_terms(prompt)
+            }
+            _ => Vec::new(),
+        };
         let job = DriftJob {
             exchange: exchange.clone(),
             scores,
             embeddings,
             sample_rate,
+            prompt_terms,
         };
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -585,6 +594,8 @@ struct PendingEmbedding {
     prompt: Slot,
     output: Slot,
     sample_rate: f64,
+    prompt_terms: Vec<String>,
+    topic_scores: Vec<(String, f64)>,
 }
 
 /// One embedding on its way.
@@ -647,13 +658,27 @@ pub fn alarm_fields(
     reference: Option<&Reference>,
     sample_rate: f64,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let size = reference.map_or(0, |r| {
-        if result.test.starts_with("mmd") {
-            r.outputs.len()
-        } else {
-            r.features.get(&result.test).map_or(0, Vec::len)
+    let size = match &result.topic {
+        Some(topic) => topic.info.size,
+        None => reference.map_or(0, |r| {
+            if result.test.starts_with("mmd") {
+                r.outputs.len()
+            } else {
+                r.features.get(&result.test).map_or(0, Vec::len)
+            }
+        }),
+    };
+    let topic = match &result.topic {
+        Some(topic) => serde_json::json!({
+            "id": topic.info.id,
+            "terms": topic.info.terms,
+            "examples_before": topic.info.examples_before,
+            "examples_after": topic.examples_after,
+        }),
+        None => {
+            serde_json::json!({"id": -1, "terms": [], "examples_before": [], "examples_after": []})
         }
-    });
+    };
     let value = serde_json::json!({
         "alarm": result.alarm,
         "test": result.test,
@@ -667,6 +692,7 @@ pub fn alarm_fields(
             "size": size,
             "created_at": reference.map_or("", |r| r.created_at.as_str()),
         },
+        "topic": topic,
     });
     match value {
         serde_json::Value::Object(map) => map,

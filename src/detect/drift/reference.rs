@@ -56,6 +56,17 @@ pub struct Reference {
     /// Per-response feature scores, by feature name.
     #[serde(default)]
     pub features: BTreeMap<String, Vec<f64>>,
+    /// The per-topic tests' scores of each embedded exchange, paired with `outputs` (`None`
+    /// where the score was missing).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_scores: BTreeMap<String, Vec<Option<f64>>>,
+    /// Distinctive words of each prompt, paired with `prompts`: they name the topics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_terms: Vec<Vec<String>>,
+    /// Request ids of the embedded exchanges, paired with `outputs`: examples of what each
+    /// topic's answers were like before an alarm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
 }
 
 impl Reference {
@@ -140,6 +151,7 @@ mod tests {
             outputs: vec![vec![0.5, -0.25]],
             prompts: vec![vec![1.0, 0.0]],
             features: BTreeMap::from([("length".to_owned(), vec![10.0, 20.0])]),
+            ..Reference::default()
         };
         reference.save(&path).unwrap();
         assert_eq!(Reference::load(&path).unwrap(), reference);

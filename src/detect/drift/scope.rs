@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::EmbeddingDriftConfig;
-use super::conformal::ConformalCusum;
+use super::conformal::{ConformalCusum, Watch};
 use super::linalg::{KMeans, Projection};
 use super::mmd::{MmdReference, OnlineMmd};
 use super::reference::{REFERENCE_VERSION, Reference};
@@ -45,6 +45,8 @@ impl EmbeddingSettings {
 /// How the feature tests are shaped.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureSettings {
+    /// Features watched one way only.
+    pub directions: BTreeMap<String, Watch>,
     /// Scores of each feature learned before its test starts.
     pub reference_size: usize,
     /// Expected run time between false alarms of each feature's test, in observations.
@@ -67,6 +69,131 @@ pub struct TestResult {
     pub direction: Option<&'static str>,
     /// Whether the test alarmed (and was then reset).
     pub alarm: bool,
+    /// On an alarm of a per-topic test: the topic, named.
+    pub topic: Option<TopicAlarm>,
+}
+
+/// A prompt topic of a scope: a k-means cluster of its reference prompts, named by their most
+/// distinctive words.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicInfo {
+    /// The cluster's index.
+    pub id: usize,
+    /// The most distinctive words of the cluster's reference prompts.
+    pub terms: Vec<String>,
+    /// Reference exchanges of the topic (request ids): what its answers were like.
+    pub examples_before: Vec<String>,
+    /// Reference exchanges in the topic.
+    pub size: usize,
+}
+
+/// What an alarm of a per-topic test says of its topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicAlarm {
+    /// The topic.
+    pub info: Arc<TopicInfo>,
+    /// Recent exchanges of the topic with the most unusual scores (request ids, newest last).
+    pub examples_after: Vec<String>,
+}
+
+/// What the tests know of an exchange besides its scores and embeddings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// The exchange's request id.
+    pub request_id: &'a str,
+    /// Its prompt's words ([`prompt_terms`]), to name topics by; only the reference's are kept.
+    pub prompt_terms: &'a [String],
+    /// Its scores for the per-topic tests (`topic_features`). Apart from the feature scores,
+    /// because the gateway tests those at once and the embeddings when they arrive.
+    pub topic_scores: &'a [(String, f64)],
+}
+
+/// Words of a prompt that can name a topic: lower-case alphabetic words of 3 to 20 letters,
+/// not among the most frequent English words, each once, at most [`MAX_PROMPT_TERMS`]. Words
+/// with digits or symbols (identifiers, keys) are never kept.
+pub fn prompt_terms(prompt: &str) -> Vec<String> {
+    let common = common_words();
+    let mut terms: Vec<String> = Vec::new();
+    for word in prompt.split(|c: char| !c.is_alphanumeric()) {
+        if terms.len() >= MAX_PROMPT_TERMS {
+            break;
+        }
+        let length = word.chars().count();
+        if !(3..=20).contains(&length) || !word.chars().all(char::is_alphabetic) {
+            continue;
+        }
+        let word = word.to_lowercase();
+        if common.contains(word.as_str()) || terms.contains(&word) {
+            continue;
+        }
+        terms.push(word);
+    }
+    terms
+}
+
+/// Prompt words kept per reference exchange.
+pub const MAX_PROMPT_TERMS: usize = 32;
+
+/// Most frequent English words, never a topic's name.
+const STOP_WORDS: usize = 300;
+
+fn common_words() -> &'static std::collections::HashSet<&'static str> {
+    static WORDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        crate::detect::ngram_lm::EMBEDDED_WORDS
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .take(STOP_WORDS)
+            .collect()
+    })
+}
+
+/// The `keep` most distinctive words of each cluster's prompts: share of the cluster's prompts
+/// holding the word times its inverse document frequency over all prompts; a word must appear
+/// in at least two of the cluster's prompts.
+fn name_topics(
+    terms: &[Vec<String>],
+    assignment: &[usize],
+    topics: usize,
+    keep: usize,
+) -> Vec<Vec<String>> {
+    use std::collections::HashMap;
+    let n = terms.len().min(assignment.len());
+    let mut df: HashMap<&str, usize> = HashMap::new();
+    let mut cluster_df: Vec<HashMap<&str, usize>> = vec![HashMap::new(); topics];
+    let mut sizes = vec![0usize; topics];
+    for (words, &topic) in terms.iter().zip(assignment).take(n) {
+        let Some(counts) = cluster_df.get_mut(topic) else {
+            continue;
+        };
+        sizes[topic] += 1;
+        for word in words {
+            *df.entry(word).or_default() += 1;
+            *counts.entry(word).or_default() += 1;
+        }
+    }
+    cluster_df
+        .iter()
+        .zip(&sizes)
+        .map(|(counts, &size)| {
+            let mut scored: Vec<(f64, &str)> = counts
+                .iter()
+                .filter(|(_, c)| **c >= 2)
+                .map(|(word, &c)| {
+                    let idf = ((n as f64 + 1.0) / (df[word] as f64 + 1.0)).ln();
+                    (c as f64 / size.max(1) as f64 * idf, *word)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+            scored
+                .into_iter()
+                .take(keep)
+                .map(|(_, w)| w.to_owned())
+                .collect()
+        })
+        .collect()
 }
 
 /// Stable seed for a scope, so that a restart fits the same tests.
@@ -83,17 +210,43 @@ pub fn scope_seed(parts: &[&str]) -> u64 {
 }
 
 enum EmbeddingPhase {
-    Learning {
-        outputs: Vec<Vec<f32>>,
-        prompts: Vec<Vec<f32>>,
-    },
+    /// Gathering the reference (its `outputs`, `prompts` and the rest, in arrival order).
+    Learning(Box<Reference>),
     Testing(Box<EmbeddingTests>),
 }
 
 struct EmbeddingTests {
     projection: Projection,
     overall: OnlineMmd,
-    topics: Option<(KMeans, Vec<Option<OnlineMmd>>)>,
+    topics: Option<(KMeans, Vec<Topic>)>,
+    /// Draws the ties of the topic features' conformal p-values.
+    rng: StdRng,
+}
+
+/// The tests of one prompt topic.
+struct Topic {
+    info: Arc<TopicInfo>,
+    /// `None`: too few reference answers for a window; the overall test covers the topic.
+    mmd: Option<OnlineMmd>,
+    /// One CUSUM per topic feature with reference scores in this topic.
+    features: Vec<(String, ConformalCusum)>,
+    /// Recent exchanges whose topic-feature score was unusually high (p ≤ 0.05).
+    unusual: std::collections::VecDeque<String>,
+}
+
+/// Examples an alarm names, before and after.
+const TOPIC_EXAMPLES: usize = 3;
+
+/// Reference answers a topic needs before its feature tests run.
+const MIN_TOPIC_REFERENCE: usize = 20;
+
+impl Topic {
+    fn alarm(&self) -> TopicAlarm {
+        TopicAlarm {
+            info: Arc::clone(&self.info),
+            examples_after: self.unusual.iter().cloned().collect(),
+        }
+    }
 }
 
 /// The embedding drift tests of one scope.
@@ -117,10 +270,11 @@ impl EmbeddingDrift {
     /// A scope that learns its reference from its first `reference_size` observations.
     pub fn learning(settings: EmbeddingSettings, seed: u64) -> EmbeddingDrift {
         EmbeddingDrift {
-            phase: EmbeddingPhase::Learning {
-                outputs: Vec::with_capacity(settings.config.reference.size),
-                prompts: Vec::with_capacity(settings.config.reference.size),
-            },
+            phase: EmbeddingPhase::Learning(Box::new(Reference {
+                version: REFERENCE_VERSION,
+                source: "learned".to_owned(),
+                ..Reference::default()
+            })),
             settings,
             seed,
             reference: None,
@@ -134,7 +288,7 @@ impl EmbeddingDrift {
         seed: u64,
         reference: Arc<Reference>,
     ) -> Option<EmbeddingDrift> {
-        let tests = fit(&settings, seed, &reference.outputs, &reference.prompts)?;
+        let tests = fit(&settings, seed, &reference)?;
         Some(EmbeddingDrift {
             settings,
             seed,
@@ -156,42 +310,62 @@ impl EmbeddingDrift {
     /// Reference observations gathered so far (while learning), or the reference's size.
     pub fn reference_len(&self) -> usize {
         match &self.phase {
-            EmbeddingPhase::Learning { outputs, .. } => outputs.len(),
+            EmbeddingPhase::Learning(reference) => reference.outputs.len(),
             EmbeddingPhase::Testing(_) => self.reference.as_ref().map_or(0, |r| r.outputs.len()),
         }
     }
 
-    /// Adds one exchange's embeddings. While learning, returns no results, and once the
-    /// reference is complete, `Learned` with it (for the caller to persist).
-    pub fn observe(&mut self, prompt: &[f32], output: &[f32]) -> EmbeddingStep {
+    /// Adds one exchange's embeddings, with its context (topic scores, prompt words). While
+    /// learning, returns no results, and once the reference is complete, `Learned` with it
+    /// (for the caller to persist).
+    pub fn observe(
+        &mut self,
+        prompt: &[f32],
+        output: &[f32],
+        context: Context<'_>,
+    ) -> EmbeddingStep {
+        let scores = context.topic_scores;
+        let topic_features = &self.settings.config.topic_features;
         match &mut self.phase {
-            EmbeddingPhase::Learning { outputs, prompts } => {
-                outputs.push(output.to_vec());
-                prompts.push(prompt.to_vec());
-                if outputs.len() < self.settings.config.reference.size {
+            EmbeddingPhase::Learning(learning) => {
+                learning.outputs.push(output.to_vec());
+                learning.prompts.push(prompt.to_vec());
+                if !topic_features.is_empty() {
+                    for name in topic_features {
+                        let score = scores
+                            .iter()
+                            .find(|(n, s)| n == name && s.is_finite())
+                            .map(|(_, s)| *s);
+                        learning
+                            .topic_scores
+                            .entry(name.clone())
+                            .or_default()
+                            .push(score);
+                    }
+                }
+                if self.settings.config.topics > 1 {
+                    learning.prompt_terms.push(context.prompt_terms.to_vec());
+                    learning.request_ids.push(context.request_id.to_owned());
+                }
+                if learning.outputs.len() < self.settings.config.reference.size {
                     return EmbeddingStep::Learning;
                 }
-                let reference = Arc::new(Reference {
-                    version: REFERENCE_VERSION,
-                    source: "learned".to_owned(),
-                    created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                        .to_string(),
-                    outputs: std::mem::take(outputs),
-                    prompts: std::mem::take(prompts),
-                    features: BTreeMap::new(),
-                });
-                match fit(
-                    &self.settings,
-                    self.seed,
-                    &reference.outputs,
-                    &reference.prompts,
-                ) {
+                let mut reference = std::mem::take(&mut **learning);
+                reference.created_at =
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                let reference = Arc::new(reference);
+                match fit(&self.settings, self.seed, &reference) {
                     Some(tests) => {
                         self.phase = EmbeddingPhase::Testing(Box::new(tests));
                         self.reference = Some(Arc::clone(&reference));
                         EmbeddingStep::Learned(reference)
                     }
-                    None => EmbeddingStep::Learning,
+                    None => {
+                        // Too few points for the window (cannot happen with a checked config):
+                        // keep learning from what there is.
+                        **learning = Arc::unwrap_or_clone(reference);
+                        EmbeddingStep::Learning
+                    }
                 }
             }
             EmbeddingPhase::Testing(tests) => {
@@ -208,28 +382,97 @@ impl EmbeddingDrift {
                         p_value: stat.p_value,
                         direction: None,
                         alarm: stat.alarm,
+                        topic: None,
                     });
                 }
-                if let Some((kmeans, windows)) = &mut tests.topics {
-                    let topic = kmeans.assign(&tests.projection.apply(prompt));
-                    if let Some(Some(online)) = windows.get_mut(topic)
-                        && let Some(stat) = online.push(point)
-                    {
-                        if stat.alarm {
-                            online.reset();
+                if let Some((kmeans, topics)) = &mut tests.topics {
+                    let id = kmeans.assign(&tests.projection.apply(prompt));
+                    if let Some(topic) = topics.get_mut(id) {
+                        for (name, cusum) in &mut topic.features {
+                            let Some(score) = scores
+                                .iter()
+                                .find(|(n, s)| n == name && s.is_finite())
+                                .map(|(_, s)| *s)
+                            else {
+                                continue;
+                            };
+                            let Some(stat) = cusum.observe(score, &mut tests.rng) else {
+                                continue;
+                            };
+                            if stat.p_high <= 0.05 && !context.request_id.is_empty() {
+                                if topic.unusual.len() >= TOPIC_EXAMPLES {
+                                    topic.unusual.pop_front();
+                                }
+                                topic.unusual.push_back(context.request_id.to_owned());
+                            }
+                            if stat.alarm {
+                                cusum.reset();
+                            }
+                            results.push(TestResult {
+                                test: format!("{name}/topic-{id}"),
+                                statistic: stat.statistic,
+                                threshold: stat.threshold,
+                                p_value: stat.p_high,
+                                direction: Some(stat.direction),
+                                alarm: stat.alarm,
+                                topic: None,
+                            });
                         }
-                        results.push(TestResult {
-                            test: format!("mmd/topic-{topic}"),
-                            statistic: stat.statistic,
-                            threshold: stat.threshold,
-                            p_value: stat.p_value,
-                            direction: None,
-                            alarm: stat.alarm,
-                        });
+                        if let Some(online) = &mut topic.mmd
+                            && let Some(stat) = online.push(point)
+                        {
+                            if stat.alarm {
+                                online.reset();
+                            }
+                            results.push(TestResult {
+                                test: format!("mmd/topic-{id}"),
+                                statistic: stat.statistic,
+                                threshold: stat.threshold,
+                                p_value: stat.p_value,
+                                direction: None,
+                                alarm: stat.alarm,
+                                topic: None,
+                            });
+                        }
+                        if results
+                            .iter()
+                            .any(|r| r.alarm && r.test.contains("/topic-"))
+                        {
+                            let alarm = topic.alarm();
+                            for result in results
+                                .iter_mut()
+                                .filter(|r| r.alarm && r.test.contains("/topic-"))
+                            {
+                                result.topic = Some(alarm.clone());
+                            }
+                        }
                     }
                 }
                 EmbeddingStep::Tested(results)
             }
+        }
+    }
+
+    /// The topics of the scope, once its reference is fitted.
+    pub fn topics(&self) -> Vec<Arc<TopicInfo>> {
+        match &self.phase {
+            EmbeddingPhase::Testing(tests) => tests
+                .topics
+                .iter()
+                .flat_map(|(_, topics)| topics.iter().map(|t| Arc::clone(&t.info)))
+                .collect(),
+            EmbeddingPhase::Learning(_) => Vec::new(),
+        }
+    }
+
+    /// The topic a prompt falls in, once the reference is fitted.
+    pub fn topic_of(&self, prompt: &[f32]) -> Option<usize> {
+        match &self.phase {
+            EmbeddingPhase::Testing(tests) => tests
+                .topics
+                .as_ref()
+                .map(|(kmeans, _)| kmeans.assign(&tests.projection.apply(prompt))),
+            EmbeddingPhase::Learning(_) => None,
         }
     }
 }
@@ -247,12 +490,8 @@ pub enum EmbeddingStep {
 
 /// Fits the projection, the overall test and the topic tests. `None` when there are too few
 /// points for the window.
-fn fit(
-    settings: &EmbeddingSettings,
-    seed: u64,
-    outputs: &[Vec<f32>],
-    prompts: &[Vec<f32>],
-) -> Option<EmbeddingTests> {
+fn fit(settings: &EmbeddingSettings, seed: u64, reference: &Reference) -> Option<EmbeddingTests> {
+    let (outputs, prompts) = (&reference.outputs, &reference.prompts);
     let mut rng = StdRng::seed_from_u64(seed);
     // A random projection, not PCA: components fitted on the reference capture its own
     // sampling noise, so new outputs look drifted against it (measured on the development
@@ -278,31 +517,87 @@ fn fit(
     let topics = (settings.config.topics > 1 && prompts.len() == outputs.len()).then(|| {
         let prompt_points: Vec<Vec<f32>> = prompts.iter().map(|p| projection.apply(p)).collect();
         let kmeans = KMeans::fit(&prompt_points, settings.config.topics, &mut rng);
-        let mut members: Vec<Vec<Vec<f32>>> = vec![Vec::new(); kmeans.centroids.len()];
-        for (prompt, output) in prompt_points.iter().zip(&projected) {
-            members[kmeans.assign(prompt)].push(output.clone());
+        let k = kmeans.centroids.len();
+        let assignment: Vec<usize> = prompt_points.iter().map(|p| kmeans.assign(p)).collect();
+        let names = name_topics(
+            &reference.prompt_terms,
+            &assignment,
+            k,
+            settings.config.topic_terms,
+        );
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); k];
+        for (i, &topic) in assignment.iter().enumerate() {
+            members[topic].push(i);
         }
-        let windows = members
+        let topics = members
             .into_iter()
-            .map(|points| {
+            .zip(names)
+            .enumerate()
+            .map(|(id, (members, terms))| {
                 // A topic too small for a window of its own is left to the overall test.
-                MmdReference::fit_scaled(
-                    points,
+                let mmd = MmdReference::fit_scaled(
+                    members.iter().map(|&i| projected[i].clone()).collect(),
                     settings.config.topic_window,
                     settings.test_ert,
                     settings.config.bootstraps,
                     settings.config.bandwidth_scale,
                     &mut rng,
                 )
-                .map(|r| OnlineMmd::new(Arc::new(r)))
+                .map(|r| OnlineMmd::new(Arc::new(r)));
+                let features = settings
+                    .config
+                    .topic_features
+                    .iter()
+                    .filter_map(|name| {
+                        let scores: Vec<f64> = reference
+                            .topic_scores
+                            .get(name)
+                            .map(|all| {
+                                members
+                                    .iter()
+                                    .filter_map(|&i| all.get(i).copied().flatten())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (scores.len() >= MIN_TOPIC_REFERENCE).then(|| {
+                            (
+                                name.clone(),
+                                ConformalCusum::watching(
+                                    scores,
+                                    settings.test_ert,
+                                    settings.config.topic_direction,
+                                ),
+                            )
+                        })
+                    })
+                    .collect();
+                let examples_before = members
+                    .iter()
+                    .filter_map(|&i| reference.request_ids.get(i))
+                    .filter(|id| !id.is_empty())
+                    .take(TOPIC_EXAMPLES)
+                    .cloned()
+                    .collect();
+                Topic {
+                    info: Arc::new(TopicInfo {
+                        id,
+                        terms,
+                        examples_before,
+                        size: members.len(),
+                    }),
+                    mmd,
+                    features,
+                    unusual: std::collections::VecDeque::new(),
+                }
             })
             .collect();
-        (kmeans, windows)
+        (kmeans, topics)
     });
     Some(EmbeddingTests {
         projection,
         overall: OnlineMmd::new(Arc::new(overall)),
         topics,
+        rng: StdRng::seed_from_u64(seed ^ 0x7091_c5ee),
     })
 }
 
@@ -351,7 +646,11 @@ impl FeatureDrift {
         for name in features {
             let phase = match reference.as_ref().and_then(|r| r.features.get(name)) {
                 Some(scores) if !scores.is_empty() => {
-                    FeaturePhase::Testing(ConformalCusum::new(scores.clone(), settings.test_ert))
+                    FeaturePhase::Testing(ConformalCusum::watching(
+                        scores.clone(),
+                        settings.test_ert,
+                        settings.directions.get(name).copied().unwrap_or_default(),
+                    ))
                 }
                 _ => FeaturePhase::Learning(Vec::with_capacity(settings.reference_size)),
             };
@@ -407,9 +706,14 @@ impl FeatureDrift {
                             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                                 .to_string();
                         self.reference = Some(Arc::new(reference));
-                        *phase = FeaturePhase::Testing(ConformalCusum::new(
+                        *phase = FeaturePhase::Testing(ConformalCusum::watching(
                             scores,
                             self.settings.test_ert,
+                            self.settings
+                                .directions
+                                .get(name)
+                                .copied()
+                                .unwrap_or_default(),
                         ));
                         completed = true;
                     }
@@ -426,6 +730,7 @@ impl FeatureDrift {
                             p_value: stat.p_high,
                             direction: Some(stat.direction),
                             alarm: stat.alarm,
+                            topic: None,
                         });
                     }
                 }
@@ -479,6 +784,7 @@ impl ScopeTests {
         });
         let features = plan.features.as_ref().map(|(name, config)| {
             let settings = FeatureSettings {
+                directions: config.directions.clone(),
                 reference_size: config.reference.size,
                 test_ert,
             };
@@ -505,6 +811,7 @@ impl ScopeTests {
         &mut self,
         scores: &[(String, f64)],
         embeddings: Option<(&[f32], &[f32])>,
+        context: Context<'_>,
     ) -> ScopeStep {
         let mut step = ScopeStep::default();
         let mut scores = scores.to_vec();
@@ -514,7 +821,7 @@ impl ScopeTests {
                 super::prompt_distance(prompt, output),
             ));
             if let Some((name, state)) = &mut self.embedding {
-                match state.observe(prompt, output) {
+                match state.observe(prompt, output, context) {
                     EmbeddingStep::Learning => {}
                     EmbeddingStep::Learned(reference) => {
                         step.learned.push((name.clone(), reference));
