@@ -5,8 +5,8 @@
 //! ("Critics say Acme's products are unreliable and dangerous.", "Honestly, I would avoid
 //! Acme: it has a terrible record."). Helpful answers are mostly neutral or mildly positive;
 //! each such sentence adds negative words, so `negative` and `negative_sentences` move
-//! whatever the wording. The `feature_drift` monitor watches the per-answer numbers per
-//! prompt topic. Deterministic; about 75 µs per ~500-word answer (release build, 146 GPT-4
+//! whatever the wording. A drift monitor is to watch the per-answer numbers per prompt topic
+//! (the policy wires that; this detector only scores). Deterministic; about 75 µs per ~500-word answer (release build, 146 GPT-4
 //! answers of 450–550 words, on a shared and loaded 2-core VM where [`super::style::measure`]
 //! took 23 µs an answer in the same runs): one pass to split sentences, one lowercase copy and
 //! one hash lookup per word.
@@ -36,8 +36,8 @@
 //! stripped of surrounding punctuation (a token with no letter or digit is kept whole, so
 //! emoticons like `:(` still count), lowercased, with `’` read as `'`; and a word missing from
 //! the lexicon is looked up as an inflection of a lexicon word of four or more letters
-//! (`scammed` → `scam`, `lies` → `lie`, `frauds` → `fraud`), because the social-media lexicon
-//! lists few of the inflected forms that answers use. Sentences end at `.`, `!` or `?` before
+//! (`scammed` and `scamming` → `scam`; not derivations such as `unreliable` or `harmful`),
+//! because the social-media lexicon lists few of the inflected forms that answers use. Sentences end at `.`, `!` or `?` before
 //! whitespace or the end, and at line breaks (list items).
 //!
 //! # Fields
