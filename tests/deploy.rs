@@ -850,6 +850,7 @@ fn dockerfiles_are_multi_stage_non_root_pinned_and_run_real_commands() {
         "libonnxruntime.so.1.32.0",
         "all-MiniLM-L6-v2-int8.onnx",
         "all-MiniLM-L6-v2-tokenizer.json",
+        "vader_lexicon.txt",
     ] {
         assert!(
             manifest.contains(&format!("file = \"{file}\"")),

@@ -20,6 +20,7 @@ pub mod normalize;
 pub mod recurring_span;
 pub mod refusal;
 pub mod repetition;
+pub mod sentiment;
 #[cfg(test)]
 pub(crate) mod split_check;
 pub mod style;
@@ -189,6 +190,7 @@ pub fn build(config: &serde_yaml_ng::Value) -> Result<Built, DetectError> {
         "language_switch" => Arc::new(language_switch::LanguageSwitch::new(&parameters(config)?)?),
         "style" => Arc::new(style::Style::new(&parameters(config)?)?),
         "repetition" => Arc::new(repetition::Repetition::new(&parameters(config)?)?),
+        "sentiment" => Arc::new(sentiment::Sentiment::new(&parameters(config)?)?),
         other => {
             return Err(DetectError::Config(format!(
                 "unknown detector type `{other}`; one of: {}",
@@ -209,6 +211,7 @@ pub const KINDS: &[&str] = &[
     "refusal",
     "style",
     "repetition",
+    "sentiment",
     "discovered_trigger",
     "embedding_drift",
     "feature_drift",
