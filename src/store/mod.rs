@@ -9,6 +9,7 @@
 //! each keeps only its SQL dialect. Every call here blocks, so async code calls it from a
 //! blocking thread.
 
+mod allowed;
 mod location;
 mod migrations;
 mod postgres;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use allowed::{AllowedEvidence, allow_list};
 pub use location::{PostgresUrl, StoreLocation, UrlError};
 pub use rows::{ExchangeRow, Flag, Label, Review, now_us, rfc3339};
 pub use triggers::{RetroScan, ScanHit, TriggerSource, TriggerState, WatchedTrigger};
@@ -340,7 +342,11 @@ impl Store {
         dispatch!(&self.backend, b => b.get_flag(id))
     }
 
-    /// Labels a flag; returns the updated flag, or `None` when there is no such flag.
+    /// Labels a flag; returns the updated flag, or `None` when there is no such flag. In the
+    /// same transaction, the flag's allowed evidence follows the label: a false positive
+    /// allows the evidence of each of its rules in its scope (model × route; see
+    /// `policy::allow`), a true positive allows nothing (entries from an earlier false-positive
+    /// label of this flag are deleted).
     pub fn label_flag(
         &self,
         id: &str,
@@ -351,8 +357,18 @@ impl Store {
             return Ok(None);
         };
         let flag_id = flag.id.to_string();
-        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, rows::now_us()))?;
+        let now = rows::now_us();
+        let allowed = match verdict {
+            Review::FalsePositive => allowed::from_flag(&flag, now),
+            Review::TruePositive => Vec::new(),
+        };
+        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, now, &allowed))?;
         self.get_flag(&flag_id)
+    }
+
+    /// Every allowed evidence entry (from flags labelled false positive), oldest first.
+    pub fn list_allowed(&self) -> Result<Vec<AllowedEvidence>, StoreError> {
+        dispatch!(&self.backend, b => b.list_allowed())
     }
 
     /// Counts by rule, severity and model, and the labels.
