@@ -6,6 +6,7 @@
 //! in one place for the monitor path, enforce decisions and drift alarms.
 
 pub mod allow;
+pub mod calibrate;
 mod compile;
 mod file;
 pub mod judge;
