@@ -343,12 +343,16 @@ pub fn change_line(text: &str, rule: &str, cmp: &Comparison, proposed: &str) -> 
         })
     };
     let start = lines.iter().position(|l| is_name(l))?;
-    let (index, line) = lines
+    // The comparison in the condition, not one quoted in a comment after the rule's name.
+    let in_code = |line: &str| {
+        line.find(&cmp.text)
+            .filter(|&at| !line.get(..at).is_some_and(|before| before.contains('#')))
+    };
+    let (index, line, at) = lines
         .iter()
         .enumerate()
         .skip(start)
-        .find(|(_, l)| l.contains(&cmp.text))?;
-    let at = line.find(&cmp.text)?;
+        .find_map(|(i, l)| in_code(l).map(|at| (i, *l, at)))?;
     let number_at = at + cmp.text.len() - cmp.literal.len();
     let new = format!(
         "{}{}{}",
@@ -358,7 +362,7 @@ pub fn change_line(text: &str, rule: &str, cmp: &Comparison, proposed: &str) -> 
     );
     Some(LineChange {
         line: index,
-        old: (*line).to_owned(),
+        old: line.to_owned(),
         new,
     })
 }
@@ -543,6 +547,20 @@ mod tests {
         assert_eq!(
             propose(&c, &s, 0.001),
             Err(NoProposal::FiresRegardless { exchanges: 1 })
+        );
+    }
+
+    /// Found by running `tripwire calibrate` on the built-in policy: its comment above the
+    /// condition quotes the comparison, and the comment was changed instead of the condition.
+    #[test]
+    fn regression_a_comparison_quoted_in_a_comment_is_not_the_one_changed() {
+        let policy = "rules:\n  - name: gibberish\n    # gibberish.score >= 0.5 is the 99.9th percentile\n    when: gibberish.score >= 0.5 # gibberish.score >= 0.5\n";
+        let change =
+            change_line(policy, "gibberish", &cmp("gibberish.score >= 0.5"), "0.7").unwrap();
+        assert_eq!(change.line, 3);
+        assert_eq!(
+            change.new,
+            "    when: gibberish.score >= 0.7 # gibberish.score >= 0.5"
         );
     }
 
