@@ -989,7 +989,7 @@ async fn configured_secrets_never_reach_logs_flags_or_errors() {
 }
 
 /// A store for `calibrate`: 300 clean exchanges of model `m` whose outputs say "zork" 0 times
-/// (270), once (27, one of them flagged and labelled false positive) or twice (3), and two
+/// (267), once (30, one of them flagged and labelled false positive) or twice (3), and two
 /// exchanges saying it five times, flagged and labelled true positive.
 fn calibration_store(path: &std::path::Path, clean: usize) {
     use tripwire::capture::Exchange;

@@ -4,7 +4,8 @@
 //!
 //! * `GET /admin/flags?since=1h&policy=…&severity=…&model=…&route=…&label=…&limit=…&before=…`
 //! * `GET /admin/flags/{id}`
-//! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
+//! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`;
+//!   a false positive's evidence is allowed for its rules in its scope at once (`policy::allow`)
 //! * `GET /admin/flags/stats?since=…`
 //! * `POST /admin/reload`: reads the configuration and policies again (through the [`Reload`]
 //!   the composition root hands in); 200 with what changed, or 422 with the file:line:col

@@ -1,6 +1,7 @@
 //! The store: captured exchanges and the flags raised on them, written by one batch writer off
-//! the request path, read by the CLI, the admin API and trigger attribution; and the alert
-//! claims through which several replicas send one alert per rule, scope and cooldown.
+//! the request path, read by the CLI, the admin API and trigger attribution; the alert claims
+//! through which several replicas send one alert per rule, scope and cooldown; watched
+//! triggers; and the evidence that false-positive labels allow (`allowed`).
 //!
 //! Two backends behind one API, [`Store`]. SQLite (`sqlite/`, the default, one gateway) runs
 //! in WAL mode with `synchronous=NORMAL`: a committed batch survives a crash of the process; a
