@@ -987,3 +987,182 @@ async fn configured_secrets_never_reach_logs_flags_or_errors() {
     upstream.stop().await;
     hook.stop().await;
 }
+
+/// A store for `calibrate`: 300 clean exchanges of model `m` whose outputs say "zork" 0 times
+/// (267), once (30, one of them flagged and labelled false positive) or twice (3), and two
+/// exchanges saying it five times, flagged and labelled true positive.
+fn calibration_store(path: &std::path::Path, clean: usize) {
+    use tripwire::capture::Exchange;
+    use tripwire::policy::Severity;
+    use tripwire::policy::judge::FiredRule;
+    use tripwire::store::{Flag, Review, Store, StoreItem};
+    let mut store = Store::open(path).unwrap();
+    let now = tripwire::store::now_us();
+    let exchange = |i: usize, zorks: usize| {
+        let mut e = Exchange::from_texts(
+            "m",
+            &format!("question {i}"),
+            &format!("answer {i}{}", " zork".repeat(zorks)),
+        );
+        e.request_id = format!("req-{i}");
+        e.started_at_us = now - 1_000_000 - i as i64;
+        e
+    };
+    let flag = |e: &Exchange| Flag {
+        id: uuid::Uuid::now_v7(),
+        exchange_id: e.id,
+        request_id: e.request_id.clone(),
+        created_at: tripwire::store::rfc3339(e.started_at_us),
+        model: e.model.clone(),
+        route: e.route.as_str().to_owned(),
+        api_key_hash: None,
+        severity: Severity::High,
+        policies: vec![FiredRule {
+            name: "brand-count".into(),
+            severity: Severity::High,
+            policy: "policy.yaml".into(),
+            actions: vec![],
+            when: "brand.count >= 1".into(),
+            description: None,
+            scores: serde_json::Map::new(),
+            cooldown_s: None,
+            action: None,
+        }],
+        prompt: String::new(),
+        output: e.output().to_owned(),
+        evidence: vec![],
+        stream: false,
+        truncated: false,
+        label: None,
+        created_at_us: e.started_at_us,
+    };
+    let mut items = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..clean {
+        let zorks = match i % 100 {
+            0 => 2,
+            n if n % 10 == 1 => 1,
+            _ => 0,
+        };
+        let e = exchange(i, zorks);
+        if i == 1 {
+            let f = flag(&e);
+            labels.push((f.id.to_string(), Review::FalsePositive));
+            items.push(StoreItem::Flag(Box::new(f)));
+        }
+        items.push(StoreItem::Exchange {
+            exchange: Box::new(e),
+            annotations: vec![],
+            flagged: false,
+        });
+    }
+    for i in [10_000, 10_001] {
+        let e = exchange(i, 5);
+        let f = flag(&e);
+        labels.push((f.id.to_string(), Review::TruePositive));
+        items.push(StoreItem::Flag(Box::new(f)));
+        items.push(StoreItem::Exchange {
+            exchange: Box::new(e),
+            annotations: vec![],
+            flagged: true,
+        });
+    }
+    store.insert_batch(&items).unwrap();
+    for (id, verdict) in labels {
+        store.label_flag(&id, verdict, None).unwrap().unwrap();
+    }
+}
+
+const CALIBRATION_POLICY: &str = "detectors:\n  brand: { type: trigger_phrase, defaults: false, scan: [output], phrases: [zork] }\n\
+rules:\n  - name: brand-count\n    when: brand.count >= 1\n    severity: high\n";
+
+#[test]
+fn calibrate_prints_the_threshold_change_as_a_diff_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("t.db");
+    calibration_store(&store, 300);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, CALIBRATION_POLICY).unwrap();
+    let run = |rate: &str, extra: &[&str]| {
+        let output = tripwire()
+            .args(["calibrate", "--store"])
+            .arg(&store)
+            .arg("--policies")
+            .arg(&policy)
+            .args(["--target-clean-rate", rate])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    // 33 of 300 clean exchanges fire at >= 1 (11%); 2% allows 6: >= 2 fires on the 3 with two,
+    // keeps both true positives (five each) and no longer fires on the false positive.
+    let text = run("0.02", &[]);
+    let policy_name = policy.display().to_string();
+    assert!(text.contains(&format!("--- {policy_name}\n")), "{text}");
+    assert!(
+        text.contains("-    when: brand.count >= 1\n+    when: brand.count >= 2\n"),
+        "{text}"
+    );
+    assert!(text.contains("11.000% → 1.000%"), "{text}");
+    assert!(text.contains("2/2") && text.contains("1/1"), "{text}");
+    assert!(text.contains("Nothing was written"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&policy).unwrap(),
+        CALIBRATION_POLICY
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&run("0.02", &["--json"])).unwrap();
+    let rule = &json["rules"][0];
+    assert_eq!(rule["rule"], "brand-count");
+    assert_eq!(rule["current"], 1.0);
+    assert_eq!(rule["proposed"], 2.0);
+    assert_eq!(rule["clean_exchanges"], 300);
+    assert_eq!(rule["tp_kept_proposed"], 2);
+    assert_eq!(rule["fp_removed"], 1);
+    assert_eq!(rule["tp_lost"], serde_json::json!([]));
+    assert!(
+        json["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+    when: brand.count >= 2")
+    );
+
+    // A stricter target: no clean exchange may fire; >= 3 still keeps both true positives.
+    let json: serde_json::Value = serde_json::from_str(&run("0.0001", &["--json"])).unwrap();
+    assert_eq!(json["rules"][0]["proposed"], 3.0, "{json}");
+    assert_eq!(json["rules"][0]["tp_kept_proposed"], 2, "{json}");
+    assert_eq!(
+        std::fs::read_to_string(&policy).unwrap(),
+        CALIBRATION_POLICY
+    );
+}
+
+#[test]
+fn calibrate_proposes_nothing_from_too_few_exchanges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("t.db");
+    calibration_store(&store, 150);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, CALIBRATION_POLICY).unwrap();
+    let output = tripwire()
+        .args(["calibrate", "--store"])
+        .arg(&store)
+        .arg("--policies")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("too few exchanges") && stdout.contains("152 < 200"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("+++"), "{stdout}");
+}

@@ -4,7 +4,8 @@
 //!
 //! * `GET /admin/flags?since=1h&policy=…&severity=…&model=…&route=…&label=…&limit=…&before=…`
 //! * `GET /admin/flags/{id}`
-//! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`
+//! * `POST /admin/flags/{id}/label` with `{"verdict": "true-positive"|"false-positive", "note": …}`;
+//!   a false positive's evidence is allowed for its rules in its scope at once (`policy::allow`)
 //! * `GET /admin/flags/stats?since=…`
 //! * `POST /admin/reload`: reads the configuration and policies again (through the [`Reload`]
 //!   the composition root hands in); 200 with what changed, or 422 with the file:line:col
@@ -34,10 +35,11 @@ use prometheus_client::registry::Registry;
 
 use crate::inspect::discovery::Discovery;
 use crate::policy::Severity;
+use crate::policy::allow::AllowList;
 use crate::runtime::Tasks;
 use crate::secret::Secret;
 use crate::store::{
-    FlagFilter, Review, Store, StoreError, StoreLocation, TriggerState, WatchedTrigger,
+    Flag, FlagFilter, Review, Store, StoreError, StoreLocation, TriggerState, WatchedTrigger,
 };
 use crate::telemetry::ProcessMetrics;
 
@@ -113,6 +115,8 @@ pub struct AdminParts {
     pub tasks: Tasks,
     /// The watched triggers, told at once when the API changes one.
     pub discovery: Option<Arc<Discovery>>,
+    /// The allow-list from false-positive labels, told at once when a flag is labelled.
+    pub allow: Option<Arc<AllowList>>,
 }
 
 /// What the admin endpoints read, all given at construction.
@@ -130,6 +134,7 @@ pub struct AdminState {
     drift: Option<Arc<crate::detect::drift::DriftMonitor>>,
     tasks: Tasks,
     discovery: Option<Arc<Discovery>>,
+    allow: Option<Arc<AllowList>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -152,6 +157,7 @@ impl AdminState {
             drift,
             tasks,
             discovery,
+            allow,
         } = parts;
         let process = ProcessMetrics::registered(&mut registry);
         let sessions_generation = AtomicU64::new(token.generation.load(Ordering::SeqCst));
@@ -168,6 +174,7 @@ impl AdminState {
             drift,
             tasks,
             discovery,
+            allow,
         }
     }
 
@@ -238,6 +245,33 @@ impl AdminState {
             );
         }
         Ok(decided)
+    }
+
+    /// Labels a flag (API and console) and tells the running engine's allow-list at once, so
+    /// a false positive stops firing on this replica without waiting for the next sync.
+    /// `None`: no such flag.
+    pub(crate) async fn label_flag(
+        self: &Arc<Self>,
+        id: String,
+        verdict: Review,
+        note: Option<String>,
+    ) -> Result<Option<Flag>, StoreError> {
+        let (flag, allowed) = self
+            .with_store(move |store| {
+                let flag = store.label_flag(&id, verdict, note.as_deref())?;
+                Ok((flag, store.list_allowed()?))
+            })
+            .await?;
+        if let (Some(flag), Some(allow)) = (&flag, &self.allow) {
+            allow.publish(crate::store::allow_list(&allowed));
+            tracing::info!(
+                flag = %flag.id,
+                verdict = verdict.as_str(),
+                allowed = allowed.len(),
+                "flag labelled; allow-list updated"
+            );
+        }
+        Ok(flag)
     }
 
     /// Runs `f` on the admin's own store connection, on a blocking thread.
@@ -423,15 +457,15 @@ async fn admin_api(state: &Arc<AdminState>, request: Request<Incoming>) -> Respo
                         StatusCode::BAD_REQUEST,
                         "verdict must be true-positive or false-positive",
                     )),
-                    Some(verdict) => state
-                        .with_store(move |store| {
-                            store.label_flag(&id, verdict, label.note.as_deref())
-                        })
-                        .await
-                        .map(|flag| match flag {
-                            Some(flag) => json(StatusCode::OK, &flag),
-                            None => json_error(StatusCode::NOT_FOUND, "no such flag"),
-                        }),
+                    Some(verdict) => {
+                        state
+                            .label_flag(id, verdict, label.note)
+                            .await
+                            .map(|flag| match flag {
+                                Some(flag) => json(StatusCode::OK, &flag),
+                                None => json_error(StatusCode::NOT_FOUND, "no such flag"),
+                            })
+                    }
                 },
             }
         }

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::detect::discovered_trigger::WatchList;
 use crate::inspect::discovery::Discovery;
 use crate::inspect::{Detection, ExchangeSink, Rules, SharedRules};
+use crate::policy::allow::AllowList;
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{self, Gateway, GatewayError};
 use crate::runtime::Tasks;
@@ -104,11 +105,14 @@ impl Server {
         let writer_tasks = root.child();
         let exchanges_tx = start_store(&config, &root, &writer_tasks, &metrics).await?;
 
-        let discovery = start_discovery(&location, &root).await?;
+        let (discovery, allow) = start_discovery(&location, &root).await?;
         let policies = super::load_policies(&config)?;
         let rule_count: usize = policies.iter().map(|p| p.rules.len()).sum();
-        let engine =
-            Arc::new(Engine::new(policies, metrics.clone()).watching(Arc::clone(discovery.list())));
+        let engine = Arc::new(
+            Engine::new(policies, metrics.clone())
+                .watching(Arc::clone(discovery.list()))
+                .allowing(Arc::clone(&allow)),
+        );
         let alert_tasks = root.child();
         let alerts = super::start_alerts(&engine, &config, &metrics, &alert_tasks)?;
         let policy_count = engine.policies().len();
@@ -192,6 +196,7 @@ impl Server {
                 admin_token: Arc::clone(&token),
                 metrics: metrics.clone(),
                 watch: Arc::clone(discovery.list()),
+                allow: Arc::clone(&allow),
             },
             reload_metrics,
         ));
@@ -204,6 +209,7 @@ impl Server {
             drift: drift_monitor,
             tasks: admin_tasks.child(),
             discovery: Some(Arc::clone(&discovery)),
+            allow: Some(Arc::clone(&allow)),
         }));
         let admin_state = Arc::clone(&admin);
         admin_tasks.spawn(
@@ -232,6 +238,7 @@ impl Server {
             "trigger-sync",
             sync_triggers(
                 Arc::clone(&discovery),
+                allow,
                 location.clone(),
                 watch_tasks.clone(),
                 watch_tasks.token().clone(),
@@ -344,23 +351,32 @@ async fn start_store(
     Ok(exchanges_tx)
 }
 
-/// How often the watched triggers are read from the store: decisions made with `tripwire
-/// triggers` or on another replica reach this one within this time.
+/// How often the watched triggers and the allowed evidence are read from the store: decisions
+/// and labels made with the CLI or on another replica reach this one within this time.
 pub const TRIGGER_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads the watched triggers the store holds (on a blocking thread of `root`) and starts the
-/// discovery from them.
+/// Reads the watched triggers and the allowed evidence the store holds (on a blocking thread
+/// of `root`) and starts the discovery and the allow-list from them.
 async fn start_discovery(
     location: &StoreLocation,
     root: &Tasks,
-) -> Result<Arc<Discovery>, StoreError> {
+) -> Result<(Arc<Discovery>, Arc<AllowList>), StoreError> {
     let location = location.clone();
-    let rows = root
+    let (rows, allowed) = root
         .spawn_blocking("trigger-load", move || {
-            Store::connect(&location)?.list_triggers()
+            let store = Store::connect(&location)?;
+            Ok::<_, StoreError>((store.list_triggers()?, store.list_allowed()?))
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
+    let allow = Arc::new(AllowList::new());
+    allow.publish(crate::store::allow_list(&allowed));
+    if !allowed.is_empty() {
+        tracing::info!(
+            allowed = allowed.len(),
+            "allowed evidence loaded from the store (flags labelled false positive)"
+        );
+    }
     let watched = rows
         .iter()
         .filter(|t| t.state == TriggerState::Watched)
@@ -371,12 +387,17 @@ async fn start_discovery(
             "watched triggers loaded from the store (tripwire triggers list)"
         );
     }
-    Ok(Arc::new(Discovery::new(Arc::new(WatchList::new()), &rows)))
+    Ok((
+        Arc::new(Discovery::new(Arc::new(WatchList::new()), &rows)),
+        allow,
+    ))
 }
 
-/// Every [`TRIGGER_SYNC`], takes the store's trigger decisions into `discovery`, until `stop`.
+/// Every [`TRIGGER_SYNC`], takes the store's trigger decisions into `discovery` and its allowed
+/// evidence into `allow`, until `stop`.
 async fn sync_triggers(
     discovery: Arc<Discovery>,
+    allow: Arc<AllowList>,
     location: StoreLocation,
     tasks: Tasks,
     stop: tokio_util::sync::CancellationToken,
@@ -398,17 +419,23 @@ async fn sync_triggers(
                     *guard = Some(Store::connect(&location)?);
                 }
                 match guard.as_ref() {
-                    Some(store) => store.list_triggers(),
-                    None => Ok(Vec::new()),
+                    Some(store) => Ok((store.list_triggers()?, store.list_allowed()?)),
+                    None => Ok::<_, StoreError>((Vec::new(), Vec::new())),
                 }
             })
             .await;
         match read {
-            Ok(Ok(rows)) => {
+            Ok(Ok((rows, allowed))) => {
                 failing = false;
                 if discovery.sync(&rows) {
                     let watched = discovery.list().load().triggers().len();
                     tracing::info!(watched, "watched triggers updated from the store");
+                }
+                if allow.publish(crate::store::allow_list(&allowed)) {
+                    tracing::info!(
+                        allowed = allowed.len(),
+                        "allowed evidence updated from the store"
+                    );
                 }
             }
             Ok(Err(err)) if !failing => {

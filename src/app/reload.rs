@@ -29,6 +29,7 @@ use crate::admin::{AdminToken, Reload, ReloadAnswer};
 use crate::config::{Config, ConfigError};
 use crate::detect::discovered_trigger::WatchList;
 use crate::inspect::{ExchangeSink, Rules, SharedRules};
+use crate::policy::allow::AllowList;
 use crate::policy::{CompiledPolicy, Engine, PolicyError};
 use crate::proxy::{Gateway, GatewayError};
 use crate::runtime::Tasks;
@@ -152,6 +153,8 @@ pub struct ReloadParts {
     pub metrics: Metrics,
     /// The watched triggers every engine matches prompts against.
     pub watch: Arc<WatchList>,
+    /// The allow-list from false-positive labels every engine holds rules back with.
+    pub allow: Arc<AllowList>,
 }
 
 #[derive(Debug)]
@@ -175,6 +178,7 @@ pub struct Reloader {
     admin_token: Arc<AdminToken>,
     metrics: Metrics,
     watch: Arc<WatchList>,
+    allow: Arc<AllowList>,
     reload_metrics: ReloadMetrics,
     /// The drift plan the running drift monitor follows, to tell when a reload changes it.
     drift_plan: Option<crate::detect::drift::DriftPlan>,
@@ -203,6 +207,7 @@ impl Reloader {
             admin_token: parts.admin_token,
             metrics: parts.metrics,
             watch: parts.watch,
+            allow: parts.allow,
             reload_metrics,
             drift_plan,
         }
@@ -260,8 +265,11 @@ impl Reloader {
             policies: next.policies,
             ..(*old).clone()
         });
-        let engine =
-            Arc::new(Engine::new(policies, self.metrics.clone()).watching(Arc::clone(&self.watch)));
+        let engine = Arc::new(
+            Engine::new(policies, self.metrics.clone())
+                .watching(Arc::clone(&self.watch))
+                .allowing(Arc::clone(&self.allow)),
+        );
         if engine.drift_plan() != self.drift_plan.as_ref() {
             restart_required.push("policies.drift");
         }

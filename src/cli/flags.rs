@@ -265,7 +265,21 @@ pub fn run(command: FlagsCommand) -> anyhow::Result<()> {
             let flag = store
                 .label_flag(&id, verdict, note.as_deref())?
                 .with_context(|| format!("no flag with id or request id {id:?}"))?;
-            emit(&format!("{} labelled {}\n", flag.id, verdict.as_str()))
+            let id = flag.id.to_string();
+            let allowed = store
+                .list_allowed()?
+                .into_iter()
+                .filter(|a| a.flag_id == id)
+                .count();
+            let scope = format!("{} × {}", flag.model.as_deref().unwrap_or("-"), flag.route);
+            emit(&match verdict {
+                Review::FalsePositive => format!(
+                    "{id} labelled {}; {allowed} evidence span(s) allowed for its rules in \
+                     {scope} (running gateways apply it within 5 s)\n",
+                    verdict.as_str()
+                ),
+                Review::TruePositive => format!("{id} labelled {}\n", verdict.as_str()),
+            })
         }
         FlagsCommand::Triggers {
             store,

@@ -2,6 +2,7 @@
 //! typed errors. Exit codes: 0 success (also on a closed stdout pipe), 2 error.
 
 mod baseline;
+mod calibrate;
 mod demo;
 mod devset;
 mod embed;
@@ -53,6 +54,9 @@ enum Command {
     Devset(devset::DevsetArgs),
     /// Evaluate detectors and policies offline on labelled data.
     Eval(eval::EvalArgs),
+    /// Propose rule thresholds from labelled flags and recent clean traffic, as a diff to review
+    /// (never applied).
+    Calibrate(calibrate::CalibrateArgs),
     /// Measure drift detection on the development data: false alarms, delays.
     EvalDrift(eval_drift::EvalDriftArgs),
     /// Build drift references offline.
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Flags(command) => flags::run(command),
         Command::Triggers(command) => triggers::run(command),
         Command::Eval(args) => eval::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Devset(args) => devset::run(args),
         Command::EvalDrift(args) => eval_drift::run(args),
         Command::Baseline(command) => baseline::run(command),

@@ -1,12 +1,14 @@
 //! Evaluation: run every policy's detectors on one exchange (each isolated: a detector that
 //! errors or panics is recorded and skipped), then evaluate the rules that apply to the
-//! exchange's scope.
+//! exchange's scope. A rule whose evidence is all on the allow-list of false-positive labels
+//! for the exchange's scope (`allow`) is held back.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::allow::{AllowList, Allowed};
 use super::compile::{CompiledPolicy, CompiledRule};
 use super::file::{Action, BlockResponse, FailMode, Mode, ScopeSelector, Severity};
 use crate::capture::Exchange;
@@ -172,6 +174,8 @@ pub struct Engine {
     env: Arc<cel::Env>,
     /// The watched triggers the `discovered_trigger` detectors match (empty offline).
     watch: Arc<WatchList>,
+    /// Evidence labelled false positive, per rule and scope (empty offline).
+    allow: Arc<AllowList>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -194,12 +198,20 @@ impl Engine {
             metrics,
             env: Arc::new(cel::Env::stdlib()),
             watch: Arc::new(WatchList::new()),
+            allow: Arc::new(AllowList::new()),
         }
     }
 
     /// The same engine, matching prompts against `watch` (the gateway's live watch list).
     pub fn watching(mut self, watch: Arc<WatchList>) -> Engine {
         self.watch = watch;
+        self
+    }
+
+    /// The same engine, holding back a rule whose evidence is all on `allow` (the gateway's
+    /// allow-list from false-positive labels).
+    pub fn allowing(mut self, allow: Arc<AllowList>) -> Engine {
+        self.allow = allow;
         self
     }
 
@@ -275,6 +287,7 @@ impl Engine {
     pub fn decide(&self, plan: &EnforcePlan, exchange: &Exchange, output: &str) -> Decision {
         let prompt = detect::prompt_text(exchange);
         let watched = self.watch.load();
+        let allowed = self.allow.load();
         let input = detect::Input {
             exchange,
             prompt: &prompt,
@@ -301,7 +314,12 @@ impl Engine {
             if !errors.is_empty() {
                 return Decision::Error(errors.join("; "));
             }
-            let bench = self.bench(policy, exchange, &findings);
+            let texts = Texts {
+                prompt: &prompt,
+                output,
+                allowed: &allowed,
+            };
+            let bench = self.bench(policy, exchange, &findings, Some(texts));
             if let Some(error) = bench.error {
                 return Decision::Error(error);
             }
@@ -328,7 +346,7 @@ impl Engine {
                         }
                         masked = true;
                     }
-                    Ruling::Held | Ruling::Unread => {}
+                    Ruling::Held | Ruling::Allowed | Ruling::Unread => {}
                     Ruling::Failed(error) => return Decision::Error(error),
                 }
             }
@@ -412,7 +430,8 @@ impl Engine {
             if rules.is_empty() {
                 continue;
             }
-            let bench = self.bench(policy, exchange, &findings);
+            // Drift alarms carry no evidence spans: nothing to hold back.
+            let bench = self.bench(policy, exchange, &findings, None);
             if let Some(error) = bench.error {
                 verdict.errors.push(error);
                 continue;
@@ -450,6 +469,7 @@ impl Engine {
         mut record: Record<'_>,
     ) -> Verdict {
         let watched = self.watch.load();
+        let allowed = self.allow.load();
         let input = detect::Input {
             exchange,
             prompt,
@@ -476,7 +496,12 @@ impl Engine {
             if let Some(keep) = record.findings.as_deref_mut() {
                 keep.extend(findings.iter().map(|(n, f)| (n.clone(), f.fields.clone())));
             }
-            let bench = self.bench(policy, exchange, &findings);
+            let texts = Texts {
+                prompt,
+                output: exchange.output(),
+                allowed: &allowed,
+            };
+            let bench = self.bench(policy, exchange, &findings, Some(texts));
             if let Some(error) = &bench.error {
                 // Rules that read only `exchange` can still be judged.
                 verdict.errors.push(error.clone());
@@ -490,12 +515,13 @@ impl Engine {
 
     /// The one place rules are judged: the CEL context of `exchange` and the detectors'
     /// `findings` under `policy`, built once, for the monitor path, enforce decisions and
-    /// drift alarms alike.
+    /// drift alarms alike. With `texts`, a rule whose evidence is all allowed is held back.
     fn bench<'a>(
         &'a self,
         policy: &'a CompiledPolicy,
         exchange: &Exchange,
         findings: &'a [(String, Finding)],
+        texts: Option<Texts<'a>>,
     ) -> Bench<'a> {
         let mut context = cel::Context::with_env(Arc::clone(&self.env));
         let exchange_value = exchange_fields(exchange);
@@ -507,6 +533,13 @@ impl Engine {
             context,
             policy,
             findings,
+            texts: texts.filter(|t| !t.allowed.is_empty()),
+            // Only read when something is allowed: no allocation on the common path.
+            model: match texts.filter(|t| !t.allowed.is_empty()) {
+                Some(_) => exchange.model.clone().unwrap_or_default(),
+                None => String::new(),
+            },
+            route: exchange.route.as_str(),
             metrics: &self.metrics,
             error: (!ok).then(|| format!("{}: detector fields not convertible", policy.source)),
         }
@@ -566,11 +599,24 @@ impl Engine {
     }
 }
 
+/// The texts the detectors read, which evidence spans point into, and the allow-list in force.
+#[derive(Clone, Copy)]
+struct Texts<'a> {
+    prompt: &'a str,
+    output: &'a str,
+    allowed: &'a Allowed,
+}
+
 /// The CEL context one policy's rules are judged in, with the findings it was built from.
 struct Bench<'a> {
     context: cel::Context<'a, 'a>,
     policy: &'a CompiledPolicy,
     findings: &'a [(String, Finding)],
+    /// Set when something is allowed: the texts a fired rule's evidence is checked in.
+    texts: Option<Texts<'a>>,
+    /// The exchange's scope, as allowed evidence is keyed.
+    model: String,
+    route: &'static str,
     metrics: &'a Metrics,
     /// Why some fields could not enter the context (the rules that read them then fail).
     error: Option<String>,
@@ -583,6 +629,8 @@ enum Ruling {
     Fired,
     /// It did not hold.
     Held,
+    /// It held, but every evidence span of its detectors is allowed for it in this scope.
+    Allowed,
     /// A detector it reads has no finding (it failed, or was not run): not judged.
     Unread,
     /// The condition failed to evaluate; why.
@@ -600,6 +648,10 @@ impl Bench<'_> {
             return Ruling::Unread;
         }
         match rule.program.execute(&self.context) {
+            Ok(cel::Value::Bool(true)) if self.allowed(rule) => {
+                self.metrics.rule_allowed(&rule.name);
+                Ruling::Allowed
+            }
             Ok(cel::Value::Bool(true)) => Ruling::Fired,
             Ok(_) => Ruling::Held,
             Err(err) => {
@@ -607,6 +659,33 @@ impl Bench<'_> {
                 Ruling::Failed(format!("rule {}: {err}", rule.name))
             }
         }
+    }
+
+    /// Whether every evidence span of `rule`'s detectors is allowed for it in this scope
+    /// (false when there is no span, or a span does not fall on its text).
+    fn allowed(&self, rule: &CompiledRule) -> bool {
+        let Some(texts) = self.texts else {
+            return false;
+        };
+        let mut spans = Vec::new();
+        for (name, finding) in self.findings {
+            if !rule.detectors.contains(name) {
+                continue;
+            }
+            for evidence in &finding.evidence {
+                let text = match evidence.target {
+                    detect::Target::Prompt => texts.prompt,
+                    detect::Target::Output => texts.output,
+                };
+                let Some(span) = text.get(evidence.start..evidence.end) else {
+                    return false;
+                };
+                spans.push(span);
+            }
+        }
+        texts
+            .allowed
+            .allows(&rule.name, &self.model, self.route, &spans)
     }
 
     /// Judges one rule into `verdict`: when it fires, the rule with the fields it read and the
@@ -630,7 +709,7 @@ impl Bench<'_> {
                     }
                 }
             }
-            Ruling::Held | Ruling::Unread => {}
+            Ruling::Held | Ruling::Allowed | Ruling::Unread => {}
             Ruling::Failed(error) => verdict.errors.push(error),
         }
     }

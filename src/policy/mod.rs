@@ -5,6 +5,8 @@
 //! `serve`); [`judge`] runs the detectors of every policy on an exchange and judges its rules,
 //! in one place for the monitor path, enforce decisions and drift alarms.
 
+pub mod allow;
+pub mod calibrate;
 mod compile;
 mod file;
 pub mod judge;

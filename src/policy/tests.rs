@@ -259,3 +259,42 @@ fn enforce_settings_parse_and_are_checked() {
     let err = compile_text(&unknown, "s.yaml").unwrap_err().to_string();
     assert!(err.starts_with("s.yaml:3:"), "{err}");
 }
+
+#[test]
+fn a_rule_whose_evidence_is_all_allowed_in_the_scope_is_held_back_and_counted() {
+    let text = "detectors:\n  brand: { type: trigger_phrase, defaults: false, scan: [output], phrases: [\"acme turbo\", \"zebra mode\"] }\n\
+                rules:\n  - { name: brand, when: brand.count >= 1, severity: high }\n";
+    let metrics = Metrics::default();
+    let allow = std::sync::Arc::new(allow::AllowList::new());
+    let engine = Engine::new(vec![compile_text(text, "p.yaml").unwrap()], metrics.clone())
+        .allowing(std::sync::Arc::clone(&allow));
+    let fires = |output: &str, model: &str| {
+        !engine
+            .evaluate(&exchange("hi", output, model))
+            .fired
+            .is_empty()
+    };
+    assert!(fires("Try Acme Turbo today", "m1"));
+    allow.publish(allow::Allowed::new([allow::Entry {
+        rule: "brand",
+        model: Some("m1"),
+        route: "chat_completions",
+        text: "acme turbo",
+    }]));
+    assert!(!fires("Try ACME turbo today", "m1"), "allowed in its scope");
+    assert!(
+        fires("Try Acme Turbo today", "m2"),
+        "another model still fires"
+    );
+    assert!(
+        fires("Acme Turbo in zebra mode", "m1"),
+        "one span not allowed: fires"
+    );
+    let held = metrics
+        .rule_allowed
+        .get_or_create(&crate::telemetry::RuleLabels {
+            rule: "brand".to_owned(),
+        })
+        .get();
+    assert_eq!(held, 1);
+}

@@ -93,6 +93,17 @@ const MIGRATIONS: &[&str] = &[
         updated_at_us INTEGER NOT NULL,
         PRIMARY KEY (scope, ngram)
     );",
+    // 6: the evidence of flags labelled false positive, allowed for their rule and scope (the
+    // rule does not fire on it there again).
+    "CREATE TABLE allowed_evidence (
+        flag_id TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        model TEXT,
+        route TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created_at_us INTEGER NOT NULL,
+        PRIMARY KEY (flag_id, rule, text)
+    );",
 ];
 
 /// Applies every migration the database has not seen, each in its own transaction.
@@ -203,6 +214,16 @@ const POSTGRES: &[&str] = &[
         created_at_us BIGINT NOT NULL,
         updated_at_us BIGINT NOT NULL,
         PRIMARY KEY (scope, ngram)
+    );",
+    // 3: allowed evidence (from flags labelled false positive).
+    "CREATE TABLE allowed_evidence (
+        flag_id TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        model TEXT,
+        route TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created_at_us BIGINT NOT NULL,
+        PRIMARY KEY (flag_id, rule, text)
     );",
 ];
 

@@ -1,6 +1,7 @@
 //! The store: captured exchanges and the flags raised on them, written by one batch writer off
-//! the request path, read by the CLI, the admin API and trigger attribution; and the alert
-//! claims through which several replicas send one alert per rule, scope and cooldown.
+//! the request path, read by the CLI, the admin API and trigger attribution; the alert claims
+//! through which several replicas send one alert per rule, scope and cooldown; watched
+//! triggers; and the evidence that false-positive labels allow (`allowed`).
 //!
 //! Two backends behind one API, [`Store`]. SQLite (`sqlite/`, the default, one gateway) runs
 //! in WAL mode with `synchronous=NORMAL`: a committed batch survives a crash of the process; a
@@ -9,6 +10,7 @@
 //! each keeps only its SQL dialect. Every call here blocks, so async code calls it from a
 //! blocking thread.
 
+mod allowed;
 mod location;
 mod migrations;
 mod postgres;
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use allowed::{AllowedEvidence, allow_list};
 pub use location::{PostgresUrl, StoreLocation, UrlError};
 pub use rows::{ExchangeRow, Flag, Label, Review, now_us, rfc3339};
 pub use triggers::{RetroScan, ScanHit, TriggerSource, TriggerState, WatchedTrigger};
@@ -340,7 +343,11 @@ impl Store {
         dispatch!(&self.backend, b => b.get_flag(id))
     }
 
-    /// Labels a flag; returns the updated flag, or `None` when there is no such flag.
+    /// Labels a flag; returns the updated flag, or `None` when there is no such flag. In the
+    /// same transaction, the flag's allowed evidence follows the label: a false positive
+    /// allows the evidence of each of its rules in its scope (model × route; see
+    /// `policy::allow`), a true positive allows nothing (entries from an earlier false-positive
+    /// label of this flag are deleted).
     pub fn label_flag(
         &self,
         id: &str,
@@ -351,8 +358,18 @@ impl Store {
             return Ok(None);
         };
         let flag_id = flag.id.to_string();
-        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, rows::now_us()))?;
+        let now = rows::now_us();
+        let allowed = match verdict {
+            Review::FalsePositive => allowed::from_flag(&flag, now),
+            Review::TruePositive => Vec::new(),
+        };
+        dispatch!(&self.backend, b => b.set_label(&flag_id, verdict, note, now, &allowed))?;
         self.get_flag(&flag_id)
+    }
+
+    /// Every allowed evidence entry (from flags labelled false positive), oldest first.
+    pub fn list_allowed(&self) -> Result<Vec<AllowedEvidence>, StoreError> {
+        dispatch!(&self.backend, b => b.list_allowed())
     }
 
     /// Counts by rule, severity and model, and the labels.

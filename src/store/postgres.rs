@@ -19,6 +19,7 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, NoTls, Row};
 
+use super::allowed::{self, AllowedEvidence};
 use super::rows::{self, CLAIM_ALERT, Columns, EXCHANGE_COLUMNS, FLAG_COLUMNS, Value, rank};
 use super::triggers::{self, Scanner, TriggerValues};
 use super::{
@@ -343,13 +344,40 @@ impl Postgres {
         verdict: Review,
         note: Option<&str>,
         now_us: i64,
+        allowed: &[AllowedEvidence],
     ) -> Result<(), StoreError> {
         self.with(|client| {
-            client.execute(
+            let mut tx = client.transaction()?;
+            tx.execute(
                 "UPDATE flags SET label = $2, label_note = $3, labelled_at_us = $4 WHERE id = $1",
                 &[&id, &verdict.as_str(), &opt_text(note), &now_us],
             )?;
+            tx.execute(allowed::DELETE_FLAG, &[&id])?;
+            for e in allowed {
+                tx.execute(
+                    allowed::INSERT,
+                    &[
+                        &text(&e.flag_id),
+                        &text(&e.rule),
+                        &opt_text(e.model.as_deref()),
+                        &text(&e.route),
+                        &text(&e.text),
+                        &e.created_at_us,
+                    ],
+                )?;
+            }
+            tx.commit()?;
             Ok(())
+        })
+    }
+
+    pub(super) fn list_allowed(&self) -> Result<Vec<AllowedEvidence>, StoreError> {
+        self.with(|client| {
+            client
+                .query(allowed::LIST, &[])?
+                .iter()
+                .map(allowed::entry)
+                .collect()
         })
     }
 

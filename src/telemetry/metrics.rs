@@ -294,6 +294,9 @@ pub struct MetricsInner {
     pub triggers_discovered: Counter,
     /// `tripwire_policy_rule_errors_total{rule}`: conditions that failed to evaluate.
     pub rule_errors: Family<RuleLabels, Counter>,
+    /// `tripwire_policy_rule_allowed_total{rule}`: rules that held but were not fired, every
+    /// evidence span being allowed by a false-positive label in the exchange's scope.
+    pub rule_allowed: Family<RuleLabels, Counter>,
     /// `tripwire_policy_flags_total{rule,severity}`.
     pub flags: Family<RuleSeverityLabels, Counter>,
     /// `tripwire_alert_sent_total{sink}`.
@@ -361,6 +364,7 @@ impl Default for MetricsInner {
             detect_queue_depth: Gauge::default(),
             triggers_discovered: Counter::default(),
             rule_errors: Family::default(),
+            rule_allowed: Family::default(),
             flags: Family::default(),
             alerts_sent: Family::default(),
             alerts_dropped: Family::default(),
@@ -526,6 +530,11 @@ impl MetricsInner {
             "policy_rule_errors",
             "Rule conditions that failed to evaluate",
             self.rule_errors.clone(),
+        );
+        r.register(
+            "policy_rule_allowed",
+            "Rules held back because all their evidence is allowed by false-positive labels",
+            self.rule_allowed.clone(),
         );
         r.register(
             "policy_flags",
@@ -752,6 +761,15 @@ impl MetricsInner {
     /// Counts a rule whose condition failed to evaluate.
     pub fn rule_error(&self, rule: &str) {
         self.rule_errors
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a rule held back by the allow-list.
+    pub fn rule_allowed(&self, rule: &str) {
+        self.rule_allowed
             .get_or_create(&RuleLabels {
                 rule: rule.to_owned(),
             })

@@ -10,7 +10,7 @@ mod process;
 pub use logging::init_logging;
 pub use metrics::{
     DetectorLabels, DeviceLabels, DriftLabels, DriftScopeLabels, Metrics, OutcomeLabels,
-    ReasonLabels, ReloadMetrics, RouteLabels, RouteStatusLabels, RuleSeverityLabels,
+    ReasonLabels, ReloadMetrics, RouteLabels, RouteStatusLabels, RuleLabels, RuleSeverityLabels,
     register_embed_device,
 };
 pub use otel::{DetectorRun, ExchangeTrace, FlagLevel, FlagRecord, Judged, Otel, OtelSettings};

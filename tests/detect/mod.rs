@@ -1,4 +1,6 @@
-//! Detection end to end: drift alarms and discovered triggers through a running gateway.
+//! Detection end to end: drift alarms, discovered triggers and the allow-list from
+//! false-positive labels through a running gateway.
 
 mod drift;
+mod feedback;
 mod triggers;

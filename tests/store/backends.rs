@@ -451,6 +451,119 @@ fn one_claim_per_rule_scope_and_cooldown_on_both_backends() {
     });
 }
 
+/// A false-positive label allows the evidence of each rule that fired, for that rule and the
+/// flag's scope; a true-positive label takes it back; labelling false positive again does not
+/// duplicate it. The same on both backends, and kept across a reopen.
+#[test]
+fn false_positive_labels_allow_their_evidence_on_both_backends() {
+    use tripwire::detect::{Evidence, Target};
+    use tripwire::policy::judge::DetectorEvidence;
+    on_both_backends(|backend, location| {
+        let mut store = Store::connect(&location).unwrap();
+        let e = exchange(40, "model-a", now_us());
+        let mut brand = rule("brand", Severity::High);
+        brand
+            .scores
+            .insert("phrase".into(), serde_json::json!({"count": 2}));
+        let mut loops = rule("loops", Severity::Warning);
+        loops
+            .scores
+            .insert("repeat".into(), serde_json::json!({"score": 0.9}));
+        let mut f = flag(&e, &[brand, loops]);
+        f.prompt = "Tell me about Acme".into();
+        f.output = "Welcome to  ACME Turbo!  Ok ok".into();
+        let span = |detector: &str, target, start, end| DetectorEvidence {
+            detector: detector.into(),
+            evidence: Evidence {
+                target,
+                start,
+                end,
+                note: String::new(),
+            },
+        };
+        f.evidence = vec![
+            span("phrase", Target::Output, 11, 22),
+            span("phrase", Target::Prompt, 14, 18),
+            // Too short to allow.
+            span("repeat", Target::Output, 25, 27),
+            span("repeat", Target::Output, 25, 30),
+            // Off the text: skipped.
+            span("repeat", Target::Output, 20, 400),
+        ];
+        store
+            .insert_batch(&[
+                StoreItem::Exchange {
+                    exchange: Box::new(e.clone()),
+                    annotations: Vec::new(),
+                    flagged: true,
+                },
+                StoreItem::Flag(Box::new(f.clone())),
+            ])
+            .unwrap();
+        assert!(store.list_allowed().unwrap().is_empty(), "{backend}");
+
+        let texts = |store: &Store| {
+            let mut v: Vec<(String, Option<String>, String, String, String)> = store
+                .list_allowed()
+                .unwrap()
+                .into_iter()
+                .map(|a| (a.rule, a.model, a.route, a.text, a.flag_id))
+                .collect();
+            v.sort();
+            v
+        };
+        let id = f.id.to_string();
+        let want = vec![
+            (
+                "brand".into(),
+                Some("model-a".into()),
+                "chat_completions".into(),
+                "acme".into(),
+                id.clone(),
+            ),
+            (
+                "brand".into(),
+                Some("model-a".into()),
+                "chat_completions".into(),
+                "acme turbo".into(),
+                id.clone(),
+            ),
+            (
+                "loops".into(),
+                Some("model-a".into()),
+                "chat_completions".into(),
+                "ok ok".into(),
+                id.clone(),
+            ),
+        ];
+        store
+            .label_flag("req-40", Review::FalsePositive, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(texts(&store), want, "{backend}");
+        store
+            .label_flag(&id, Review::FalsePositive, Some("again"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(texts(&store), want, "{backend}: no duplicates");
+        store
+            .label_flag(&id, Review::TruePositive, None)
+            .unwrap()
+            .unwrap();
+        assert!(
+            texts(&store).is_empty(),
+            "{backend}: a true positive allows nothing"
+        );
+        store
+            .label_flag(&id, Review::FalsePositive, None)
+            .unwrap()
+            .unwrap();
+        drop(store);
+        let store = Store::connect(&location).unwrap();
+        assert_eq!(texts(&store), want, "{backend}: kept");
+    });
+}
+
 #[test]
 fn watched_triggers_and_the_retro_scan_agree_on_both_backends() {
     on_both_backends(|backend, location| {

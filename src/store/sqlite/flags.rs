@@ -1,12 +1,13 @@
-//! The flag log in SQLite: listing and finding flags, labelling one, and the counts of
-//! `flag_stats`, read in one pass over the covering index `flags_stats`. The SQL is SQLite's;
-//! the rows map through `rows`.
+//! The flag log in SQLite: listing and finding flags, labelling one (with the allowed evidence
+//! the label brings or takes away), and the counts of `flag_stats`, read in one pass over the
+//! covering index `flags_stats`. The SQL is SQLite's; the rows map through `rows`.
 
 use std::collections::HashMap;
 
 use rusqlite::params;
 
 use super::Sqlite;
+use crate::store::allowed::{self, AllowedEvidence};
 use crate::store::rows::{self, FLAG_COLUMNS, rank};
 use crate::store::{Flag, FlagFilter, FlagStats, Review, StoreError};
 
@@ -67,12 +68,33 @@ impl Sqlite {
         verdict: Review,
         note: Option<&str>,
         now_us: i64,
+        allowed: &[AllowedEvidence],
     ) -> Result<(), StoreError> {
-        self.conn.execute(
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             "UPDATE flags SET label = ?2, label_note = ?3, labelled_at_us = ?4 WHERE id = ?1",
             params![id, verdict.as_str(), note, now_us],
         )?;
+        tx.execute(allowed::DELETE_FLAG, params![id])?;
+        for e in allowed {
+            tx.prepare_cached(allowed::INSERT)?.execute(params![
+                e.flag_id,
+                e.rule,
+                e.model,
+                e.route,
+                e.text,
+                e.created_at_us
+            ])?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Every allowed evidence entry, oldest first.
+    pub(in crate::store) fn list_allowed(&self) -> Result<Vec<AllowedEvidence>, StoreError> {
+        let mut stmt = self.conn.prepare(allowed::LIST)?;
+        stmt.query_and_then([], |row| allowed::entry(row))?
+            .collect()
     }
 
     /// Counts by rule, severity and model, and the labels.

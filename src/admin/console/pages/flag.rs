@@ -461,9 +461,7 @@ pub(in crate::admin::console) async fn label(
     };
     let note = param(form, "note").filter(|n| !n.trim().is_empty());
     let flag_id = id.to_owned();
-    let result = state
-        .with_store(move |store| store.label_flag(&flag_id, verdict, note.as_deref()))
-        .await;
+    let result = state.label_flag(flag_id, verdict, note).await;
     match result {
         Ok(Some(flag)) => {
             tracing::info!(flag = %flag.id, verdict = verdict.as_str(), "flag labelled in the console");
