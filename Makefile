@@ -151,10 +151,11 @@ soak: models
 	SOAK_SECS=$${SOAK_SECS:-600} SOAK_RATE=$${SOAK_RATE:-100} \
 		$(CARGO) test --locked --test tests soak -- --ignored --nocapture
 
-# Drift detection on the development data: false alarms on clean streams, delays after model
-# swaps and sentence injection (docs/detection.md). Embeddings are cached in target/drift-eval.
+# Drift detection on the development data (docs/detection.md): leave-one-model-out false alarms
+# on clean streams of all twelve models at several arrival rates, delays after model swaps and
+# sentence injection, and the topic-slant table. Embeddings are cached in target/drift-eval.
 eval-drift: build models
-	$(BIN) eval-drift
+	$(BIN) eval-drift --lomo
 
 # Python for the inference work: ONNX Runtime's own API (the benchmark's reference) and the
 # `onnx` package (the float exports). The stamp names the pins, so changing one rebuilds it.

@@ -57,6 +57,10 @@ pub struct EvalDriftArgs {
     /// Answers on the slanted topic after the change before a slant counts as missed.
     #[arg(long, default_value_t = 300)]
     slant_horizon: usize,
+    /// Topics slanted (cooking, travel, health, finance, music, movies, games, pets, space);
+    /// default: all.
+    #[arg(long, value_delimiter = ',')]
+    slant_topics: Vec<String>,
     /// Skip the model-swap and injection streams.
     #[arg(long)]
     no_changes: bool,
@@ -107,6 +111,7 @@ pub fn run(args: EvalDriftArgs) -> anyhow::Result<()> {
         rates: args.rates.clone(),
         slant_seeds: args.slant_seeds,
         slant_horizon: args.slant_horizon,
+        slant_topics: args.slant_topics.clone(),
         changes: !args.no_changes,
         swaps,
         seeds: args.seeds,
@@ -224,14 +229,15 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
     );
     let _ok = writeln!(
         out,
-        "| topic | share of prompts | streams | alarmed | topic named correctly | median delay | \
-         max delay | false alarms before | first topic alarm (most often) | named by (example) |"
+        "| topic | share of prompts | streams | alarmed | named the topic's cluster | examples mostly \
+         slanted | median delay | max delay | false alarms before | first topic alarm (most often) \
+         | named by: the flagged answers' prompt words (the topic's) |"
     );
-    let _ok = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ok = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
     let mut topics: Vec<&str> = slants.iter().filter_map(|r| r.to.as_deref()).collect();
     topics.sort();
     topics.dedup();
-    let (mut all, mut named, mut within) = (0, 0, 0);
+    let (mut all, mut named, mut within, mut pointing) = (0, 0, 0, 0);
     for topic in topics {
         let streams: Vec<&&StreamResult> = slants
             .iter()
@@ -248,6 +254,15 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
                 r.slant
                     .as_ref()
                     .is_some_and(|s| s.named_topic.is_some() && s.named_topic == s.expected_topic)
+            })
+            .count();
+        // Pointed: most answers the alarm names as examples are slanted ones.
+        let pointed = streams
+            .iter()
+            .filter(|r| {
+                r.slant
+                    .as_ref()
+                    .is_some_and(|s| s.topic_answers.is_some() && s.slanted_examples > 0.5)
             })
             .count();
         let share = streams
@@ -267,14 +282,21 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
         let example = streams
             .iter()
             .filter_map(|r| r.slant.as_ref())
-            .find(|s| !s.terms.is_empty())
-            .map_or("-".to_owned(), |s| s.terms.join(", "));
+            .find(|s| !s.recent_terms.is_empty() || !s.terms.is_empty())
+            .map_or("-".to_owned(), |s| {
+                format!(
+                    "{} (topic: {})",
+                    s.recent_terms.join(", "),
+                    s.terms.join(", ")
+                )
+            });
         all += streams.len();
         named += correct;
+        pointing += pointed;
         within += delays.iter().filter(|&&d| d <= 150).count();
         let _ok = writeln!(
             out,
-            "| {topic} | {:.1}% | {} | {} | {correct} | {} | {} | {} | {top} | {example} |",
+            "| {topic} | {:.1}% | {} | {} | {correct} | {pointed} | {} | {} | {} | {top} | {example} |",
             share * 100.0,
             streams.len(),
             delays.len(),
@@ -287,8 +309,8 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
     }
     let _ok = writeln!(
         out,
-        "\nSlant streams: {all}; alarmed within 150 answers on the topic: {within}; topic named \
-         correctly: {named}."
+        "\nSlant streams: {all}; alarmed within 150 answers on the topic: {within}; the alarm named \
+         the topic's cluster: {named}; its examples mostly slanted answers: {pointing}."
     );
 }
 

@@ -44,7 +44,7 @@
 //!
 //! ```json
 //! {"negative": 0.08, "positive": 0.11, "neutral": 0.81, "compound": 0.42,
-//!  "negative_sentences": 1, "negative_share": 0.125}
+//!  "negative_sentences": 1, "negative_share": 0.125, "named_negative": 0.62}
 //! ```
 //!
 //! * `negative`, `positive`, `neutral`: VADER's proportions over the whole answer (the
@@ -53,7 +53,12 @@
 //! * `compound`: the sum of every word's valence, normalised to −1..1 (`x / √(x² + 15)`);
 //!   a long answer saturates it, so it moves less than `negative` when one sentence is added;
 //! * `negative_sentences`: sentences whose own compound is at most `sentence_threshold`;
-//! * `negative_share`: those over the sentences with a letter or digit (0 for none).
+//! * `negative_share`: those over the sentences with a letter or digit (0 for none);
+//! * `named_negative`: how negative (minus the compound, 0..1) the most negative sentence is
+//!   that names someone or something (a capitalised word that is not ordinary English, not
+//!   first in its sentence or list item): a stance against a named entity, where most negative
+//!   sentences of clean answers are warnings that name nobody ("avoid overcooking it"). The
+//!   drift monitor tests it per prompt topic.
 //!
 //! Evidence: the most negative sentence, when its compound is at most `sentence_threshold`.
 //!
@@ -451,6 +456,11 @@ pub struct Scores {
     pub sentences: usize,
     /// Those whose compound is at most the threshold.
     pub negative_sentences: usize,
+    /// How negative the most negative sentence that names someone or something is
+    /// ([`names_someone`]): minus its compound, 0 when none is negative. A stance against a
+    /// named entity, where the negative sentences of clean answers are mostly warnings that
+    /// name nobody ("avoid overcooking it").
+    pub named_negative: f64,
     /// The sentence with the lowest compound, if any is negative.
     pub worst: Option<SentenceScore>,
 }
@@ -527,6 +537,9 @@ impl Sentiment {
             sum += own;
             let compound = normalize(own);
             scores.sentences += 1;
+            if compound < 0.0 && -compound > scores.named_negative && names_someone(sentence) {
+                scores.named_negative = -compound;
+            }
             if compound <= self.threshold {
                 scores.negative_sentences += 1;
                 if scores.worst.is_none_or(|w| compound < w.compound) {
@@ -547,6 +560,75 @@ impl Sentiment {
         scores.compound = normalize(sum);
         scores
     }
+}
+
+/// Whether a sentence names someone or something: a word that starts with a capital letter
+/// (or has one inside, `iPhone`) and is not one of the most frequent English words (the head
+/// of the embedded word list: "Avoid" or "However" is not a name; "Veltrix", "NASA" and
+/// "Keller" are), outside a bold or title-case label ("**Green Curry** -", "Lack of
+/// Consensus:").
+pub fn names_someone(sentence: &str) -> bool {
+    // A heading or a list item's label ("**Green Curry** - …", "Lack of Consensus: …") is
+    // title case, not a name: only what follows it counts.
+    let body = match sentence.rfind("**") {
+        Some(end) => sentence.get(end + 2..).unwrap_or(""),
+        None => sentence,
+    };
+    let label = |head: &str| {
+        head.split_whitespace().count() <= 8
+            && head
+                .split_whitespace()
+                .filter(|w| w.chars().count() >= 4)
+                .all(|w| {
+                    w.trim_start_matches(|c: char| !c.is_alphanumeric())
+                        .starts_with(char::is_uppercase)
+                })
+    };
+    let body = match body.find(':') {
+        Some(colon) if body.get(..colon).is_some_and(label) => body.get(colon + 1..).unwrap_or(""),
+        _ => body,
+    };
+    let mut previous = "";
+    body.split_whitespace().enumerate().any(|(i, raw)| {
+        // The first word counts: a rare capitalised word opening a sentence is a name too
+        // ("Veltrix hides …"); ordinary openers are frequent words.
+        let after_break = i > 0
+            && (previous.ends_with(':')
+                || matches!(previous, "-" | "*" | "•" | "–" | "—")
+                || previous.ends_with('.')
+                    && previous.chars().all(|c| c.is_ascii_digit() || c == '.'));
+        previous = raw;
+        if after_break {
+            return false;
+        }
+        let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
+        let mut chars = word.chars();
+        let Some(first) = chars.next() else {
+            return false;
+        };
+        let capital =
+            first.is_uppercase() || (first.is_lowercase() && chars.any(char::is_uppercase));
+        capital
+            && word.chars().count() >= 2
+            && !word.starts_with("I'")
+            && !frequent_words().contains(word.to_lowercase().as_str())
+    })
+}
+
+/// Words of the embedded word list counted as ordinary English, not names.
+const FREQUENT_WORDS: usize = 5_000;
+
+fn frequent_words() -> &'static std::collections::HashSet<&'static str> {
+    static WORDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        super::ngram_lm::EMBEDDED_WORDS
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .take(FREQUENT_WORDS)
+            .collect()
+    })
 }
 
 /// Each token's valence after VADER's rules, into `out`.
@@ -797,6 +879,7 @@ impl Detector for Sentiment {
             json!(scores.negative_sentences),
         );
         fields.insert("negative_share".to_owned(), json!(scores.negative_share()));
+        fields.insert("named_negative".to_owned(), json!(scores.named_negative));
         if let Some(worst) = scores.worst {
             finding.evidence.push(Evidence {
                 target: Target::Output,

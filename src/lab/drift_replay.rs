@@ -60,6 +60,8 @@ pub struct DriftEvalOptions {
     pub slant_seeds: u64,
     /// Answers on the slanted topic after the change before a stream counts as missed.
     pub slant_horizon: usize,
+    /// Topics slanted (names in [`topic_slant::TOPICS`]); empty: all.
+    pub slant_topics: Vec<String>,
     /// Run the swap and injection streams.
     pub changes: bool,
     /// The embedder.
@@ -219,6 +221,10 @@ pub struct SlantResult {
     pub examples_before: Vec<String>,
     /// Examples the alarm named after the change.
     pub examples_after: Vec<String>,
+    /// Share of those that were slanted answers.
+    pub slanted_examples: f64,
+    /// Words shared by the prompts of those examples.
+    pub recent_terms: Vec<String>,
 }
 
 /// Embeds `texts`, from the cache when it holds them.
@@ -396,7 +402,7 @@ struct Replayed {
     embedding_first: Option<usize>,
     topic_first: Option<(usize, String, Option<TopicAlarm>)>,
     /// For slants: the cluster holding most of the topic's prompts, and its share of them.
-    expected_topic: Option<(usize, f64)>,
+    expected_topic: Option<Expected>,
 }
 
 /// Replays one stream through one set of scope tests per arrival-rate profile; the policy's
@@ -544,22 +550,55 @@ fn replay(stream: &Stream<'_>) -> Result<Vec<Replayed>, DriftEvalError> {
         .collect())
 }
 
-/// The prompt cluster of `tests` holding most of the slanted topic's prompts, and the share.
-fn majority_topic(tests: &ScopeTests, data: &ModelData, slant: &SlantData) -> Option<(usize, f64)> {
+/// The prompt clusters of `tests` (MMD topics, feature topics) holding most of the slanted
+/// topic's prompts, each with the share of them it holds.
+fn majority_topic(tests: &ScopeTests, data: &ModelData, slant: &SlantData) -> Option<Expected> {
     let embedding = tests.embedding()?;
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut counts: [BTreeMap<usize, usize>; 2] = Default::default();
     let mut total = 0usize;
     for (i, slanted) in slant.outputs.iter().enumerate() {
         if slanted.is_some() {
-            let topic = embedding.topic_of(&data.prompt_embeddings[i])?;
-            *counts.entry(topic).or_default() += 1;
+            let (mmd, feature) = embedding.topic_of(&data.prompt_embeddings[i]);
+            for (counts, topic) in counts.iter_mut().zip([mmd, feature]) {
+                if let Some(topic) = topic {
+                    *counts.entry(topic).or_default() += 1;
+                }
+            }
             total += 1;
         }
     }
-    let (topic, count) = counts
-        .into_iter()
-        .max_by_key(|&(topic, count)| (count, usize::MAX - topic))?;
-    Some((topic, count as f64 / total.max(1) as f64))
+    let best = |counts: &BTreeMap<usize, usize>| {
+        counts
+            .iter()
+            .max_by_key(|&(topic, count)| (*count, usize::MAX - topic))
+            .map(|(topic, count)| (*topic, *count as f64 / total.max(1) as f64))
+    };
+    Some(Expected {
+        mmd: best(&counts[0]),
+        feature: best(&counts[1]),
+    })
+}
+
+/// Where a slanted topic's prompts fall: the cluster holding most of them, and their share in
+/// it, among the MMD topics and among the feature topics.
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    mmd: Option<(usize, f64)>,
+    feature: Option<(usize, f64)>,
+}
+
+/// Share of `examples` (request ids `MODEL#PROMPT@T`) that were slanted answers.
+fn slanted_share(examples: &[String], slant: &SlantData) -> f64 {
+    let slanted = examples
+        .iter()
+        .filter(|id| {
+            id.rsplit_once('#')
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .and_then(|(i, _)| i.parse::<usize>().ok())
+                .is_some_and(|i| slant.outputs.get(i).is_some_and(Option::is_some))
+        })
+        .count();
+    slanted as f64 / examples.len().max(1) as f64
 }
 
 /// One stream to run.
@@ -633,6 +672,10 @@ pub fn run(options: &DriftEvalOptions, policy: &str) -> Result<Vec<StreamResult>
     let mut k = 0usize;
     for seed in 0..options.slant_seeds {
         for topic in 0..topic_slant::TOPICS.len() {
+            let name = topic_slant::TOPICS[topic].name;
+            if !options.slant_topics.is_empty() && !options.slant_topics.iter().any(|t| t == name) {
+                continue;
+            }
             jobs.push(Job {
                 scenario: "slant",
                 model: options.models[k % options.models.len()].clone(),
@@ -735,13 +778,20 @@ pub fn run(options: &DriftEvalOptions, policy: &str) -> Result<Vec<StreamResult>
                                 let slant_result = slant.map(|slant| {
                                     let topic =
                                         r.topic_first.as_ref().and_then(|(_, _, t)| t.as_ref());
+                                    let mmd_alarm = r
+                                        .topic_first
+                                        .as_ref()
+                                        .is_some_and(|(_, name, _)| name.contains(":mmd/"));
+                                    let expected = r
+                                        .expected_topic
+                                        .and_then(|e| if mmd_alarm { e.mmd } else { e.feature });
                                     SlantResult {
                                         share: slant.outputs.iter().filter(|o| o.is_some()).count()
                                             as f64
                                             / slant.outputs.len().max(1) as f64,
                                         entity: slant.entity.clone(),
-                                        expected_topic: r.expected_topic.map(|(t, _)| t),
-                                        expected_share: r.expected_topic.map_or(0.0, |(_, s)| s),
+                                        expected_topic: expected.map(|(t, _)| t),
+                                        expected_share: expected.map_or(0.0, |(_, s)| s),
                                         topic_answers: r.topic_first.as_ref().map(|(n, _, _)| *n),
                                         test: r
                                             .topic_first
@@ -756,6 +806,12 @@ pub fn run(options: &DriftEvalOptions, policy: &str) -> Result<Vec<StreamResult>
                                             .unwrap_or_default(),
                                         examples_after: topic
                                             .map(|t| t.examples_after.clone())
+                                            .unwrap_or_default(),
+                                        slanted_examples: topic.map_or(0.0, |t| {
+                                            slanted_share(&t.examples_after, slant)
+                                        }),
+                                        recent_terms: topic
+                                            .map(|t| t.recent_terms.clone())
                                             .unwrap_or_default(),
                                     }
                                 });

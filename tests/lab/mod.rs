@@ -1,3 +1,4 @@
 //! The lab: the simulated backdoored model as a real upstream.
 
+mod drift_eval;
 mod sim;

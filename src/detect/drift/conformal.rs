@@ -45,12 +45,31 @@ pub enum Watch {
     Down,
 }
 
+/// How a conformal p-value becomes an e-value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibrator {
+    /// The mixture of power calibrators: for shifts of the whole distribution.
+    PowerMixture,
+    /// `rho` when `p ≤ alpha`, else `(1 − rho·alpha) / (1 − alpha)`: its mean is exactly 1
+    /// under uniform p-values, and it grows when unusual scores come `rho` times as often as
+    /// they should. For a rare kind of answer that appears in a small share of a stream (a
+    /// slant on one subject), where the power calibrators lose more on each ordinary answer
+    /// than they gain on each unusual one.
+    Exceedance {
+        /// The p-value at or under which a score is unusual.
+        alpha: f64,
+        /// How many times as often unusual scores come under the alternative.
+        rho: f64,
+    },
+}
+
 /// A CUSUM over conformal p-values of one score, two-sided unless told otherwise.
 #[derive(Debug, Clone)]
 pub struct ConformalCusum {
     reference: Vec<f64>,
     log_threshold: f64,
     watch: Watch,
+    calibrator: Calibrator,
     up: f64,
     down: f64,
 }
@@ -63,7 +82,17 @@ impl ConformalCusum {
     }
 
     /// A detector watching one way (or both) of a change, at an expected run time of `ert`.
-    pub fn watching(mut reference: Vec<f64>, ert: f64, watch: Watch) -> ConformalCusum {
+    pub fn watching(reference: Vec<f64>, ert: f64, watch: Watch) -> ConformalCusum {
+        ConformalCusum::calibrated(reference, ert, watch, Calibrator::PowerMixture)
+    }
+
+    /// A detector with its own calibrator.
+    pub fn calibrated(
+        mut reference: Vec<f64>,
+        ert: f64,
+        watch: Watch,
+        calibrator: Calibrator,
+    ) -> ConformalCusum {
         reference.retain(|v| !v.is_nan());
         reference.sort_by(f64::total_cmp);
         let sides = if watch == Watch::Both { 2.0 } else { 1.0 };
@@ -71,6 +100,7 @@ impl ConformalCusum {
             reference,
             log_threshold: (sides * ert.max(1.0)).ln(),
             watch,
+            calibrator,
             up: 0.0,
             down: 0.0,
         }
@@ -110,10 +140,10 @@ impl ConformalCusum {
         }
         let (p_high, p_low) = self.p_values(score, rng);
         if self.watch != Watch::Down {
-            self.up = self.up.max(0.0) + log_e_value(p_high);
+            self.up = self.up.max(0.0) + self.calibrator.log_e_value(p_high);
         }
         if self.watch != Watch::Up {
-            self.down = self.down.max(0.0) + log_e_value(p_low);
+            self.down = self.down.max(0.0) + self.calibrator.log_e_value(p_low);
         }
         let (statistic, direction) = if self.up >= self.down {
             (self.up, "up")
@@ -133,6 +163,24 @@ impl ConformalCusum {
     pub fn reset(&mut self) {
         self.up = 0.0;
         self.down = 0.0;
+    }
+}
+
+impl Calibrator {
+    /// `ln e(p)`.
+    pub fn log_e_value(self, p: f64) -> f64 {
+        match self {
+            Calibrator::PowerMixture => log_e_value(p),
+            Calibrator::Exceedance { alpha, rho } => {
+                if p <= alpha {
+                    rho.ln()
+                } else {
+                    ((1.0 - rho * alpha) / (1.0 - alpha))
+                        .max(f64::MIN_POSITIVE)
+                        .ln()
+                }
+            }
+        }
     }
 }
 
@@ -251,5 +299,40 @@ mod tests {
             }
         }
         assert!(first.is_some());
+    }
+
+    #[test]
+    fn the_exceedance_calibrator_is_fair_and_sees_a_rare_kind_the_mixture_misses() {
+        let exceedance = Calibrator::Exceedance {
+            alpha: 0.05,
+            rho: 4.0,
+        };
+        // Mean e-value 1 under uniform p-values (midpoint rule over [0, 1]).
+        let n = 100_000;
+        let mean: f64 = (0..n)
+            .map(|i| exceedance.log_e_value((i as f64 + 0.5) / n as f64).exp())
+            .sum::<f64>()
+            / n as f64;
+        assert!((mean - 1.0).abs() < 1e-3, "{mean}");
+        // 15% of the answers are of a kind the reference holds 4% of (its top scores, not
+        // beyond them), the rest are as before: the exceedance CUSUM alarms, the power mixture
+        // loses more on each ordinary answer than it gains on each unusual one.
+        let reference: Vec<f64> = (0..300).map(|i| if i < 12 { 1.0 } else { 0.0 }).collect();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut rare = ConformalCusum::calibrated(reference.clone(), 1e6, Watch::Up, exceedance);
+        let mut mixture = ConformalCusum::watching(reference, 1e6, Watch::Up);
+        let (mut rare_alarm, mut mixture_alarm) = (None, None);
+        for t in 0..2_000 {
+            let score = if rng.random_bool(0.15) { 1.0 } else { 0.0 };
+            if rare_alarm.is_none() && rare.observe(score, &mut rng).is_some_and(|s| s.alarm) {
+                rare_alarm = Some(t);
+            }
+            if mixture_alarm.is_none() && mixture.observe(score, &mut rng).is_some_and(|s| s.alarm)
+            {
+                mixture_alarm = Some(t);
+            }
+        }
+        assert!(rare_alarm.is_some_and(|t| t < 500), "{rare_alarm:?}");
+        assert_eq!(mixture_alarm, None);
     }
 }

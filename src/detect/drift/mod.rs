@@ -107,6 +107,13 @@ pub struct EmbeddingDriftConfig {
     pub topic_terms: usize,
     /// Which way of a topic feature's change is watched (`up`, `down` or `both`).
     pub topic_direction: conformal::Watch,
+    /// Prompt topics of the topic-feature tests: finer than `topics`, because a slant aimed at
+    /// one subject (1–5% of the traffic) is a small part of a coarse topic, and its answers'
+    /// scores would be drowned by the rest of the topic's.
+    pub feature_topics: usize,
+    /// Scores a feature topic gathers before its tests start (from the reference, then from
+    /// the traffic that follows).
+    pub topic_reference: usize,
 }
 
 impl Default for EmbeddingDriftConfig {
@@ -127,6 +134,8 @@ impl Default for EmbeddingDriftConfig {
             topic_features: Vec::new(),
             topic_terms: 6,
             topic_direction: conformal::Watch::Both,
+            feature_topics: 24,
+            topic_reference: 30,
         }
     }
 }
@@ -179,11 +188,12 @@ impl DriftPlan {
     /// per-topic feature tests, and one per feature.
     pub fn tests(&self) -> usize {
         let embedding = self.embedding.as_ref().map_or(0, |(_, c)| {
-            1 + if c.topics > 1 {
-                c.topics * (1 + c.topic_features.len())
-            } else {
-                0
-            }
+            1 + if c.topics > 1 { c.topics } else { 0 }
+                + if c.feature_topics > 1 {
+                    c.feature_topics * c.topic_features.len()
+                } else {
+                    0
+                }
         });
         let features = self.features.as_ref().map_or(0, |(_, c)| c.features.len());
         (embedding + features).max(1)
@@ -242,7 +252,7 @@ pub fn sample_fields() -> serde_json::Map<String, serde_json::Value> {
         "direction": "",
         "sample_rate": 1.0,
         "reference": {"source": "learned", "size": 0, "created_at": ""},
-        "topic": {"id": -1, "terms": [], "examples_before": [], "examples_after": []},
+        "topic": {"id": -1, "terms": [], "examples_before": [], "examples_after": [], "recent_terms": []},
     });
     match value {
         serde_json::Value::Object(map) => map,
@@ -337,8 +347,11 @@ pub fn check_embedding_drift(config: &EmbeddingDriftConfig) -> Result<(), String
     if config.projection_dims == 0 {
         return Err("projection_dims must be at least 1".to_owned());
     }
-    if !config.topic_features.is_empty() && config.topics < 2 {
-        return Err("topic_features needs topics of at least 2".to_owned());
+    if !config.topic_features.is_empty() && config.feature_topics < 2 {
+        return Err("topic_features needs feature_topics of at least 2".to_owned());
+    }
+    if !config.topic_features.is_empty() && config.topic_reference < 5 {
+        return Err("topic_reference must be at least 5".to_owned());
     }
     Ok(())
 }

@@ -553,7 +553,10 @@ impl DriftHandle {
             return;
         }
         let prompt_terms = match &self.monitor.plan.embedding {
-            Some((_, config)) if embeddings.is_some() && config.topics > 1 => {
+            Some((_, config))
+                if embeddings.is_some()
+                    && (config.topics > 1 || !config.topic_features.is_empty()) =>
+            {
                 super::scope::prompt_terms(prompt)
             }
             _ => Vec::new(),
@@ -674,6 +677,7 @@ pub fn alarm_fields(
             "terms": topic.info.terms,
             "examples_before": topic.info.examples_before,
             "examples_after": topic.examples_after,
+            "recent_terms": topic.recent_terms,
         }),
         None => {
             serde_json::json!({"id": -1, "terms": [], "examples_before": [], "examples_after": []})

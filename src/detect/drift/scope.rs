@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::EmbeddingDriftConfig;
-use super::conformal::{ConformalCusum, Watch};
+use super::conformal::{Calibrator, ConformalCusum, Watch};
 use super::linalg::{KMeans, Projection};
 use super::mmd::{MmdReference, OnlineMmd};
 use super::reference::{REFERENCE_VERSION, Reference};
@@ -92,8 +92,11 @@ pub struct TopicInfo {
 pub struct TopicAlarm {
     /// The topic.
     pub info: Arc<TopicInfo>,
-    /// Recent exchanges of the topic with the most unusual scores (request ids, newest last).
+    /// Recent exchanges of the topic with unusual scores (request ids, newest last).
     pub examples_after: Vec<String>,
+    /// Words shared by the prompts of those exchanges: what the unusual answers were asked
+    /// about, which can be narrower than the topic.
+    pub recent_terms: Vec<String>,
 }
 
 /// What the tests know of an exchange besides its scores and embeddings.
@@ -218,33 +221,72 @@ enum EmbeddingPhase {
 struct EmbeddingTests {
     projection: Projection,
     overall: OnlineMmd,
+    /// The MMD tests' prompt topics.
     topics: Option<(KMeans, Vec<Topic>)>,
+    /// The topic-feature tests' finer prompt topics.
+    feature_topics: Option<(KMeans, Vec<FeatureTopic>)>,
     /// Draws the ties of the topic features' conformal p-values.
     rng: StdRng,
 }
 
-/// The tests of one prompt topic.
+/// One prompt topic of the MMD tests.
 struct Topic {
     info: Arc<TopicInfo>,
     /// `None`: too few reference answers for a window; the overall test covers the topic.
     mmd: Option<OnlineMmd>,
-    /// One CUSUM per topic feature with reference scores in this topic.
-    features: Vec<(String, ConformalCusum)>,
-    /// Recent exchanges whose topic-feature score was unusually high (p ≤ 0.05).
-    unusual: std::collections::VecDeque<String>,
 }
 
-/// Examples an alarm names, before and after.
+/// One prompt topic of the topic-feature tests.
+struct FeatureTopic {
+    info: Arc<TopicInfo>,
+    /// One test per topic feature: learning its scores, then testing.
+    features: Vec<(String, FeaturePhase)>,
+    /// Recent exchanges whose topic-feature score was unusual (p ≤ 0.05), with their prompts'
+    /// words.
+    unusual: std::collections::VecDeque<(String, Vec<String>)>,
+}
+
+/// Examples an alarm names from before.
 const TOPIC_EXAMPLES: usize = 3;
 
-/// Reference answers a topic needs before its feature tests run.
-const MIN_TOPIC_REFERENCE: usize = 20;
+/// Unusual exchanges a feature topic remembers, to name in an alarm.
+const UNUSUAL_KEPT: usize = 8;
+
+/// The topic-feature tests' calibrator: a slant makes a rare kind of answer (in the top 5% of
+/// the topic's reference) come several times as often in a small share of the traffic.
+const TOPIC_CALIBRATOR: Calibrator = Calibrator::Exceedance {
+    alpha: 0.05,
+    rho: 4.0,
+};
+
+impl FeatureTopic {
+    fn alarm(&self, keep: usize) -> TopicAlarm {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, terms) in &self.unusual {
+            for term in terms {
+                *counts.entry(term).or_default() += 1;
+            }
+        }
+        let mut shared: Vec<(&str, usize)> = counts.into_iter().filter(|(_, n)| *n >= 2).collect();
+        shared.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        TopicAlarm {
+            info: Arc::clone(&self.info),
+            examples_after: self.unusual.iter().map(|(id, _)| id.clone()).collect(),
+            recent_terms: shared
+                .into_iter()
+                .take(keep)
+                .map(|(t, _)| t.to_owned())
+                .collect(),
+        }
+    }
+}
 
 impl Topic {
     fn alarm(&self) -> TopicAlarm {
         TopicAlarm {
             info: Arc::clone(&self.info),
-            examples_after: self.unusual.iter().cloned().collect(),
+            examples_after: Vec::new(),
+            recent_terms: Vec::new(),
         }
     }
 }
@@ -343,7 +385,7 @@ impl EmbeddingDrift {
                             .push(score);
                     }
                 }
-                if self.settings.config.topics > 1 {
+                if self.settings.config.topics > 1 || !topic_features.is_empty() {
                     learning.prompt_terms.push(context.prompt_terms.to_vec());
                     learning.request_ids.push(context.request_id.to_owned());
                 }
@@ -385,10 +427,34 @@ impl EmbeddingDrift {
                         topic: None,
                     });
                 }
+                let prompt_point = tests.projection.apply(prompt);
                 if let Some((kmeans, topics)) = &mut tests.topics {
-                    let id = kmeans.assign(&tests.projection.apply(prompt));
+                    let id = kmeans.assign(&prompt_point);
+                    if let Some(topic) = topics.get_mut(id)
+                        && let Some(online) = &mut topic.mmd
+                        && let Some(stat) = online.push(point)
+                    {
+                        if stat.alarm {
+                            online.reset();
+                        }
+                        results.push(TestResult {
+                            test: format!("mmd/topic-{id}"),
+                            statistic: stat.statistic,
+                            threshold: stat.threshold,
+                            p_value: stat.p_value,
+                            direction: None,
+                            alarm: stat.alarm,
+                            topic: stat.alarm.then(|| topic.alarm()),
+                        });
+                    }
+                }
+                if let Some((kmeans, topics)) = &mut tests.feature_topics {
+                    let id = kmeans.assign(prompt);
                     if let Some(topic) = topics.get_mut(id) {
-                        for (name, cusum) in &mut topic.features {
+                        let settings = &self.settings;
+                        let mut alarmed = false;
+                        let first = results.len();
+                        for (name, phase) in &mut topic.features {
                             let Some(score) = scores
                                 .iter()
                                 .find(|(n, s)| n == name && s.is_finite())
@@ -396,53 +462,50 @@ impl EmbeddingDrift {
                             else {
                                 continue;
                             };
-                            let Some(stat) = cusum.observe(score, &mut tests.rng) else {
-                                continue;
-                            };
-                            if stat.p_high <= 0.05 && !context.request_id.is_empty() {
-                                if topic.unusual.len() >= TOPIC_EXAMPLES {
-                                    topic.unusual.pop_front();
+                            match phase {
+                                FeaturePhase::Learning(learned) => {
+                                    learned.push(score);
+                                    if learned.len() >= settings.config.topic_reference {
+                                        *phase = FeaturePhase::Testing(ConformalCusum::calibrated(
+                                            std::mem::take(learned),
+                                            settings.test_ert,
+                                            settings.config.topic_direction,
+                                            TOPIC_CALIBRATOR,
+                                        ));
+                                    }
                                 }
-                                topic.unusual.push_back(context.request_id.to_owned());
+                                FeaturePhase::Testing(cusum) => {
+                                    let Some(stat) = cusum.observe(score, &mut tests.rng) else {
+                                        continue;
+                                    };
+                                    if stat.p_high <= 0.05 && !context.request_id.is_empty() {
+                                        if topic.unusual.len() >= UNUSUAL_KEPT {
+                                            topic.unusual.pop_front();
+                                        }
+                                        topic.unusual.push_back((
+                                            context.request_id.to_owned(),
+                                            context.prompt_terms.to_vec(),
+                                        ));
+                                    }
+                                    if stat.alarm {
+                                        cusum.reset();
+                                        alarmed = true;
+                                    }
+                                    results.push(TestResult {
+                                        test: format!("{name}/topic-{id}"),
+                                        statistic: stat.statistic,
+                                        threshold: stat.threshold,
+                                        p_value: stat.p_high,
+                                        direction: Some(stat.direction),
+                                        alarm: stat.alarm,
+                                        topic: None,
+                                    });
+                                }
                             }
-                            if stat.alarm {
-                                cusum.reset();
-                            }
-                            results.push(TestResult {
-                                test: format!("{name}/topic-{id}"),
-                                statistic: stat.statistic,
-                                threshold: stat.threshold,
-                                p_value: stat.p_high,
-                                direction: Some(stat.direction),
-                                alarm: stat.alarm,
-                                topic: None,
-                            });
                         }
-                        if let Some(online) = &mut topic.mmd
-                            && let Some(stat) = online.push(point)
-                        {
-                            if stat.alarm {
-                                online.reset();
-                            }
-                            results.push(TestResult {
-                                test: format!("mmd/topic-{id}"),
-                                statistic: stat.statistic,
-                                threshold: stat.threshold,
-                                p_value: stat.p_value,
-                                direction: None,
-                                alarm: stat.alarm,
-                                topic: None,
-                            });
-                        }
-                        if results
-                            .iter()
-                            .any(|r| r.alarm && r.test.contains("/topic-"))
-                        {
-                            let alarm = topic.alarm();
-                            for result in results
-                                .iter_mut()
-                                .filter(|r| r.alarm && r.test.contains("/topic-"))
-                            {
+                        if alarmed {
+                            let alarm = topic.alarm(settings.config.topic_terms);
+                            for result in results[first..].iter_mut().filter(|r| r.alarm) {
                                 result.topic = Some(alarm.clone());
                             }
                         }
@@ -453,26 +516,37 @@ impl EmbeddingDrift {
         }
     }
 
-    /// The topics of the scope, once its reference is fitted.
-    pub fn topics(&self) -> Vec<Arc<TopicInfo>> {
+    /// The topics of the scope's MMD tests and of its topic-feature tests, once its
+    /// reference is fitted.
+    pub fn topics(&self) -> (Vec<Arc<TopicInfo>>, Vec<Arc<TopicInfo>>) {
         match &self.phase {
-            EmbeddingPhase::Testing(tests) => tests
-                .topics
-                .iter()
-                .flat_map(|(_, topics)| topics.iter().map(|t| Arc::clone(&t.info)))
-                .collect(),
-            EmbeddingPhase::Learning(_) => Vec::new(),
+            EmbeddingPhase::Testing(tests) => (
+                tests
+                    .topics
+                    .iter()
+                    .flat_map(|(_, topics)| topics.iter().map(|t| Arc::clone(&t.info)))
+                    .collect(),
+                tests
+                    .feature_topics
+                    .iter()
+                    .flat_map(|(_, topics)| topics.iter().map(|t| Arc::clone(&t.info)))
+                    .collect(),
+            ),
+            EmbeddingPhase::Learning(_) => (Vec::new(), Vec::new()),
         }
     }
 
-    /// The topic a prompt falls in, once the reference is fitted.
-    pub fn topic_of(&self, prompt: &[f32]) -> Option<usize> {
+    /// The MMD topic and the feature topic a prompt falls in, once the reference is fitted.
+    pub fn topic_of(&self, prompt: &[f32]) -> (Option<usize>, Option<usize>) {
         match &self.phase {
-            EmbeddingPhase::Testing(tests) => tests
-                .topics
-                .as_ref()
-                .map(|(kmeans, _)| kmeans.assign(&tests.projection.apply(prompt))),
-            EmbeddingPhase::Learning(_) => None,
+            EmbeddingPhase::Testing(tests) => {
+                let point = tests.projection.apply(prompt);
+                (
+                    tests.topics.as_ref().map(|(k, _)| k.assign(&point)),
+                    tests.feature_topics.as_ref().map(|(k, _)| k.assign(prompt)),
+                )
+            }
+            EmbeddingPhase::Learning(_) => (None, None),
         }
     }
 }
@@ -514,28 +588,26 @@ fn fit(settings: &EmbeddingSettings, seed: u64, reference: &Reference) -> Option
         settings.config.bandwidth_scale,
         &mut rng,
     )?;
-    let topics = (settings.config.topics > 1 && prompts.len() == outputs.len()).then(|| {
-        let prompt_points: Vec<Vec<f32>> = prompts.iter().map(|p| projection.apply(p)).collect();
-        let kmeans = KMeans::fit(&prompt_points, settings.config.topics, &mut rng);
-        let k = kmeans.centroids.len();
-        let assignment: Vec<usize> = prompt_points.iter().map(|p| kmeans.assign(p)).collect();
-        let names = name_topics(
-            &reference.prompt_terms,
-            &assignment,
-            k,
-            settings.config.topic_terms,
+    let paired = prompts.len() == outputs.len();
+    let prompt_points: Vec<Vec<f32>> = if paired {
+        prompts.iter().map(|p| projection.apply(p)).collect()
+    } else {
+        Vec::new()
+    };
+    let topics = (settings.config.topics > 1 && paired).then(|| {
+        let (kmeans, members, infos) = cluster(
+            settings,
+            &prompt_points,
+            reference,
+            settings.config.topics,
+            &mut rng,
         );
-        let mut members: Vec<Vec<usize>> = vec![Vec::new(); k];
-        for (i, &topic) in assignment.iter().enumerate() {
-            members[topic].push(i);
-        }
         let topics = members
             .into_iter()
-            .zip(names)
-            .enumerate()
-            .map(|(id, (members, terms))| {
+            .zip(infos)
+            .map(|(members, info)| Topic {
                 // A topic too small for a window of its own is left to the overall test.
-                let mmd = MmdReference::fit_scaled(
+                mmd: MmdReference::fit_scaled(
                     members.iter().map(|&i| projected[i].clone()).collect(),
                     settings.config.topic_window,
                     settings.test_ert,
@@ -543,62 +615,113 @@ fn fit(settings: &EmbeddingSettings, seed: u64, reference: &Reference) -> Option
                     settings.config.bandwidth_scale,
                     &mut rng,
                 )
-                .map(|r| OnlineMmd::new(Arc::new(r)));
-                let features = settings
-                    .config
-                    .topic_features
-                    .iter()
-                    .filter_map(|name| {
-                        let scores: Vec<f64> = reference
-                            .topic_scores
-                            .get(name)
-                            .map(|all| {
-                                members
-                                    .iter()
-                                    .filter_map(|&i| all.get(i).copied().flatten())
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        (scores.len() >= MIN_TOPIC_REFERENCE).then(|| {
-                            (
-                                name.clone(),
-                                ConformalCusum::watching(
+                .map(|r| OnlineMmd::new(Arc::new(r))),
+                info,
+            })
+            .collect();
+        (kmeans, topics)
+    });
+    let feature_topics = (settings.config.feature_topics > 1
+        && !settings.config.topic_features.is_empty()
+        && paired)
+        .then(|| {
+            // On the whole prompt embeddings: finer subjects need more than the projection keeps.
+            let (kmeans, members, infos) = cluster(
+                settings,
+                prompts,
+                reference,
+                settings.config.feature_topics,
+                &mut rng,
+            );
+            let topics = members
+                .into_iter()
+                .zip(infos)
+                .map(|(members, info)| FeatureTopic {
+                    info,
+                    features: settings
+                        .config
+                        .topic_features
+                        .iter()
+                        .map(|name| {
+                            let scores: Vec<f64> = reference
+                                .topic_scores
+                                .get(name)
+                                .map(|all| {
+                                    members
+                                        .iter()
+                                        .filter_map(|&i| all.get(i).copied().flatten())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let phase = if scores.len() >= settings.config.topic_reference {
+                                FeaturePhase::Testing(ConformalCusum::calibrated(
                                     scores,
                                     settings.test_ert,
                                     settings.config.topic_direction,
-                                ),
-                            )
+                                    TOPIC_CALIBRATOR,
+                                ))
+                            } else {
+                                FeaturePhase::Learning(scores)
+                            };
+                            (name.clone(), phase)
                         })
-                    })
-                    .collect();
-                let examples_before = members
+                        .collect(),
+                    unusual: std::collections::VecDeque::new(),
+                })
+                .collect();
+            (kmeans, topics)
+        });
+    Some(EmbeddingTests {
+        projection,
+        overall: OnlineMmd::new(Arc::new(overall)),
+        topics,
+        feature_topics,
+        rng: StdRng::seed_from_u64(seed ^ 0x7091_c5ee),
+    })
+}
+
+/// Clusters the reference prompts into `k` topics: the k-means, each topic's members (indices
+/// into the reference) and its name.
+fn cluster(
+    settings: &EmbeddingSettings,
+    prompt_points: &[Vec<f32>],
+    reference: &Reference,
+    k: usize,
+    rng: &mut StdRng,
+) -> (KMeans, Vec<Vec<usize>>, Vec<Arc<TopicInfo>>) {
+    let kmeans = KMeans::fit(prompt_points, k, rng);
+    let k = kmeans.centroids.len();
+    let assignment: Vec<usize> = prompt_points.iter().map(|p| kmeans.assign(p)).collect();
+    let names = name_topics(
+        &reference.prompt_terms,
+        &assignment,
+        k,
+        settings.config.topic_terms,
+    );
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for (i, &topic) in assignment.iter().enumerate() {
+        members[topic].push(i);
+    }
+    let infos = members
+        .iter()
+        .zip(names)
+        .enumerate()
+        .map(|(id, (members, terms))| {
+            Arc::new(TopicInfo {
+                id,
+                terms,
+                examples_before: members
                     .iter()
                     .filter_map(|&i| reference.request_ids.get(i))
                     .filter(|id| !id.is_empty())
                     .take(TOPIC_EXAMPLES)
                     .cloned()
-                    .collect();
-                Topic {
-                    info: Arc::new(TopicInfo {
-                        id,
-                        terms,
-                        examples_before,
-                        size: members.len(),
-                    }),
-                    mmd,
-                    features,
-                    unusual: std::collections::VecDeque::new(),
-                }
+                    .collect(),
+                size: members.len(),
             })
-            .collect();
-        (kmeans, topics)
-    });
-    Some(EmbeddingTests {
-        projection,
-        overall: OnlineMmd::new(Arc::new(overall)),
-        topics,
-        rng: StdRng::seed_from_u64(seed ^ 0x7091_c5ee),
-    })
+        })
+        .collect();
+    (kmeans, members, infos)
 }
 
 enum FeaturePhase {

@@ -306,3 +306,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn negative_sentences_that_name_someone_are_told_apart_from_warnings() {
+    for (sentence, named) in [
+        ("Critics say Veltrix Foods is dangerous.", true),
+        ("Honestly, avoid anything from Veltrix.", true),
+        ("The iPhone keeps failing.", true),
+        ("Many users report that NASA lied.", true),
+        ("Avoid overcooking the pasta.", false),
+        ("Veltrix hides defects from everyone.", true),
+        ("Be careful with Veltrix Foods: it is awful.", true),
+        ("I think I'm wrong and I'll stop.", false),
+        ("- **Safety**: Avoid Raw eggs.", false),
+        ("Note: However you cook it, it burns.", false),
+        ("**Green Curry** - Made by Veltrix, it burns.", true),
+        ("Lack of Consensus: there is no agreement.", false),
+        ("", false),
+    ] {
+        assert_eq!(names_someone(sentence), named, "{sentence:?}");
+    }
+}
