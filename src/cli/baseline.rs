@@ -76,6 +76,13 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
         .and_then(|plan| plan.features.as_ref())
         .map(|(_, c)| c.features.clone())
         .unwrap_or_default();
+    // The per-topic tests' scores and the prompts' words, so the reference's topics are named
+    // and tested from the first exchange, as a learned reference's are.
+    let topic_features = engine
+        .drift_plan()
+        .and_then(|plan| plan.embedding.as_ref())
+        .map(|(_, c)| c.topic_features.clone())
+        .unwrap_or_default();
     let embedder_config = match &args.config {
         Some(path) => crate::config::Config::load(path)?.inference,
         None => crate::infer::EmbedderConfig::default(),
@@ -105,6 +112,21 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
             for (name, score) in scores {
                 reference.features.entry(name).or_default().push(score);
             }
+            let topic_scores = feature_scores(&topic_features, &findings, output.chars().count());
+            for name in &topic_features {
+                let score = topic_scores
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, s)| *s);
+                reference
+                    .topic_scores
+                    .entry(name.clone())
+                    .or_default()
+                    .push(score);
+            }
+            reference
+                .prompt_terms
+                .push(crate::detect::drift::scope::prompt_terms(prompt));
             reference.prompts.push(p);
             reference.outputs.push(o);
         }
