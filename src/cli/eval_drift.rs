@@ -229,15 +229,18 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
     );
     let _ok = writeln!(
         out,
-        "| topic | share of prompts | streams | alarmed | named the topic's cluster | examples mostly \
-         slanted | median delay | max delay | false alarms before | first topic alarm (most often) \
+        "| topic | share of prompts | streams | alarmed | named the topic's cluster | its words \
+         hold a topic keyword | examples mostly slanted | median delay | max delay | false alarms before | first topic alarm (most often) \
          | named by: the flagged answers' prompt words (the topic's) |"
     );
-    let _ok = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ok = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    );
     let mut topics: Vec<&str> = slants.iter().filter_map(|r| r.to.as_deref()).collect();
     topics.sort();
     topics.dedup();
-    let (mut all, mut named, mut within, mut pointing) = (0, 0, 0, 0);
+    let (mut all, mut named, mut within, mut pointing, mut words) = (0, 0, 0, 0, 0);
     for topic in topics {
         let streams: Vec<&&StreamResult> = slants
             .iter()
@@ -254,6 +257,23 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
                 r.slant
                     .as_ref()
                     .is_some_and(|s| s.named_topic.is_some() && s.named_topic == s.expected_topic)
+            })
+            .count();
+        // Worded: the words the alarm names the topic by hold one of the topic's keywords.
+        let keywords = crate::lab::topic_slant::TOPICS
+            .iter()
+            .find(|t| t.name == topic)
+            .map_or(&[][..], |t| t.keywords);
+        let worded = streams
+            .iter()
+            .filter(|r| {
+                r.slant.as_ref().is_some_and(|s| {
+                    s.topic_answers.is_some()
+                        && s.terms
+                            .iter()
+                            .chain(&s.recent_terms)
+                            .any(|w| keywords.contains(&w.as_str()))
+                })
             })
             .count();
         // Pointed: most answers the alarm names as examples are slanted ones.
@@ -293,10 +313,11 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
         all += streams.len();
         named += correct;
         pointing += pointed;
+        words += worded;
         within += delays.iter().filter(|&&d| d <= 150).count();
         let _ok = writeln!(
             out,
-            "| {topic} | {:.1}% | {} | {} | {correct} | {pointed} | {} | {} | {} | {top} | {example} |",
+            "| {topic} | {:.1}% | {} | {} | {correct} | {worded} | {pointed} | {} | {} | {} | {top} | {example} |",
             share * 100.0,
             streams.len(),
             delays.len(),
@@ -310,7 +331,8 @@ fn slant_table(out: &mut String, results: &[StreamResult], args: &EvalDriftArgs)
     let _ok = writeln!(
         out,
         "\nSlant streams: {all}; alarmed within 150 answers on the topic: {within}; the alarm named \
-         the topic's cluster: {named}; its examples mostly slanted answers: {pointing}."
+         the topic's cluster: {named}; its words hold a topic keyword: {words}; its examples mostly \
+         slanted answers: {pointing}."
     );
 }
 

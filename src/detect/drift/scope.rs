@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::EmbeddingDriftConfig;
-use super::conformal::{Calibrator, ConformalCusum, Watch};
+use super::conformal::{Calibrator, ConformalCusum, OnlineConformalCusum, Watch};
 use super::linalg::{KMeans, Projection};
 use super::mmd::{MmdReference, OnlineMmd};
 use super::reference::{REFERENCE_VERSION, Reference};
@@ -239,8 +239,8 @@ struct Topic {
 /// One prompt topic of the topic-feature tests.
 struct FeatureTopic {
     info: Arc<TopicInfo>,
-    /// One test per topic feature: learning its scores, then testing.
-    features: Vec<(String, FeaturePhase)>,
+    /// One test per topic feature, on online conformal p-values.
+    features: Vec<(String, OnlineConformalCusum)>,
     /// Recent exchanges whose topic-feature score was unusual (p ≤ 0.05), with their prompts'
     /// words.
     unusual: std::collections::VecDeque<(String, Vec<String>)>,
@@ -248,6 +248,9 @@ struct FeatureTopic {
 
 /// Examples an alarm names from before.
 const TOPIC_EXAMPLES: usize = 3;
+
+/// Scores a feature topic's test keeps (then it tests against them as a fixed reference).
+const TOPIC_SCORES_KEPT: usize = 2_000;
 
 /// Unusual exchanges a feature topic remembers, to name in an alarm.
 const UNUSUAL_KEPT: usize = 8;
@@ -454,7 +457,7 @@ impl EmbeddingDrift {
                         let settings = &self.settings;
                         let mut alarmed = false;
                         let first = results.len();
-                        for (name, phase) in &mut topic.features {
+                        for (name, test) in &mut topic.features {
                             let Some(score) = scores
                                 .iter()
                                 .find(|(n, s)| n == name && s.is_finite())
@@ -462,46 +465,31 @@ impl EmbeddingDrift {
                             else {
                                 continue;
                             };
-                            match phase {
-                                FeaturePhase::Learning(learned) => {
-                                    learned.push(score);
-                                    if learned.len() >= settings.config.topic_reference {
-                                        *phase = FeaturePhase::Testing(ConformalCusum::calibrated(
-                                            std::mem::take(learned),
-                                            settings.test_ert,
-                                            settings.config.topic_direction,
-                                            TOPIC_CALIBRATOR,
-                                        ));
-                                    }
+                            let Some(stat) = test.observe(score, &mut tests.rng) else {
+                                continue;
+                            };
+                            if stat.p_high <= 0.05 && !context.request_id.is_empty() {
+                                if topic.unusual.len() >= UNUSUAL_KEPT {
+                                    topic.unusual.pop_front();
                                 }
-                                FeaturePhase::Testing(cusum) => {
-                                    let Some(stat) = cusum.observe(score, &mut tests.rng) else {
-                                        continue;
-                                    };
-                                    if stat.p_high <= 0.05 && !context.request_id.is_empty() {
-                                        if topic.unusual.len() >= UNUSUAL_KEPT {
-                                            topic.unusual.pop_front();
-                                        }
-                                        topic.unusual.push_back((
-                                            context.request_id.to_owned(),
-                                            context.prompt_terms.to_vec(),
-                                        ));
-                                    }
-                                    if stat.alarm {
-                                        cusum.reset();
-                                        alarmed = true;
-                                    }
-                                    results.push(TestResult {
-                                        test: format!("{name}/topic-{id}"),
-                                        statistic: stat.statistic,
-                                        threshold: stat.threshold,
-                                        p_value: stat.p_high,
-                                        direction: Some(stat.direction),
-                                        alarm: stat.alarm,
-                                        topic: None,
-                                    });
-                                }
+                                topic.unusual.push_back((
+                                    context.request_id.to_owned(),
+                                    context.prompt_terms.to_vec(),
+                                ));
                             }
+                            if stat.alarm {
+                                test.reset();
+                                alarmed = true;
+                            }
+                            results.push(TestResult {
+                                test: format!("{name}/topic-{id}"),
+                                statistic: stat.statistic,
+                                threshold: stat.threshold,
+                                p_value: stat.p_high,
+                                direction: Some(stat.direction),
+                                alarm: stat.alarm,
+                                topic: None,
+                            });
                         }
                         if alarmed {
                             let alarm = topic.alarm(settings.config.topic_terms);
@@ -653,17 +641,15 @@ fn fit(settings: &EmbeddingSettings, seed: u64, reference: &Reference) -> Option
                                         .collect()
                                 })
                                 .unwrap_or_default();
-                            let phase = if scores.len() >= settings.config.topic_reference {
-                                FeaturePhase::Testing(ConformalCusum::calibrated(
-                                    scores,
-                                    settings.test_ert,
-                                    settings.config.topic_direction,
-                                    TOPIC_CALIBRATOR,
-                                ))
-                            } else {
-                                FeaturePhase::Learning(scores)
-                            };
-                            (name.clone(), phase)
+                            let test = OnlineConformalCusum::new(
+                                scores,
+                                settings.config.topic_reference,
+                                TOPIC_SCORES_KEPT,
+                                settings.test_ert,
+                                settings.config.topic_direction,
+                                TOPIC_CALIBRATOR,
+                            );
+                            (name.clone(), test)
                         })
                         .collect(),
                     unusual: std::collections::VecDeque::new(),
