@@ -964,3 +964,117 @@ impl ScopeTests {
         step
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::RngExt;
+
+    use super::*;
+
+    /// A prompt embedding near axis `axis` of 8 dimensions, and an output embedding.
+    fn point(axis: usize, rng: &mut StdRng) -> (Vec<f32>, Vec<f32>) {
+        let mut prompt: Vec<f32> = (0..8).map(|_| rng.random::<f32>() * 0.05).collect();
+        prompt[axis] += 1.0;
+        let output: Vec<f32> = (0..8).map(|_| rng.random::<f32>()).collect();
+        (prompt, output)
+    }
+
+    #[test]
+    fn a_topic_whose_scores_rise_is_alarmed_and_named_by_its_prompts_words() {
+        let config = EmbeddingDriftConfig {
+            reference: super::super::ReferenceSource {
+                size: 120,
+                file: None,
+            },
+            window: 20,
+            topics: 0,
+            topic_window: 10,
+            projection_dims: 4,
+            bootstraps: 200,
+            topic_features: vec!["sentiment.negative".to_owned()],
+            topic_direction: Watch::Up,
+            feature_topics: 2,
+            topic_reference: 20,
+            ..EmbeddingDriftConfig::default()
+        };
+        let settings = EmbeddingSettings {
+            config,
+            test_ert: 1e4,
+        };
+        let mut drift = EmbeddingDrift::learning(settings, 7);
+        let mut rng = StdRng::seed_from_u64(1);
+        let words = |axis: usize| -> Vec<String> {
+            let words: &[&str] = if axis == 0 {
+                &["recipe", "cake", "oven"]
+            } else {
+                &["planet", "moon", "orbit"]
+            };
+            words.iter().map(|w| w.to_string()).collect()
+        };
+        let mut alarm = None;
+        for t in 0..600 {
+            let axis = t % 2;
+            let (prompt, output) = point(axis, &mut rng);
+            // From exchange 300 on, the answers on axis 0 score far above anything before.
+            let score = if t >= 300 && axis == 0 {
+                5.0
+            } else {
+                rng.random::<f64>()
+            };
+            let scores = [("sentiment.negative".to_owned(), score)];
+            let terms = words(axis);
+            let id = format!("r{t}");
+            let step = drift.observe(
+                &prompt,
+                &output,
+                Context {
+                    request_id: &id,
+                    prompt_terms: &terms,
+                    topic_scores: &scores,
+                },
+            );
+            if let EmbeddingStep::Tested(results) = step {
+                for result in results.into_iter().filter(|r| r.alarm) {
+                    assert!(t >= 300, "false alarm at {t}: {result:?}");
+                    alarm.get_or_insert((t, result));
+                }
+            }
+        }
+        let (t, result) = alarm.expect("the risen topic was not alarmed");
+        assert!(t < 360, "alarmed late, at {t}");
+        let topic = result.topic.expect("the alarm names no topic");
+        assert!(
+            result.test.starts_with("sentiment.negative/topic-"),
+            "{}",
+            result.test
+        );
+        assert!(
+            topic
+                .info
+                .terms
+                .iter()
+                .any(|w| w == "recipe" || w == "cake"),
+            "{topic:?}"
+        );
+        assert!(!topic.info.terms.iter().any(|w| w == "planet"), "{topic:?}");
+        assert_eq!(topic.info.examples_before.len(), TOPIC_EXAMPLES);
+        // Most examples after the change are the risen answers (even exchanges from 300 on);
+        // the rest are earlier answers that were unusual by chance (5% of them).
+        let risen = topic
+            .examples_after
+            .iter()
+            .filter(|id| {
+                let n: usize = id.trim_start_matches('r').parse().unwrap();
+                n >= 300 && n % 2 == 0
+            })
+            .count();
+        assert!(risen * 2 > topic.examples_after.len(), "{topic:?}");
+        assert!(
+            topic.recent_terms.iter().any(|w| w == "recipe"),
+            "{topic:?}"
+        );
+        // The topic a cake prompt falls in is the one named.
+        let (prompt, _) = point(0, &mut rng);
+        assert_eq!(drift.topic_of(&prompt).1, Some(topic.info.id));
+    }
+}
