@@ -1065,7 +1065,7 @@ mod tests {
             .iter()
             .filter(|id| {
                 let n: usize = id.trim_start_matches('r').parse().unwrap();
-                n >= 300 && n % 2 == 0
+                n >= 300 && n.is_multiple_of(2)
             })
             .count();
         assert!(risen * 2 > topic.examples_after.len(), "{topic:?}");
