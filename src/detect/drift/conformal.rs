@@ -67,11 +67,7 @@ pub enum Calibrator {
 #[derive(Debug, Clone)]
 pub struct ConformalCusum {
     reference: Vec<f64>,
-    log_threshold: f64,
-    watch: Watch,
-    calibrator: Calibrator,
-    up: f64,
-    down: f64,
+    evidence: Evidence,
 }
 
 impl ConformalCusum {
@@ -95,14 +91,9 @@ impl ConformalCusum {
     ) -> ConformalCusum {
         reference.retain(|v| !v.is_nan());
         reference.sort_by(f64::total_cmp);
-        let sides = if watch == Watch::Both { 2.0 } else { 1.0 };
         ConformalCusum {
             reference,
-            log_threshold: (sides * ert.max(1.0)).ln(),
-            watch,
-            calibrator,
-            up: 0.0,
-            down: 0.0,
+            evidence: Evidence::new(ert, watch, calibrator),
         }
     }
 
@@ -118,19 +109,8 @@ impl ConformalCusum {
 
     /// The randomised conformal p-values of `score` being high and being low.
     pub fn p_values(&self, score: f64, rng: &mut StdRng) -> (f64, f64) {
-        let n = self.reference.len() as f64;
-        let below = self.reference.partition_point(|&r| r < score) as f64;
-        let not_above = self.reference.partition_point(|&r| r <= score) as f64;
-        let ties = not_above - below;
-        let above = n - not_above;
-        let u: f64 = rng.random();
-        let v: f64 = rng.random();
-        let p_high = (above + u * (ties + 1.0)) / (n + 1.0);
-        let p_low = (below + v * (ties + 1.0)) / (n + 1.0);
-        (
-            p_high.clamp(f64::MIN_POSITIVE, 1.0),
-            p_low.clamp(f64::MIN_POSITIVE, 1.0),
-        )
+        let (p_high, p_low, _) = rank(&self.reference, score, rng);
+        (p_high, p_low)
     }
 
     /// Adds one score. After an alarm, call [`ConformalCusum::reset`] to start afresh.
@@ -139,6 +119,59 @@ impl ConformalCusum {
             return None;
         }
         let (p_high, p_low) = self.p_values(score, rng);
+        Some(self.evidence.add(p_high, p_low))
+    }
+
+    /// Forgets the evidence gathered so far.
+    pub fn reset(&mut self) {
+        self.evidence.reset();
+    }
+}
+
+/// The randomised conformal p-values of `score` being high and being low, ranked among the
+/// `sorted` scores and itself (ties shared at random), and where it would go in `sorted`.
+fn rank(sorted: &[f64], score: f64, rng: &mut StdRng) -> (f64, f64, usize) {
+    let n = sorted.len() as f64;
+    let below = sorted.partition_point(|&r| r < score);
+    let not_above = sorted.partition_point(|&r| r <= score);
+    let ties = (not_above - below) as f64;
+    let above = n - not_above as f64;
+    let u: f64 = rng.random();
+    let v: f64 = rng.random();
+    let p_high = (above + u * (ties + 1.0)) / (n + 1.0);
+    let p_low = (below as f64 + v * (ties + 1.0)) / (n + 1.0);
+    (
+        p_high.clamp(f64::MIN_POSITIVE, 1.0),
+        p_low.clamp(f64::MIN_POSITIVE, 1.0),
+        not_above,
+    )
+}
+
+/// The evidence of one stream of p-values: a CUSUM of log e-values for scores rising and one
+/// for scores falling, as `watch` asks, against one threshold.
+#[derive(Debug, Clone)]
+struct Evidence {
+    log_threshold: f64,
+    watch: Watch,
+    calibrator: Calibrator,
+    up: f64,
+    down: f64,
+}
+
+impl Evidence {
+    /// Two-sided, each side gets twice `ert`; one-sided, the side gets all of it.
+    fn new(ert: f64, watch: Watch, calibrator: Calibrator) -> Evidence {
+        let sides = if watch == Watch::Both { 2.0 } else { 1.0 };
+        Evidence {
+            log_threshold: (sides * ert.max(1.0)).ln(),
+            watch,
+            calibrator,
+            up: 0.0,
+            down: 0.0,
+        }
+    }
+
+    fn add(&mut self, p_high: f64, p_low: f64) -> CusumStat {
         if self.watch != Watch::Down {
             self.up = self.up.max(0.0) + self.calibrator.log_e_value(p_high);
         }
@@ -150,17 +183,16 @@ impl ConformalCusum {
         } else {
             (self.down, "down")
         };
-        Some(CusumStat {
+        CusumStat {
             p_high,
             statistic: statistic.max(0.0),
             threshold: self.log_threshold,
             direction,
             alarm: statistic >= self.log_threshold,
-        })
+        }
     }
 
-    /// Forgets the evidence gathered so far.
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         self.up = 0.0;
         self.down = 0.0;
     }
@@ -197,11 +229,7 @@ pub struct OnlineConformalCusum {
     seen: Vec<f64>,
     min: usize,
     cap: usize,
-    log_threshold: f64,
-    watch: Watch,
-    calibrator: Calibrator,
-    up: f64,
-    down: f64,
+    evidence: Evidence,
 }
 
 impl OnlineConformalCusum {
@@ -218,16 +246,11 @@ impl OnlineConformalCusum {
         prior.retain(|v| !v.is_nan());
         prior.truncate(cap);
         prior.sort_by(f64::total_cmp);
-        let sides = if watch == Watch::Both { 2.0 } else { 1.0 };
         OnlineConformalCusum {
             seen: prior,
             min,
             cap,
-            log_threshold: (sides * ert.max(1.0)).ln(),
-            watch,
-            calibrator,
-            up: 0.0,
-            down: 0.0,
+            evidence: Evidence::new(ert, watch, calibrator),
         }
     }
 
@@ -246,47 +269,17 @@ impl OnlineConformalCusum {
         if score.is_nan() {
             return None;
         }
-        let below = self.seen.partition_point(|&r| r < score);
-        let not_above = self.seen.partition_point(|&r| r <= score);
         let testing = self.seen.len() >= self.min;
-        // Ranked among the others and itself: n + 1 scores, `ties + 1` equal to it.
-        let n = self.seen.len() as f64 + 1.0;
-        let ties = (not_above - below) as f64;
-        let above = self.seen.len() as f64 - not_above as f64;
-        let u: f64 = rng.random();
-        let v: f64 = rng.random();
-        let p_high = ((above + u * (ties + 1.0)) / n).clamp(f64::MIN_POSITIVE, 1.0);
-        let p_low = ((below as f64 + v * (ties + 1.0)) / n).clamp(f64::MIN_POSITIVE, 1.0);
+        let (p_high, p_low, at) = rank(&self.seen, score, rng);
         if self.seen.len() < self.cap {
-            self.seen.insert(not_above, score);
+            self.seen.insert(at, score);
         }
-        if !testing {
-            return None;
-        }
-        if self.watch != Watch::Down {
-            self.up = self.up.max(0.0) + self.calibrator.log_e_value(p_high);
-        }
-        if self.watch != Watch::Up {
-            self.down = self.down.max(0.0) + self.calibrator.log_e_value(p_low);
-        }
-        let (statistic, direction) = if self.up >= self.down {
-            (self.up, "up")
-        } else {
-            (self.down, "down")
-        };
-        Some(CusumStat {
-            p_high,
-            statistic: statistic.max(0.0),
-            threshold: self.log_threshold,
-            direction,
-            alarm: statistic >= self.log_threshold,
-        })
+        testing.then(|| self.evidence.add(p_high, p_low))
     }
 
     /// Forgets the evidence gathered so far (not the scores seen).
     pub fn reset(&mut self) {
-        self.up = 0.0;
-        self.down = 0.0;
+        self.evidence.reset();
     }
 }
 
