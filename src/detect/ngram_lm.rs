@@ -55,6 +55,28 @@ pub static EMBEDDED_LM_SHA256: &str = include_str!("../../models/char-lm-en.bin.
 /// The embedded English word list (`models/words-en.txt`), one lowercase word a line.
 pub static EMBEDDED_WORDS: &str = include_str!("../../models/words-en.txt");
 
+/// A lowercase word's rank in [`EMBEDDED_WORDS`] (most frequent first), if it is there: "is
+/// it among the N most frequent English words" for the detectors and drift tests that ask.
+pub fn word_rank(word: &str) -> Option<usize> {
+    static RANKS: std::sync::OnceLock<std::collections::HashMap<&'static str, usize>> =
+        std::sync::OnceLock::new();
+    RANKS
+        .get_or_init(|| {
+            let mut ranks = std::collections::HashMap::new();
+            for (rank, word) in EMBEDDED_WORDS
+                .lines()
+                .map(str::trim)
+                .filter(|w| !w.is_empty())
+                .enumerate()
+            {
+                ranks.entry(word).or_insert(rank);
+            }
+            ranks
+        })
+        .get(word)
+        .copied()
+}
+
 /// The script of a letter, with the Japanese and Chinese scripts taken as one (`Cjk`), since
 /// one text mixes them freely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -611,25 +611,12 @@ pub fn names_someone(sentence: &str) -> bool {
         capital
             && word.chars().count() >= 2
             && !word.starts_with("I'")
-            && !frequent_words().contains(word.to_lowercase().as_str())
+            && super::ngram_lm::word_rank(&word.to_lowercase()).is_none_or(|r| r >= FREQUENT_WORDS)
     })
 }
 
 /// Words of the embedded word list counted as ordinary English, not names.
 const FREQUENT_WORDS: usize = 5_000;
-
-fn frequent_words() -> &'static std::collections::HashSet<&'static str> {
-    static WORDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
-        std::sync::OnceLock::new();
-    WORDS.get_or_init(|| {
-        super::ngram_lm::EMBEDDED_WORDS
-            .lines()
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-            .take(FREQUENT_WORDS)
-            .collect()
-    })
-}
 
 /// Each token's valence after VADER's rules, into `out`.
 fn valences(tokens: &[Token], lower: &str, out: &mut Vec<f64>) {

@@ -52,12 +52,16 @@ const EXAMPLES: usize = 5;
 /// one of them alone is never promoted.
 const COMMON_WORDS: usize = 1_000;
 
+/// Whether `word` is one of the [`COMMON_WORDS`] most frequent English words.
+fn is_common(word: &str) -> bool {
+    crate::detect::ngram_lm::word_rank(word).is_some_and(|rank| rank < COMMON_WORDS)
+}
+
 /// Online trigger attribution and the watch list it feeds. Shared by the detection workers.
 #[derive(Debug)]
 pub struct Discovery {
     list: Arc<WatchList>,
     state: Mutex<State>,
-    common: HashSet<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -184,10 +188,6 @@ impl Discovery {
         let discovery = Discovery {
             list,
             state: Mutex::new(State::default()),
-            common: crate::detect::ngram_lm::EMBEDDED_WORDS
-                .lines()
-                .take(COMMON_WORDS)
-                .collect(),
         };
         discovery.sync(rows);
         discovery
@@ -292,13 +292,12 @@ impl Discovery {
         // common English word alone: a
         // flagged answer or two that happen to share "any" with the trigger's prompts would
         // otherwise promote it a prompt before the trigger itself.
-        let common = &self.common;
         let undecided = |text: &str| {
-            !common.contains(text)
+            !is_common(text)
                 && !decided.contains_key(&(scope.to_owned(), text.to_owned()))
                 && publishable(text)
         };
-        let best = best_candidate(counts, &grams, config, &undecided, common)?;
+        let best = best_candidate(counts, &grams, config, &undecided)?;
         let examples: Vec<String> = counts
             .recent
             .iter()
@@ -364,7 +363,6 @@ fn best_candidate(
     grams: &[(u64, String)],
     config: &DiscoveredTriggerConfig,
     undecided: &dyn Fn(&str) -> bool,
-    common: &HashSet<&'static str>,
 ) -> Option<Candidate> {
     let (flagged_total, total) = counts.totals();
     let tests = counts.tested.max(1) as f64;
@@ -392,7 +390,7 @@ fn best_candidate(
         let common_edges = [first, last]
             .into_iter()
             .flatten()
-            .filter(|w| common.contains(w))
+            .filter(|w| is_common(w))
             .count();
         let candidate = Candidate {
             hash: *hash,

@@ -115,7 +115,6 @@ pub struct Context<'a> {
 /// not among the most frequent English words, each once, at most [`MAX_PROMPT_TERMS`]. Words
 /// with digits or symbols (identifiers, keys) are never kept.
 pub fn prompt_terms(prompt: &str) -> Vec<String> {
-    let common = common_words();
     let mut terms: Vec<String> = Vec::new();
     for word in prompt.split(|c: char| !c.is_alphanumeric()) {
         if terms.len() >= MAX_PROMPT_TERMS {
@@ -126,7 +125,8 @@ pub fn prompt_terms(prompt: &str) -> Vec<String> {
             continue;
         }
         let word = word.to_lowercase();
-        if common.contains(word.as_str()) || terms.contains(&word) {
+        let common = crate::detect::ngram_lm::word_rank(&word).is_some_and(|r| r < STOP_WORDS);
+        if common || terms.contains(&word) {
             continue;
         }
         terms.push(word);
@@ -139,19 +139,6 @@ pub const MAX_PROMPT_TERMS: usize = 32;
 
 /// Most frequent English words, never a topic's name.
 const STOP_WORDS: usize = 300;
-
-fn common_words() -> &'static std::collections::HashSet<&'static str> {
-    static WORDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
-        std::sync::OnceLock::new();
-    WORDS.get_or_init(|| {
-        crate::detect::ngram_lm::EMBEDDED_WORDS
-            .lines()
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-            .take(STOP_WORDS)
-            .collect()
-    })
-}
 
 /// The `keep` most distinctive words of each cluster's prompts: share of the cluster's prompts
 /// holding the word times its inverse document frequency over all prompts; a word must appear
