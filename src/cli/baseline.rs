@@ -10,7 +10,10 @@ use clap::{Args, Subcommand};
 
 use crate::capture::Exchange;
 use crate::detect::drift::reference::{REFERENCE_VERSION, Reference};
-use crate::detect::drift::{PROMPT_DISTANCE_FEATURE, feature_scores, prompt_distance};
+use crate::detect::drift::{
+    DriftPlan, EmbeddingDriftConfig, PROMPT_DISTANCE_FEATURE, feature_scores, prompt_distance,
+    score_of,
+};
 use crate::infer::Embedder;
 use crate::policy::Engine;
 use crate::telemetry::Metrics;
@@ -71,18 +74,26 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
         None => vec![crate::policy::default_policy()?],
     };
     let engine = Engine::new(policies, Metrics::default());
-    let features = engine
-        .drift_plan()
+    let plan = engine.drift_plan();
+    let features = plan
         .and_then(|plan| plan.features.as_ref())
         .map(|(_, c)| c.features.clone())
         .unwrap_or_default();
-    // The per-topic tests' scores and the prompts' words, so the reference's topics are named
-    // and tested from the first exchange, as a learned reference's are.
-    let topic_features = engine
-        .drift_plan()
+    // Every score the tests read, computed once per exchange: the feature tests' go into
+    // `features`; the per-topic tests' and the prompts' words (when the tests name topics) go
+    // in too, so the reference's topics are named and tested from the first exchange, as a
+    // learned reference's are.
+    let score_names = plan.map(DriftPlan::score_names).unwrap_or_default();
+    let embedding = plan
         .and_then(|plan| plan.embedding.as_ref())
-        .map(|(_, c)| c.topic_features.clone())
+        .map(|(_, c)| c.clone());
+    let topic_features = embedding
+        .as_ref()
+        .map(|c| c.topic_features.clone())
         .unwrap_or_default();
+    let names_topics = embedding
+        .as_ref()
+        .is_some_and(EmbeddingDriftConfig::names_topics);
     let embedder_config = match &args.config {
         Some(path) => crate::config::Config::load(path)?.inference,
         None => crate::infer::EmbedderConfig::default(),
@@ -105,28 +116,27 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
             // In file order, so stateful detectors see the traffic as the gateway would.
             let exchange = Exchange::from_texts("baseline", prompt, output);
             let (_, findings) = engine.evaluate_with_findings(&exchange);
-            let mut scores = feature_scores(&features, &findings, output.chars().count());
+            let mut scores = feature_scores(&score_names, &findings, output.chars().count());
             if features.iter().any(|f| f == PROMPT_DISTANCE_FEATURE) {
                 scores.push((PROMPT_DISTANCE_FEATURE.to_owned(), prompt_distance(&p, &o)));
             }
-            for (name, score) in scores {
-                reference.features.entry(name).or_default().push(score);
-            }
-            let topic_scores = feature_scores(&topic_features, &findings, output.chars().count());
             for name in &topic_features {
-                let score = topic_scores
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, s)| *s);
                 reference
                     .topic_scores
                     .entry(name.clone())
                     .or_default()
-                    .push(score);
+                    .push(score_of(&scores, name));
             }
-            reference
-                .prompt_terms
-                .push(crate::detect::drift::scope::prompt_terms(prompt));
+            for (name, score) in scores {
+                if features.contains(&name) {
+                    reference.features.entry(name).or_default().push(score);
+                }
+            }
+            if names_topics {
+                reference
+                    .prompt_terms
+                    .push(crate::detect::drift::scope::prompt_terms(prompt));
+            }
             reference.prompts.push(p);
             reference.outputs.push(o);
         }

@@ -116,6 +116,14 @@ pub struct EmbeddingDriftConfig {
     pub topic_reference: usize,
 }
 
+impl EmbeddingDriftConfig {
+    /// Whether the tests have topics to name (MMD topics or topic features): then each
+    /// embedded exchange's prompt words and request id are kept with the reference.
+    pub fn names_topics(&self) -> bool {
+        self.topics > 1 || !self.topic_features.is_empty()
+    }
+}
+
 impl Default for EmbeddingDriftConfig {
     fn default() -> EmbeddingDriftConfig {
         EmbeddingDriftConfig {
@@ -258,6 +266,14 @@ pub fn sample_fields() -> serde_json::Map<String, serde_json::Value> {
         serde_json::Value::Object(map) => map,
         _ => serde_json::Map::new(),
     }
+}
+
+/// The finite score named `name` among `scores`, if any.
+pub fn score_of(scores: &[(String, f64)], name: &str) -> Option<f64> {
+    scores
+        .iter()
+        .find(|(n, s)| n == name && s.is_finite())
+        .map(|(_, s)| *s)
 }
 
 /// Reads the scores `features` names from an exchange's findings. Missing fields and

@@ -553,10 +553,7 @@ impl DriftHandle {
             return;
         }
         let prompt_terms = match &self.monitor.plan.embedding {
-            Some((_, config))
-                if embeddings.is_some()
-                    && (config.topics > 1 || !config.topic_features.is_empty()) =>
-            {
+            Some((_, config)) if embeddings.is_some() && config.names_topics() => {
                 super::scope::prompt_terms(prompt)
             }
             _ => Vec::new(),

@@ -362,20 +362,14 @@ impl EmbeddingDrift {
             EmbeddingPhase::Learning(learning) => {
                 learning.outputs.push(output.to_vec());
                 learning.prompts.push(prompt.to_vec());
-                if !topic_features.is_empty() {
-                    for name in topic_features {
-                        let score = scores
-                            .iter()
-                            .find(|(n, s)| n == name && s.is_finite())
-                            .map(|(_, s)| *s);
-                        learning
-                            .topic_scores
-                            .entry(name.clone())
-                            .or_default()
-                            .push(score);
-                    }
+                for name in topic_features {
+                    learning
+                        .topic_scores
+                        .entry(name.clone())
+                        .or_default()
+                        .push(super::score_of(scores, name));
                 }
-                if self.settings.config.topics > 1 || !topic_features.is_empty() {
+                if self.settings.config.names_topics() {
                     learning.prompt_terms.push(context.prompt_terms.to_vec());
                     learning.request_ids.push(context.request_id.to_owned());
                 }
@@ -445,11 +439,7 @@ impl EmbeddingDrift {
                         let mut alarmed = false;
                         let first = results.len();
                         for (name, test) in &mut topic.features {
-                            let Some(score) = scores
-                                .iter()
-                                .find(|(n, s)| n == name && s.is_finite())
-                                .map(|(_, s)| *s)
-                            else {
+                            let Some(score) = super::score_of(scores, name) else {
                                 continue;
                             };
                             let Some(stat) = test.observe(score, &mut tests.rng) else {
